@@ -1,0 +1,167 @@
+"""The ``bcellmap`` command line: one subcommand per workflow step.
+
+Each Snakemake rule is a thin call of one subcommand. Modules are imported only when
+their subcommand runs, so ``bcellmap --help`` and per-sample jobs stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+
+from . import __version__
+
+# subcommand -> (module, function, help). The function takes the parsed arguments.
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "simulate": ("bcellmap.simulate", "cli_simulate",
+                 "write the simulated demo cohort (FCS files, sample sheet, truth tables)"),
+    "check-samples": ("bcellmap.cli", "_cli_check_samples", "validate a sample sheet"),
+    "ingest-flow": ("bcellmap.ingest", "cli_ingest_flow",
+                    "read one FCS sample: compensate, transform, QC -> h5ad"),
+    "collect-qc": ("bcellmap.qc", "cli_collect_qc", "combine per-sample QC tables"),
+    "train-flow": ("bcellmap.cluster_flow", "cli_train_flow",
+                   "fit the cohort SOM and metaclusters on a subsample of every sample"),
+    "map-flow": ("bcellmap.cluster_flow", "cli_map_flow",
+                 "assign every event of one sample to a SOM node and metacluster"),
+    "thresholds": ("bcellmap.thresholds", "cli_thresholds",
+                   "learn positive/negative marker thresholds on the pooled cohort"),
+    "annotate": ("bcellmap.annotate", "cli_annotate",
+                 "label one sample's events: cell type and B-cell subset"),
+    "quantify": ("bcellmap.quantify", "cli_quantify",
+                 "per-sample counts and frequencies -> results/tables/samples.tsv"),
+    "kinetics": ("bcellmap.kinetics", "cli_kinetics",
+                 "per-patient depletion and reconstitution, cohort summary"),
+    "report": ("bcellmap.figures", "cli_report", "figures for the Snakemake report"),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="config file merged over the package defaults")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser for all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="bcellmap",
+        description="B-cell depletion and reconstitution after CD19 CAR-T therapy.",
+    )
+    parser.add_argument("--version", action="version", version=f"bcellmap {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = {name: sub.add_parser(name, help=text, description=text)
+         for name, (_, _, text) in _COMMANDS.items()}
+
+    s = p["simulate"]
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--preset", choices=["fixture", "full"], default="fixture")
+    s.add_argument("--seed", type=int, default=20241121)
+    s.add_argument("--events", type=int, default=None,
+                   help="events per FCS file (overrides the preset)")
+
+    s = p["check-samples"]
+    _add_common(s)
+    s.add_argument("--samples", required=True, metavar="TSV")
+
+    s = p["ingest-flow"]
+    _add_common(s)
+    s.add_argument("--samples", metavar="TSV", help="sample sheet (with --sample-id)")
+    s.add_argument("--sample-id", metavar="ID")
+    s.add_argument("--fcs", metavar="FCS", help="read this file instead of a sheet's row")
+    s.add_argument("--out", required=True, metavar="H5AD")
+    s.add_argument("--qc", required=True, metavar="TSV", help="per-sample QC table")
+
+    s = p["collect-qc"]
+    s.add_argument("--inputs", required=True, nargs="+", metavar="TSV")
+    s.add_argument("--out", required=True, metavar="TSV")
+
+    s = p["train-flow"]
+    _add_common(s)
+    s.add_argument("--inputs", required=True, nargs="+", metavar="H5AD")
+    s.add_argument("--model", required=True, metavar="NPZ")
+    s.add_argument("--info", required=True, metavar="JSON")
+
+    s = p["map-flow"]
+    _add_common(s)
+    s.add_argument("--input", required=True, metavar="H5AD")
+    s.add_argument("--model", required=True, metavar="NPZ")
+    s.add_argument("--out", required=True, metavar="H5AD")
+
+    s = p["thresholds"]
+    _add_common(s)
+    s.add_argument("--samples", required=True, metavar="TSV")
+    s.add_argument("--inputs", required=True, nargs="+", metavar="H5AD")
+    s.add_argument("--out", required=True, metavar="TSV")
+
+    s = p["annotate"]
+    _add_common(s)
+    s.add_argument("--samples", required=True, metavar="TSV")
+    s.add_argument("--sample-id", required=True, metavar="ID")
+    s.add_argument("--input", required=True, metavar="H5AD")
+    s.add_argument("--thresholds", required=True, metavar="TSV")
+    s.add_argument("--out", required=True, metavar="H5AD")
+    s.add_argument("--counts", required=True, metavar="TSV", help="per-sample counts table")
+
+    s = p["quantify"]
+    _add_common(s)
+    s.add_argument("--samples", required=True, metavar="TSV")
+    s.add_argument("--inputs", required=True, nargs="+", metavar="TSV",
+                   help="per-sample counts tables from annotate")
+    s.add_argument("--out", required=True, metavar="TSV")
+
+    s = p["kinetics"]
+    _add_common(s)
+    s.add_argument("--table", required=True, metavar="TSV", help="results/tables/samples.tsv")
+    s.add_argument("--out", required=True, metavar="TSV")
+    s.add_argument("--cohort", required=True, metavar="TSV")
+
+    s = p["report"]
+    _add_common(s)
+    s.add_argument("--samples-table", required=True, metavar="TSV")
+    s.add_argument("--kinetics", required=True, metavar="TSV")
+    s.add_argument("--cohort", required=True, metavar="TSV")
+    s.add_argument("--qc", required=True, metavar="TSV")
+    s.add_argument("--model", required=True, metavar="NPZ")
+    s.add_argument("--annotated", nargs="*", default=[], metavar="H5AD")
+    s.add_argument("--outdir", required=True, metavar="DIR")
+    return parser
+
+
+def _cli_check_samples(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .samplesheet import read_sample_sheet
+
+    config = load_config(args.config)
+    sheet = read_sample_sheet(args.samples, panels=list(config.get("panels", {})))
+    print(f"{args.samples}: {len(sheet)} samples, {sheet['patient_id'].nunique()} patients: ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error in the input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    module_name, function_name, _ = _COMMANDS[args.command]
+    from .errors import BcellmapError
+
+    start = time.perf_counter()
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+        function(args)
+    except BcellmapError as exc:
+        print(f"bcellmap {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    logging.getLogger("bcellmap").info("%s finished in %.1f s", args.command,
+                                       time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
