@@ -35,6 +35,14 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "kinetics": ("bcellmap.kinetics", "cli_kinetics",
                  "per-patient depletion and reconstitution, cohort summary"),
     "report": ("bcellmap.figures", "cli_report", "figures for the Snakemake report"),
+    "ingest-scrna": ("bcellmap.ingest_scrna", "cli_ingest_scrna",
+                     "read one scRNA sample (10x .h5, mtx folder, .h5ad): QC, normalise -> h5ad"),
+    "train-scrna": ("bcellmap.cluster_scrna", "cli_train_scrna",
+                    "cohort PCA + kNN + Leiden on a bounded subsample of every scRNA sample"),
+    "map-scrna": ("bcellmap.cluster_scrna", "cli_map_scrna",
+                  "label every cell of one scRNA sample by kNN transfer from the cohort model"),
+    "annotate-scrna": ("bcellmap.annotate_scrna", "cli_annotate_scrna",
+                       "label one scRNA sample's cells: cell type, B-cell subset, CAR-T"),
 }
 
 
@@ -127,6 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="NPZ")
     s.add_argument("--annotated", nargs="*", default=[], metavar="H5AD")
     s.add_argument("--outdir", required=True, metavar="DIR")
+    s = p["ingest-scrna"]
+    _add_common(s)
+    s.add_argument("--samples", required=True, metavar="TSV")
+    s.add_argument("--sample-id", required=True, metavar="ID")
+    s.add_argument("--out", required=True, metavar="H5AD")
+    s.add_argument("--qc", required=True, metavar="TSV", help="per-sample QC table")
+
+    s = p["train-scrna"]
+    _add_common(s)
+    s.add_argument("--inputs", required=True, nargs="+", metavar="H5AD")
+    s.add_argument("--model", required=True, metavar="NPZ")
+    s.add_argument("--info", required=True, metavar="JSON")
+
+    s = p["map-scrna"]
+    _add_common(s)
+    s.add_argument("--input", required=True, metavar="H5AD")
+    s.add_argument("--model", required=True, metavar="NPZ")
+    s.add_argument("--out", required=True, metavar="H5AD")
+
+    s = p["annotate-scrna"]
+    _add_common(s)
+    s.add_argument("--samples", required=True, metavar="TSV")
+    s.add_argument("--sample-id", required=True, metavar="ID")
+    s.add_argument("--input", required=True, metavar="H5AD")
+    s.add_argument("--out", required=True, metavar="H5AD")
+    s.add_argument("--counts", required=True, metavar="TSV", help="per-sample counts table")
     return parser
 
 
