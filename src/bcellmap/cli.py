@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kinetics", required=True, metavar="TSV")
     s.add_argument("--cohort", required=True, metavar="TSV")
     s.add_argument("--qc", required=True, metavar="TSV")
-    s.add_argument("--model", required=True, metavar="NPZ")
+    s.add_argument("--model", default=None, metavar="NPZ", help="flow SOM model (optional)")
     s.add_argument("--annotated", nargs="*", default=[], metavar="H5AD")
     s.add_argument("--outdir", required=True, metavar="DIR")
     s = p["ingest-scrna"]

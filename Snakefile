@@ -1,0 +1,32 @@
+# bcellmap: B-cell depletion and reconstitution after CD19 CAR-T therapy.
+#
+#   snakemake --cores 4                               # the built-in demo cohort
+#   snakemake -s /path/to/bcellmap/Snakefile --cores 4 --configfile my.yaml
+#
+# Results go to results/ under the working directory; see README.md.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The repository root, so that the workflow runs from any working directory.
+BCELLMAP_ROOT = workflow.basedir
+
+
+configfile: workflow.source_path("config/config.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+include: "workflow/rules/cluster.smk"
+include: "workflow/rules/annotate.smk"
+include: "workflow/rules/scrna.smk"
+include: "workflow/rules/quantify.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,115 @@
+# Configuration, sample sheet and input functions shared by every rule.
+
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# Import the package from this checkout, so the workflow and its commands agree.
+sys.path.insert(0, str(Path(BCELLMAP_ROOT) / "src"))
+from bcellmap.config import default_config, merge  # noqa: E402
+from bcellmap.errors import BcellmapError  # noqa: E402
+from bcellmap.samplesheet import read_sample_sheet  # noqa: E402
+
+# Package defaults under the user's values (config.yaml, --configfile, --config).
+_merged = merge(default_config(), config)
+config.clear()
+config.update(_merged)
+validate(config, schema="../schemas/config.schema.yaml")
+
+
+def _sample_sheet_path() -> Path:
+    """The user's sample sheet, or the demo cohort's (simulated on first use)."""
+    if config["samples"] != "demo":
+        return Path(config["samples"])
+    demo = config["demo"]
+    sheet = Path(demo["outdir"]) / "samples.tsv"
+    if not sheet.exists():
+        from bcellmap.simulate import simulate_cohort
+
+        logger.info(f"bcellmap: simulating the demo cohort into {demo['outdir']} (first run)")
+        simulate_cohort(demo["outdir"], preset=demo["preset"], seed=demo["seed"])
+    return sheet
+
+
+SAMPLE_SHEET = _sample_sheet_path().resolve()
+try:
+    samples = read_sample_sheet(SAMPLE_SHEET, panels=list(config["panels"]))
+except BcellmapError as error:
+    raise WorkflowError(str(error)) from None
+validate(samples, schema="../schemas/samples.schema.yaml")
+
+FLOW_SAMPLES = samples.loc[samples["modality"] == "flow", "sample_id"].tolist()
+SCRNA_SAMPLES = samples.loc[samples["modality"] == "scrna", "sample_id"].tolist()
+PATIENTS = sorted(samples["patient_id"].unique())
+
+
+def _write_effective_config(path: Path) -> Path:
+    """Write the merged config for the commands; rewrite only when it changed."""
+    text = yaml.safe_dump(dict(config), sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path.resolve()
+
+
+CONFIG_FILE = _write_effective_config(Path("results/config.yaml"))
+CONDA_ENV = "../../envs/bcellmap.yaml"
+# The clustering rules use the CuPy environment when the config asks for the GPU.
+CONDA_ENV_CLUSTER = (
+    "../../envs/bcellmap-gpu.yaml" if config["device"] == "gpu" else "../../envs/bcellmap.yaml"
+)
+
+
+def _one_of(names) -> str:
+    """A wildcard constraint that matches exactly these sample ids."""
+    import re
+
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+FLOW_SAMPLE = _one_of(FLOW_SAMPLES)
+SCRNA_SAMPLE = _one_of(SCRNA_SAMPLES)
+
+
+def sample_path(wildcards) -> str:
+    """The data file of one sample, as the sheet resolves it."""
+    return samples.loc[wildcards.sample_id, "path"]
+
+
+def counts_tables(wildcards=None) -> list[str]:
+    """Per-sample counts tables of every sample, both modalities."""
+    return [f"results/counts/{sample_id}.tsv" for sample_id in samples["sample_id"]]
+
+
+def qc_tables(wildcards=None) -> list[str]:
+    return [f"results/qc/{sample_id}.tsv" for sample_id in samples["sample_id"]]
+
+
+def report_figures() -> list[str]:
+    stems = [f"patient_{patient}" for patient in PATIENTS] + [
+        "cohort_trajectories",
+        "swimmer",
+        "kaplan_meier",
+        "composition_visits",
+        "composition_baseline_vs_reconstitution",
+        "qc_removed",
+    ]
+    if FLOW_SAMPLES:
+        stems += ["cluster_heatmap", "embedding"]
+    return [f"results/report/{stem}.{ext}" for stem in stems for ext in ("png", "svg")]
+
+
+def all_targets() -> list[str]:
+    targets = [
+        "results/tables/samples.tsv",
+        "results/tables/kinetics.tsv",
+        "results/tables/cohort.tsv",
+        "results/tables/qc.tsv",
+    ]
+    targets += [f"results/annotated/{sample_id}.h5ad" for sample_id in samples["sample_id"]]
+    if config["report"]["enabled"]:
+        targets += report_figures()
+    return targets

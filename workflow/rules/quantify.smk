@@ -1,0 +1,36 @@
+# Quantification and kinetics: cohort tables from the per-sample counts.
+
+
+rule quantify:
+    input:
+        counts_tables,
+    output:
+        "results/tables/samples.tsv",
+    params:
+        config=CONFIG_FILE,
+        sheet=SAMPLE_SHEET,
+    log:
+        "logs/quantify.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "bcellmap quantify --config {params.config} --samples {params.sheet}"
+        " --inputs {input} --out {output} 2> {log}"
+
+
+rule kinetics:
+    input:
+        "results/tables/samples.tsv",
+    output:
+        kinetics="results/tables/kinetics.tsv",
+        cohort="results/tables/cohort.tsv",
+    params:
+        config=CONFIG_FILE,
+        settings=lambda wildcards: config["kinetics"],
+    log:
+        "logs/kinetics.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "bcellmap kinetics --config {params.config} --table {input}"
+        " --out {output.kinetics} --cohort {output.cohort} 2> {log}"
