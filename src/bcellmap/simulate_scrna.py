@@ -1,0 +1,335 @@
+"""Simulated single-cell RNA visits of demo patients, with per-cell truth.
+
+The generative model is a gamma-Poisson (negative binomial) count model, as used by
+splatter: every cell draws a log-normal library size, every cell type has a gene-expression
+profile (a shared log-normal baseline, a type-specific program of background genes and its
+marker genes), and counts are Poisson draws around the profile scaled by a gamma-distributed
+biological variation, which also produces realistic dropout of weakly expressed markers
+(CD19 drops out in about half of the B cells). A small share of low-quality cells (high
+mitochondrial fraction, small libraries) and heterotypic doublets is mixed in so QC has
+something to remove. CAR-T cells are T cells that express the CAR transcript.
+
+Files written per visit: ``{sample_id}.h5ad`` (raw counts in ``X``, 10x-style ``var``) or, for
+the first visit when asked, ``{sample_id}.h5`` in the Cell Ranger v3 HDF5 layout (with
+CITE-seq antibody features when asked), and ``{sample_id}.truth.tsv`` (one row per cell:
+barcode, cell_type, b_subset, car_t). ``truth_scrna_samples.tsv`` sums the truth per visit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._io import atomic_path, write_h5ad, write_tsv
+
+CELL_TYPES = ("T", "NK", "monocyte", "DC", "B")
+B_SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory", "plasmablast")
+
+# Marker genes per population: relative abundance (share of the library) when expressed.
+_MARKERS: dict[str, dict[str, float]] = {
+    "T": {"CD3D": 2e-3, "CD3E": 1.5e-3, "CD2": 1e-3, "IL7R": 1e-3},
+    "NK": {"NKG7": 4e-3, "GNLY": 4e-3, "KLRD1": 1e-3},
+    "monocyte": {"CD14": 2e-3, "LYZ": 1e-2, "FCGR3A": 6e-4, "S100A8": 5e-3},
+    "DC": {"FCER1A": 1.5e-3, "CLEC10A": 1e-3, "HLA-DQA1": 2e-3},
+    "B": {"MS4A1": 2e-3, "CD79A": 2e-3, "CD79B": 1.2e-3, "CD19": 2.5e-4, "HLA-DQA1": 2e-3},
+}
+_SUBSET_MARKERS: dict[str, dict[str, float]] = {
+    "transitional": {"IGHD": 2e-3, "IGHM": 4e-3, "TCL1A": 2e-3, "FCER2": 8e-4, "IL4R": 6e-4,
+                     "CD38": 1e-3, "CD24": 1e-3, "MME": 5e-4},
+    "naive": {"IGHD": 2e-3, "IGHM": 3e-3, "TCL1A": 1.2e-3, "FCER2": 8e-4, "IL4R": 6e-4},
+    "unswitched_memory": {"IGHD": 6e-4, "IGHM": 3e-3, "CD27": 8e-4, "AIM2": 5e-4,
+                          "TNFRSF13B": 6e-4},
+    "switched_memory": {"IGHG1": 3e-3, "IGHA1": 2e-3, "IGHG2": 8e-4, "CD27": 8e-4,
+                        "AIM2": 5e-4, "TNFRSF13B": 6e-4},
+    "plasmablast": {"MZB1": 4e-3, "JCHAIN": 1e-2, "XBP1": 3e-3, "PRDM1": 6e-4,
+                    "IGHG1": 2e-2, "CD27": 1.5e-3, "CD38": 2e-3, "CD79A": 1e-3},
+}
+_OTHER_GENES = ("IGHG3", "IGHG4", "IGHA2", "CD4", "CD8A")
+_MT_GENES = tuple(f"MT-{g}" for g in ("CO1", "CO2", "CO3", "ND1", "ND2", "ND4", "ATP6", "CYB"))
+# Antibody-derived tags for the CITE-seq sample: canonical name -> populations that carry it.
+_PROTEINS = ("CD3", "CD19", "CD20", "CD27", "IgD", "CD38", "CD24")
+
+# Composition of the blood sample by phase of the CAR-T course (shares of all cells).
+_COMPOSITION = {
+    "baseline": {"T": 0.50, "NK": 0.10, "monocyte": 0.22, "DC": 0.03, "B": 0.15},
+    "aplasia": {"T": 0.62, "NK": 0.14, "monocyte": 0.23, "DC": 0.01, "B": 0.0},
+    "reconstitution": {"T": 0.50, "NK": 0.10, "monocyte": 0.25, "DC": 0.03, "B": 0.12},
+}
+# Returning B cells are naive/transitional, not class-switched (Müller, NEJM 2024).
+_B_COMPOSITION = {
+    "baseline": {"transitional": 0.04, "naive": 0.62, "unswitched_memory": 0.08,
+                 "switched_memory": 0.23, "plasmablast": 0.03},
+    "reconstitution": {"transitional": 0.25, "naive": 0.68, "unswitched_memory": 0.02,
+                       "switched_memory": 0.03, "plasmablast": 0.02},
+}
+_CAR_SHARE_OF_T = {"baseline": 0.0, "aplasia": 0.15, "reconstitution": 0.02}
+_LYMPHOCYTES_PER_UL = {"baseline": 1200.0, "aplasia": 600.0, "reconstitution": 1500.0}
+
+
+def _phase(day: int, reconstitution_day: int) -> str:
+    if day < 0:
+        return "baseline"
+    return "reconstitution" if day >= reconstitution_day else "aplasia"
+
+
+def _gene_names(n_genes: int, car_feature: str | None) -> list[str]:
+    named: list[str] = []
+    for table in (*_MARKERS.values(), *_SUBSET_MARKERS.values()):
+        named.extend(g for g in table if g not in named)
+    named.extend(g for g in (*_OTHER_GENES, *_MT_GENES) if g not in named)
+    if car_feature:
+        named.append(car_feature)
+    n_background = max(n_genes - len(named), 50)
+    return named + [f"GENE{i:05d}" for i in range(n_background)]
+
+
+def _profiles(genes: list[str], rng: np.random.Generator, car_feature: str | None
+              ) -> dict[str, np.ndarray]:
+    """Expression profile (share of the library per gene) of every simulated population."""
+    index = {g: i for i, g in enumerate(genes)}
+    n = len(genes)
+    background = np.array([g.startswith("GENE") for g in genes])
+    baseline = np.full(n, 2e-6)
+    baseline[background] = rng.lognormal(mean=0.0, sigma=1.3, size=background.sum())
+    baseline[background] *= 0.55 / baseline[background].sum()
+    for g in _MT_GENES:
+        baseline[index[g]] = 0.05 / len(_MT_GENES)
+    background_idx = np.flatnonzero(background)
+
+    def program(markers: Mapping[str, float], n_program: int = 40) -> np.ndarray:
+        profile = baseline.copy()
+        chosen = rng.choice(background_idx, size=n_program, replace=False)
+        profile[chosen] *= rng.lognormal(mean=1.2, sigma=0.4, size=n_program)
+        for gene, share in markers.items():
+            profile[index[gene]] = share
+        return profile
+
+    profiles = {t: program(_MARKERS[t]) for t in ("T", "NK", "monocyte", "DC")}
+    b_profile = program(_MARKERS["B"])
+    for subset, markers in _SUBSET_MARKERS.items():
+        profile = b_profile.copy()
+        if subset == "plasmablast":  # plasmablasts lose MS4A1 and most CD19/CD79B
+            for gene in ("MS4A1", "CD19", "CD79B"):
+                profile[index[gene]] = 1e-5
+            chosen = rng.choice(background_idx, size=40, replace=False)
+            profile[chosen] *= rng.lognormal(mean=1.2, sigma=0.4, size=40)
+        for gene, share in markers.items():
+            profile[index[gene]] = share
+        profiles[f"B:{subset}"] = profile
+    if car_feature:
+        car = profiles["T"].copy()
+        car[index[car_feature]] = 1e-3
+        profiles["T:car"] = car
+    return {k: v / v.sum() for k, v in profiles.items()}
+
+
+def _barcodes(n: int, rng: np.random.Generator) -> list[str]:
+    letters = np.array(list("ACGT"))
+    seen: set[str] = set()
+    out: list[str] = []
+    while len(out) < n:
+        code = "".join(letters[rng.integers(0, 4, 16)]) + "-1"
+        if code not in seen:
+            seen.add(code)
+            out.append(code)
+    return out
+
+
+def _simulate_visit(phase: str, n_cells: int, genes: list[str], profiles: dict[str, np.ndarray],
+                    rng: np.random.Generator) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray]:
+    """Counts (cells x genes) and per-cell truth for one visit; also the population keys."""
+    composition = _COMPOSITION[phase]
+    types = rng.choice(list(composition), size=n_cells, p=list(composition.values()))
+    keys = types.astype(object)
+    subsets = np.full(n_cells, "", dtype=object)
+    b_cells = np.flatnonzero(types == "B")
+    if b_cells.size:
+        b_mix = _B_COMPOSITION["reconstitution" if phase == "aplasia" else phase]
+        subsets[b_cells] = rng.choice(list(b_mix), size=b_cells.size, p=list(b_mix.values()))
+        keys[b_cells] = ["B:" + s for s in subsets[b_cells]]
+    car = np.zeros(n_cells, dtype=bool)
+    t_cells = np.flatnonzero(types == "T")
+    if "T:car" in profiles and t_cells.size:
+        car[t_cells] = rng.random(t_cells.size) < _CAR_SHARE_OF_T[phase]
+        keys[car] = "T:car"
+
+    library = rng.lognormal(mean=np.log(3500), sigma=0.35, size=n_cells)
+    library[types == "monocyte"] *= 1.5
+    means = np.vstack([profiles[k] for k in keys]) * library[:, None]
+    cell_type = types.astype(object)
+    # Low-quality cells: small libraries dominated by mitochondrial reads.
+    low_quality = rng.random(n_cells) < 0.03
+    mt = np.array([g.startswith("MT-") for g in genes])
+    means[low_quality] *= 0.25
+    means[np.ix_(low_quality, mt)] *= 40.0
+    cell_type[low_quality] = "low_quality"
+    # Biological variation (gamma, dispersion 0.3) then Poisson sampling: negative binomial.
+    dispersion = 0.3
+    rates = means * rng.gamma(shape=1 / dispersion, scale=dispersion, size=means.shape)
+    counts = rng.poisson(rates).astype(np.float32)
+    # Heterotypic doublets: two cells' counts summed into one droplet.
+    doublet = (rng.random(n_cells) < 0.04) & ~low_quality
+    partners = rng.integers(0, n_cells, size=doublet.sum())
+    counts[doublet] += counts[partners]
+    cell_type[doublet] = "doublet"
+    subsets[low_quality | doublet] = ""
+    car &= ~(low_quality | doublet)
+    truth = pd.DataFrame({"cell_type": cell_type, "b_subset": subsets, "car_t": car})
+    return sp.csr_matrix(counts), truth, keys
+
+
+def _protein_counts(truth: pd.DataFrame, keys: np.ndarray, rng: np.random.Generator
+                    ) -> np.ndarray:
+    """ADT counts (cells x proteins): a background for every cell, a signal where expressed."""
+    high = {p: np.zeros(len(truth)) for p in _PROTEINS}
+    high["CD3"][(keys == "T") | (keys == "T:car")] = 1.0
+    b_keys = {f"B:{s}" for s in B_SUBSETS}
+    is_b = np.isin(keys, list(b_keys))
+    high["CD19"][is_b] = 1.0
+    high["CD20"][is_b & (keys != "B:plasmablast")] = 1.0
+    high["IgD"][np.isin(keys, ["B:transitional", "B:naive", "B:unswitched_memory"])] = 1.0
+    high["CD27"][np.isin(keys, ["B:unswitched_memory", "B:switched_memory"])] = 1.0
+    high["CD27"][keys == "B:plasmablast"] = 2.0
+    high["CD38"][keys == "B:transitional"] = 1.5
+    high["CD38"][keys == "B:plasmablast"] = 2.0
+    high["CD38"][is_b & ~np.isin(keys, ["B:transitional", "B:plasmablast"])] = 0.3
+    high["CD24"][is_b] = 0.6
+    high["CD24"][keys == "B:transitional"] = 1.5
+    columns = []
+    for p in _PROTEINS:
+        mean = 15.0 * np.exp(2.5 * high[p])  # ~15 background, ~180 positive, ~2,000 high
+        columns.append(rng.poisson(mean * rng.gamma(5.0, 0.2, size=len(truth))))
+    return np.column_stack(columns).astype(np.float32)
+
+
+def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes: list[str], names: list[str],
+                  ids: list[str], feature_types: list[str]) -> None:
+    """Write cells x features counts in the Cell Ranger v3 ``filtered_feature_bc_matrix.h5``
+    layout (features x cells CSC, which shares its arrays with the cells x features CSR)."""
+    import h5py
+
+    counts = sp.csr_matrix(counts)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        group = h5.create_group("matrix")
+        group.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
+        group.create_dataset("data", data=counts.data.astype(np.int32))
+        group.create_dataset("indices", data=counts.indices.astype(np.int64))
+        group.create_dataset("indptr", data=counts.indptr.astype(np.int64))
+        group.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]],
+                                                    dtype=np.int32))
+        features = group.create_group("features")
+        features.create_dataset("id", data=np.array(ids, dtype="S"))
+        features.create_dataset("name", data=np.array(names, dtype="S"))
+        features.create_dataset("feature_type", data=np.array(feature_types, dtype="S"))
+        features.create_dataset("genome", data=np.array(["GRCh38"] * len(ids), dtype="S"))
+        features.create_dataset("_all_tag_keys", data=np.array(["genome"], dtype="S"))
+
+
+def simulate_scrna_visits(
+    outdir: str | os.PathLike,
+    *,
+    patients: Sequence[str] = ("P01", "P02"),
+    seed: int = 42,
+    cells_per_sample: int = 2000,
+    n_genes: int = 1500,
+    days: Sequence[int] = (-7, 28, 150),
+    reconstitution_days: Mapping[str, int] | None = None,
+    car_feature: str | None = "CAR_FMC63",
+    write_10x_h5: bool = True,
+    cite_seq: bool = True,
+) -> list[dict[str, Any]]:
+    """Write simulated scRNA visits of demo patients and return their sample-sheet rows.
+
+    Parameters
+    ----------
+    outdir
+        Folder for the count files and truth tables (created when missing).
+    patients
+        Patient ids; every patient gets one visit per entry of ``days``.
+    seed
+        Seed of every random draw; the same seed writes the same files.
+    cells_per_sample
+        Cells (droplets, doublets and low-quality cells included) per visit.
+    n_genes
+        Genes per file: the marker, mitochondrial and CAR features plus background genes.
+    days
+        Visit days relative to CAR-T infusion; negative days are baseline visits.
+    reconstitution_days
+        Patient -> first day with returning B cells (default 110): visits on or after it
+        carry naive/transitional-dominated B cells, earlier post-infusion visits none.
+    car_feature
+        Name of the CAR transcript feature expressed by CAR-T cells, or None for none.
+    write_10x_h5
+        Write the first visit as a Cell Ranger v3 ``.h5`` instead of ``.h5ad``.
+    cite_seq
+        Add antibody-capture features (CD3, CD19, CD20, CD27, IgD, CD38, CD24) to that ``.h5``.
+
+    Returns
+    -------
+    One dict per visit with sample_id, patient_id, day, modality (``scrna``), path (file name
+    relative to ``outdir``) and lymphocytes_per_ul.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    genes = _gene_names(n_genes, car_feature)
+    gene_ids = [f"ENSGSIM{i:08d}" for i in range(len(genes))]
+    profiles = _profiles(genes, rng, car_feature)
+    recon = dict(reconstitution_days or {})
+    rows: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    for p_index, patient in enumerate(patients):
+        for d_index, day in enumerate(days):
+            visit_rng = np.random.default_rng([seed, p_index, d_index])
+            phase = _phase(int(day), recon.get(patient, 110))
+            counts, truth, keys = _simulate_visit(phase, cells_per_sample, genes, profiles,
+                                                  visit_rng)
+            sample_id = f"{patient}_d{int(day)}_scrna"
+            barcodes = _barcodes(cells_per_sample, visit_rng)
+            truth.insert(0, "barcode", barcodes)
+            as_h5 = write_10x_h5 and not rows
+            if as_h5:
+                file_name = f"{sample_id}.h5"
+                names, ids = list(genes), list(gene_ids)
+                types = ["Gene Expression"] * len(genes)
+                matrix = counts
+                if cite_seq:
+                    adt = _protein_counts(truth, keys, visit_rng)
+                    names += [f"{p}_TotalSeqB" for p in _PROTEINS]
+                    ids += [f"ADT_{p}" for p in _PROTEINS]
+                    types += ["Antibody Capture"] * len(_PROTEINS)
+                    matrix = sp.hstack([counts, sp.csr_matrix(adt)], format="csr")
+                _write_10x_h5(outdir / file_name, matrix, barcodes, names, ids, types)
+            else:
+                import anndata as ad
+
+                file_name = f"{sample_id}.h5ad"
+                var = pd.DataFrame({"gene_ids": gene_ids,
+                                    "feature_types": "Gene Expression"}, index=genes)
+                adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=barcodes), var=var)
+                write_h5ad(adata, outdir / file_name)
+            write_tsv(truth, outdir / f"{sample_id}.truth.tsv")
+            jitter = float(visit_rng.lognormal(0.0, 0.15))
+            lymphocytes_per_ul = round(_LYMPHOCYTES_PER_UL[phase] * jitter, 1)
+            rows.append({"sample_id": sample_id, "patient_id": patient, "day": int(day),
+                         "modality": "scrna", "path": file_name,
+                         "lymphocytes_per_ul": lymphocytes_per_ul})
+            singlets = truth[~truth["cell_type"].isin(["doublet", "low_quality"])]
+            summary.append({
+                "sample_id": sample_id, "patient_id": patient, "day": int(day), "phase": phase,
+                "cells": len(truth), "singlets": len(singlets),
+                "lymphocytes": int(singlets["cell_type"].isin(["T", "B", "NK"]).sum()),
+                "t_cells": int((singlets["cell_type"] == "T").sum()),
+                "b_cells": int((singlets["cell_type"] == "B").sum()),
+                "car_t": int(singlets["car_t"].sum()),
+                **{f"{s}_count": int((singlets["b_subset"] == s).sum()) for s in B_SUBSETS},
+                "cite_seq": bool(as_h5 and cite_seq),
+            })
+    write_tsv(pd.DataFrame(summary), outdir / "truth_scrna_samples.tsv")
+    return rows
