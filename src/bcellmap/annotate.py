@@ -1,0 +1,363 @@
+"""Cell types and B-cell subsets per event, from marker rules and cohort thresholds.
+
+Cell types (per event, thresholds from ``bcellmap.thresholds``):
+
+- ``B``: CD3- and (CD19+ or CD20+). Plasmablasts (CD20-, CD19lo) are B-lineage when their
+  CD19 is at or above the cohort CD19 threshold, as the subset table implies.
+- ``T``: CD3+.
+- ``other``: everything else (NK cells, monocytes, ... within the lymphocyte gate).
+
+B-cell subsets come from the ordered rule table ``annotate.subsets`` (``config/subsets.yaml``);
+the first rule that matches wins (plasmablast, transitional, then the IgD/CD27 quadrants).
+Non-B events, and B events that no callable rule matches, get an empty ``b_subset``.
+
+Cluster-level phenotypes are reported beside the event calls: the median of every marker
+over a metacluster's events in this sample, put through the same rules, gives
+``obs["metacluster_cell_type"]`` and the table ``uns["metacluster_phenotypes"]``; the
+number of events whose own cell type differs from their metacluster's is written to the
+counts table (``cluster_discordant_events``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError, InputError
+from .thresholds import _marker_columns
+
+log = logging.getLogger(__name__)
+
+SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory",
+           "double_negative", "plasmablast")
+LEVELS = ("neg", "pos", "hi", "lo")
+COUNT_COLUMNS = ("sample_id", "modality", "events_total", "events_qc_pass", "lymphocytes",
+                 "t_cells", "b_cells", "cd19_pos", "cd20_pos", "cd19neg_cd20pos",
+                 *(f"{s}_count" for s in SUBSETS), "subsets_not_called",
+                 "cluster_discordant_events", "car_t_count", "car_t_pct_t")
+# Keys under which ingest may record the number of events in the FCS file.
+_EVENT_TOTAL_KEYS = ("n_events", "events", "n_events_total", "events_total", "tot", "$TOT")
+
+
+@dataclass(frozen=True)
+class SubsetRule:
+    """One row of the subset rule table: a name and ``marker -> level``."""
+
+    name: str
+    levels: dict[str, str]
+
+
+def resolve_subsets_path(config: Mapping[str, Any]) -> Path:
+    """Find the subset rule table named by ``annotate.subsets``.
+
+    A relative path is looked up in the working directory, then in the repository root
+    (``Path(bcellmap.__file__).parents[2]``).
+    """
+    import bcellmap
+
+    name = Path(str(config.get("annotate", {}).get("subsets", "config/subsets.yaml")))
+    candidates = [name] if name.is_absolute() else [
+        Path.cwd() / name, Path(bcellmap.__file__).resolve().parents[2] / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"annotate.subsets: rule table {name} not found (looked in "
+                      f"{', '.join(str(c) for c in candidates)})")
+
+
+def load_subset_rules(config: Mapping[str, Any]) -> list[SubsetRule]:
+    """Read and check the ordered B-cell subset rules (see ``config/subsets.yaml``)."""
+    import yaml
+
+    path = resolve_subsets_path(config)
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"subset rule table {path}: cannot be read ({exc})") from None
+    entries = content.get("subsets") if isinstance(content, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"subset rule table {path}: expected a non-empty 'subsets' list")
+    rules = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "name" not in entry or not isinstance(
+                entry.get("rule"), dict):
+            raise ConfigError(f"subset rule table {path}: each entry needs 'name' and 'rule'")
+        levels = {str(k): str(v) for k, v in entry["rule"].items()}
+        bad = {k: v for k, v in levels.items() if v not in LEVELS}
+        if bad:
+            raise ConfigError(f"subset rule table {path}: {entry['name']}: levels {bad} not "
+                              f"in {', '.join(LEVELS)}")
+        rules.append(SubsetRule(str(entry["name"]), levels))
+    return rules
+
+
+def _level_mask(values: np.ndarray, level: str, cut: Mapping[str, float]) -> np.ndarray:
+    """Events of ``values`` at ``level`` given ``{"pos": t, "hi": t}``."""
+    if level == "neg":
+        return values < cut["pos"]
+    if level == "pos":
+        return values >= cut["pos"]
+    if level == "hi":
+        return values >= cut["hi"]
+    return values < cut["hi"]  # lo
+
+
+def _callable(rule: SubsetRule, columns: Mapping[str, np.ndarray],
+              thresholds: Mapping[str, Mapping[str, float]]) -> bool:
+    """A rule can be evaluated when every marker is measured and has the needed threshold."""
+    for marker, level in rule.levels.items():
+        needed = "pos" if level in ("neg", "pos") else "hi"
+        if marker not in columns or not np.isfinite(thresholds.get(marker, {}).get(needed,
+                                                                                   np.nan)):
+            return False
+    return True
+
+
+def call_events(
+    columns: Mapping[str, np.ndarray],
+    thresholds: Mapping[str, Mapping[str, float]],
+    rules: Sequence[SubsetRule],
+) -> tuple[pd.DataFrame, list[str]]:
+    """Call cell type, CD19/CD20 status and B-cell subset for every event.
+
+    Parameters
+    ----------
+    columns
+        Canonical marker -> transformed values (one entry per event).
+    thresholds
+        Marker -> ``{"pos": t, "hi": t}``.
+    rules
+        Ordered subset rules; the first match wins.
+
+    Returns
+    -------
+    calls
+        Columns ``cell_type`` (B, T, other), ``b_subset`` (empty for non-B and unmatched B),
+        ``cd19_pos``, ``cd20_pos`` (bool; False when the marker is absent).
+    not_called
+        Names of rules that cannot be evaluated with these markers and thresholds.
+    """
+    if "CD3" not in columns or not np.isfinite(thresholds.get("CD3", {}).get("pos", np.nan)):
+        raise InputError("cell types need the CD3 marker and its threshold")
+    lineage = [m for m in ("CD19", "CD20") if m in columns
+               and np.isfinite(thresholds.get(m, {}).get("pos", np.nan))]
+    if not lineage:
+        raise InputError("cell types need CD19 or CD20 and a threshold for it")
+    n = len(columns["CD3"])
+    t_cell = columns["CD3"] >= thresholds["CD3"]["pos"]
+    cd19 = (columns["CD19"] >= thresholds["CD19"]["pos"] if "CD19" in lineage
+            else np.zeros(n, dtype=bool))
+    cd20 = (columns["CD20"] >= thresholds["CD20"]["pos"] if "CD20" in lineage
+            else np.zeros(n, dtype=bool))
+    b_cell = ~t_cell & (cd19 | cd20)
+    cell_type = np.where(t_cell, "T", np.where(b_cell, "B", "other")).astype(object)
+
+    subset = np.full(n, "", dtype=object)
+    unassigned = b_cell.copy()
+    not_called = []
+    for rule in rules:
+        if not _callable(rule, columns, thresholds):
+            not_called.append(rule.name)
+            continue
+        match = unassigned.copy()
+        for marker, level in rule.levels.items():
+            match &= _level_mask(columns[marker], level, thresholds[marker])
+        subset[match] = rule.name
+        unassigned &= ~match
+    calls = pd.DataFrame({"cell_type": cell_type, "b_subset": subset,
+                          "cd19_pos": cd19, "cd20_pos": cd20})
+    return calls, not_called
+
+
+def metacluster_phenotypes(
+    columns: Mapping[str, np.ndarray],
+    metacluster: np.ndarray,
+    thresholds: Mapping[str, Mapping[str, float]],
+    rules: Sequence[SubsetRule],
+) -> pd.DataFrame:
+    """Median marker values per metacluster, called with the same rules as events.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per metacluster present: ``metacluster``, ``n_events``, ``median_{marker}``,
+        ``cell_type``, ``b_subset``.
+    """
+    frame = pd.DataFrame({m: v for m, v in columns.items()})
+    frame["metacluster"] = np.asarray(metacluster)
+    if frame.empty:
+        return pd.DataFrame(columns=["metacluster", "n_events", "cell_type", "b_subset"])
+    medians = frame.groupby("metacluster", sort=True).median()
+    sizes = frame.groupby("metacluster", sort=True).size()
+    calls, _ = call_events({m: medians[m].to_numpy() for m in columns}, thresholds, rules)
+    table = pd.DataFrame({"metacluster": medians.index.to_numpy(),
+                          "n_events": sizes.to_numpy()})
+    for marker in columns:
+        table[f"median_{marker}"] = medians[marker].to_numpy()
+    table["cell_type"] = calls["cell_type"].to_numpy()
+    table["b_subset"] = calls["b_subset"].to_numpy()
+    return table
+
+
+def _events_total(adata: Any, *, sample_id: str) -> int | None:
+    """Number of events in the source file, as recorded by ingest (None when absent)."""
+    for section in ("source", "qc"):
+        record = adata.uns.get(section, {})
+        if isinstance(record, Mapping):
+            for key in _EVENT_TOTAL_KEYS:
+                if key in record:
+                    try:
+                        return int(record[key])
+                    except (TypeError, ValueError):
+                        continue
+    log.warning("%s: uns['source'] records no event total; events_total left empty", sample_id)
+    return None
+
+
+def annotate_sample(
+    adata: Any,
+    thresholds: Mapping[str, Mapping[str, float]],
+    rules: Sequence[SubsetRule],
+    *,
+    sample_id: str,
+    modality: str = "flow",
+    threshold_table: pd.DataFrame | None = None,
+) -> tuple[Any, pd.DataFrame]:
+    """Annotate one mapped sample.
+
+    Parameters
+    ----------
+    adata
+        The mapped AnnData (QC-passed events; ``var["canonical"]``; ``obs["metacluster"]``).
+    thresholds
+        Marker -> ``{"pos": t, "hi": t}`` for this sample's group.
+    rules
+        Ordered subset rules.
+    sample_id, modality
+        Written to the counts table.
+    threshold_table
+        Rows of thresholds.tsv used, stored in ``uns["thresholds"]``.
+
+    Returns
+    -------
+    annotated
+        A copy of ``adata`` with ``obs`` columns ``cell_type``, ``b_subset``, ``cd19_pos``,
+        ``cd20_pos``, ``metacluster_cell_type`` and ``uns`` entries ``thresholds``,
+        ``metacluster_phenotypes``, ``annotate``.
+    counts
+        The one-row per-sample counts table (``COUNT_COLUMNS``).
+    """
+    markers = list(dict.fromkeys(["CD3", "CD19", "CD20",
+                                  *(m for rule in rules for m in rule.levels)]))
+    annotated = adata.copy()
+    columns = _marker_columns(annotated, markers)
+    if "CD3" not in columns or not ({"CD19", "CD20"} & set(columns)):
+        raise InputError("the panel lacks CD3 or both CD19 and CD20; cannot call B cells",
+                         sample_id=sample_id)
+    calls, not_called = call_events(columns, thresholds, rules)
+    if not_called:
+        log.warning("%s: subsets not called (marker or threshold missing): %s", sample_id,
+                    ", ".join(not_called))
+    for column in calls.columns:
+        values = calls[column].to_numpy()
+        annotated.obs[column] = values if calls[column].dtype == bool else values.astype(str)
+
+    discordant: int | None = None
+    phenotypes = pd.DataFrame()
+    if "metacluster" in annotated.obs.columns:
+        phenotypes = metacluster_phenotypes(columns, annotated.obs["metacluster"].to_numpy(),
+                                            thresholds, rules)
+        mapping = dict(zip(phenotypes["metacluster"], phenotypes["cell_type"], strict=True))
+        cluster_type = annotated.obs["metacluster"].map(mapping).astype(str).to_numpy()
+        annotated.obs["metacluster_cell_type"] = cluster_type
+        discordant = int((cluster_type != calls["cell_type"].to_numpy()).sum())
+    else:
+        log.warning("%s: no obs['metacluster']; cluster-level phenotypes not reported",
+                    sample_id)
+
+    if threshold_table is None:
+        threshold_table = pd.DataFrame(
+            [(m, lv, t) for m, levels in thresholds.items() for lv, t in levels.items()],
+            columns=["marker", "level", "threshold"])
+    annotated.uns["thresholds"] = threshold_table.reset_index(drop=True)
+    annotated.uns["metacluster_phenotypes"] = phenotypes.reset_index(drop=True)
+    annotated.uns["annotate"] = {
+        "subset_precedence": [rule.name for rule in rules],
+        "subsets_not_called": ";".join(not_called),
+        "b_cell_rule": "CD3- and (CD19+ or CD20+)",
+    }
+
+    b_cell = calls["cell_type"].to_numpy() == "B"
+    n_events = annotated.n_obs
+    record: dict[str, Any] = {
+        "sample_id": sample_id,
+        "modality": modality,
+        "events_total": _events_total(annotated, sample_id=sample_id),
+        "events_qc_pass": n_events,
+        # The QC includes the lymphocyte scatter gate: QC-passed events are lymphocytes.
+        "lymphocytes": n_events,
+        "t_cells": int((calls["cell_type"] == "T").sum()),
+        "b_cells": int(b_cell.sum()),
+        "cd19_pos": int((b_cell & calls["cd19_pos"].to_numpy()).sum())
+        if "CD19" in columns else None,
+        "cd20_pos": int((b_cell & calls["cd20_pos"].to_numpy()).sum())
+        if "CD20" in columns else None,
+        "cd19neg_cd20pos": int((b_cell & ~calls["cd19_pos"].to_numpy()
+                                & calls["cd20_pos"].to_numpy()).sum())
+        if {"CD19", "CD20"} <= set(columns) else None,
+    }
+    subset_values = calls["b_subset"].to_numpy()
+    for subset in SUBSETS:
+        called = any(rule.name == subset for rule in rules) and subset not in not_called
+        record[f"{subset}_count"] = int((subset_values == subset).sum()) if called else None
+    record["subsets_not_called"] = ";".join(
+        s for s in SUBSETS if record[f"{s}_count"] is None)
+    record["cluster_discordant_events"] = discordant
+    record["car_t_count"] = None
+    record["car_t_pct_t"] = None
+    counts = pd.DataFrame([record], columns=list(COUNT_COLUMNS))
+    return annotated, counts
+
+
+def cli_annotate(args: argparse.Namespace) -> None:
+    """``bcellmap annotate``: one mapped sample -> annotated h5ad and counts table."""
+    import anndata as ad
+
+    from ._io import write_h5ad, write_tsv
+    from .config import load_config
+    from .samplesheet import read_sample_sheet, sample_row
+    from .thresholds import _settings, read_thresholds, threshold_group, thresholds_for
+
+    config = load_config(args.config)
+    sheet = read_sample_sheet(args.samples, check_files=False)
+    row = sample_row(sheet, args.sample_id, path=args.samples)
+    rules = load_subset_rules(config)
+    table = read_thresholds(args.thresholds)
+    group = threshold_group(row, _settings(config)["method"])
+    thresholds = thresholds_for(table, group)
+    used = table[table["group"].astype(str) == group]
+    if used.empty:
+        used = table[table["group"].astype(str) == "all"]
+    try:
+        adata = ad.read_h5ad(args.input)
+    except OSError as exc:
+        raise InputError(f"cannot read the mapped h5ad ({exc})", path=args.input,
+                         sample_id=args.sample_id) from None
+    annotated, counts = annotate_sample(adata, thresholds, rules, sample_id=args.sample_id,
+                                        modality=str(row["modality"]), threshold_table=used)
+    write_h5ad(annotated, args.out)
+    try:
+        write_tsv(counts, args.counts)
+    except BaseException:
+        Path(args.out).unlink(missing_ok=True)  # keep the two outputs all-or-nothing
+        raise
+    log.info("%s: %d events, %d B cells", args.sample_id, annotated.n_obs,
+             int(counts["b_cells"].iloc[0]))
+
