@@ -1,0 +1,238 @@
+"""Cohort SOM training (``bcellmap train-flow``) and per-sample mapping (``bcellmap map-flow``).
+
+Training sees a bounded, seeded subsample of the QC-passed events of every sample (at most
+``cluster.events_per_sample`` each), so the cohort can grow without bound. The columns are the
+canonical markers ``cluster.markers`` of the transformed ``X``.
+
+Scaling: by default the transformed values are used unscaled, as FlowSOM does: arcsinh/logicle
+put every fluorescence channel on a comparable scale, and z-scoring would inflate the noise of
+markers that are negative on almost every event. ``cluster.scale: true`` standardises each
+marker by the training mean and standard deviation instead; the model always stores
+``center`` and ``scale`` (0 and 1 when unscaled) and mapping applies them.
+
+The model NPZ holds ``codes`` (n_nodes x markers, in the scaled space), ``node_metacluster``,
+``markers``, ``center``, ``scale``, ``xdim``, ``ydim``; the JSON beside it holds the parameters,
+the provenance (inputs, events passing QC and events used per sample) and the device used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from ._io import atomic_path, write_h5ad
+from .backend import get_backend
+from .config import load_config
+from .errors import ConfigError, InputError
+from .metacluster import consensus_metaclusters
+from .som import map_to_nodes, train_som
+
+log = logging.getLogger(__name__)
+
+
+def _sample_id(adata: Any, path: Path) -> str:
+    sample = adata.uns.get("sample") if hasattr(adata, "uns") else None
+    if isinstance(sample, dict) and sample.get("sample_id"):
+        return str(sample["sample_id"])
+    return path.name.removesuffix(".h5ad")
+
+
+def _qc_mask(adata: Any, *, path: Path, sample_id: str) -> np.ndarray:
+    if "qc_pass" not in adata.obs.columns:
+        raise InputError("obs has no 'qc_pass' column; run ingest-flow first",
+                         path=path, sample_id=sample_id)
+    return adata.obs["qc_pass"].to_numpy().astype(bool)
+
+
+def marker_matrix(adata: Any, markers: list[str], *, rows: np.ndarray | None = None,
+                  path: Path | str | None = None, sample_id: str | None = None) -> np.ndarray:
+    """Return the float32 ``X`` columns of canonical ``markers`` (optionally only ``rows``).
+
+    Parameters
+    ----------
+    adata
+        A flow AnnData with ``var["canonical"]``.
+    markers
+        Canonical marker names, in the order of the result's columns.
+    rows
+        Boolean mask or integer indices of the events to take; None: all.
+    path, sample_id
+        For error messages.
+
+    Raises
+    ------
+    InputError
+        A marker missing from (or duplicated in) the sample, or NaN/infinite values.
+    """
+    if "canonical" not in adata.var.columns:
+        raise InputError("var has no 'canonical' column; run ingest-flow first",
+                         path=path, sample_id=sample_id)
+    canonical = adata.var["canonical"].astype(str).to_numpy()
+    missing = [m for m in markers if (canonical == m).sum() == 0]
+    if missing:
+        raise InputError(f"clustering marker(s) {', '.join(missing)} not found in this sample "
+                         f"(canonical markers present: {', '.join(sorted(set(canonical) - {''}))})",
+                         path=path, sample_id=sample_id)
+    repeated = [m for m in markers if (canonical == m).sum() > 1]
+    if repeated:
+        raise InputError(f"clustering marker(s) {', '.join(repeated)} map to several channels",
+                         path=path, sample_id=sample_id)
+    columns = [int(np.flatnonzero(canonical == m)[0]) for m in markers]
+    matrix = adata.X if rows is None else adata.X[rows]
+    if hasattr(matrix, "toarray"):
+        matrix = matrix.toarray()
+    values = np.asarray(matrix[:, columns], dtype=np.float32)
+    if not np.isfinite(values).all():
+        n_bad = int((~np.isfinite(values)).any(axis=1).sum())
+        raise InputError(f"{n_bad} QC-passed event(s) hold NaN or infinite values in the "
+                         f"clustering markers", path=path, sample_id=sample_id)
+    return values
+
+
+def _subsample_seed(seed: int, sample_id: str) -> np.random.Generator:
+    # Seeded per sample (not by input order), so adding a sample leaves the others' draws alone.
+    return np.random.default_rng([int(seed), zlib.crc32(sample_id.encode())])
+
+
+def _cluster_options(config: dict[str, Any]) -> dict[str, Any]:
+    cluster = config.get("cluster") or {}
+    som = cluster.get("som") or {}
+    markers = list(cluster.get("markers") or [])
+    if not markers:
+        raise ConfigError("cluster.markers is empty: name the canonical markers to cluster on")
+    alpha = som.get("alpha", [1.0, 1.0])
+    return {
+        "markers": markers,
+        "events_per_sample": int(cluster.get("events_per_sample", 5000)),
+        "scale": bool(cluster.get("scale", False)),
+        "xdim": int(som.get("xdim", 10)),
+        "ydim": int(som.get("ydim", 10)),
+        "rlen": int(som.get("rlen", 10)),
+        "alpha": (float(alpha[0]), float(alpha[1])),
+        "radius": None if som.get("radius") is None else float(som["radius"]),
+        "n_metaclusters": int(cluster.get("n_metaclusters", 20)),
+        "consensus_resamples": int(cluster.get("consensus_resamples", 100)),
+        "seed": int(cluster.get("seed", config.get("seed", 42))),
+    }
+
+
+def cli_train_flow(args: argparse.Namespace) -> None:
+    """Fit the cohort SOM and metaclusters (``bcellmap train-flow``).
+
+    ``args``: ``config`` (YAML or None), ``inputs`` (flow h5ad files), ``model`` (NPZ out),
+    ``info`` (JSON out).
+    """
+    import anndata as ad
+
+    config = load_config(args.config)
+    options = _cluster_options(config)
+    backend = get_backend(config)
+    blocks, provenance = [], []
+    for raw_path in args.inputs:
+        path = Path(raw_path)
+        adata = ad.read_h5ad(path)
+        sample_id = _sample_id(adata, path)
+        passed = np.flatnonzero(_qc_mask(adata, path=path, sample_id=sample_id))
+        n_take = min(passed.size, options["events_per_sample"])
+        rng = _subsample_seed(options["seed"], sample_id)
+        chosen = np.sort(rng.choice(passed, size=n_take, replace=False)) if n_take else passed[:0]
+        blocks.append(marker_matrix(adata, options["markers"], rows=chosen, path=path,
+                                    sample_id=sample_id))
+        provenance.append({"sample_id": sample_id, "path": str(path.resolve()),
+                           "events_total": int(adata.n_obs), "events_qc_pass": int(passed.size),
+                           "events_used": int(n_take)})
+    training = np.concatenate(blocks, axis=0) if blocks else np.zeros((0, len(options["markers"])))
+    n_nodes = options["xdim"] * options["ydim"]
+    if training.shape[0] < n_nodes:
+        raise InputError(f"only {training.shape[0]} QC-passed events across {len(blocks)} "
+                         f"sample(s), fewer than the {n_nodes} SOM nodes; use a smaller grid "
+                         f"(cluster.som.xdim/ydim) or more events", path=", ".join(args.inputs))
+    if not 1 <= options["n_metaclusters"] <= n_nodes:
+        raise ConfigError(f"cluster.n_metaclusters={options['n_metaclusters']} must be between "
+                          f"1 and the {n_nodes} SOM nodes")
+    if options["scale"]:
+        center = training.mean(axis=0, dtype=np.float64)
+        scale = training.std(axis=0, dtype=np.float64)
+        scale[scale == 0] = 1.0  # a constant marker carries no information; leave it as is
+    else:
+        center, scale = np.zeros(training.shape[1]), np.ones(training.shape[1])
+    scaled = ((training - center) / scale).astype(np.float32)
+    codes = train_som(scaled, backend=backend, seed=options["seed"], xdim=options["xdim"],
+                      ydim=options["ydim"], rlen=options["rlen"], alpha=options["alpha"],
+                      radius=options["radius"])
+    node_metacluster = consensus_metaclusters(codes, n_clusters=options["n_metaclusters"],
+                                              seed=options["seed"],
+                                              n_resamples=options["consensus_resamples"])
+    with atomic_path(args.model) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, codes=codes, node_metacluster=node_metacluster,
+                 markers=np.array(options["markers"], dtype=str), center=center, scale=scale,
+                 xdim=options["xdim"], ydim=options["ydim"])
+    info = {
+        "bcellmap_version": __version__,
+        "parameters": {**options, "alpha": list(options["alpha"])},
+        "device": backend.device,
+        "device_reason": backend.reason,
+        "training_events": int(training.shape[0]),
+        "samples": provenance,
+    }
+    with atomic_path(args.info) as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+    log.info("trained a %dx%d SOM with %d metaclusters on %d events from %d samples (%s)",
+             options["xdim"], options["ydim"], options["n_metaclusters"], training.shape[0],
+             len(provenance), backend.device)
+
+
+def load_model(path: str | Path) -> dict[str, Any]:
+    """Read a flow SOM model NPZ written by ``train-flow``.
+
+    Raises
+    ------
+    InputError
+        The file is missing, unreadable or lacks a model array.
+    """
+    keys = ("codes", "node_metacluster", "markers", "center", "scale", "xdim", "ydim")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise InputError(f"not a bcellmap flow model: lacks {', '.join(missing)}",
+                                 path=path)
+            model = {k: npz[k] for k in keys}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the model ({exc})", path=path) from exc
+    model["markers"] = [str(m) for m in model["markers"]]
+    return model
+
+
+def cli_map_flow(args: argparse.Namespace) -> None:
+    """Map every QC-passed event of one sample to a SOM node (``bcellmap map-flow``).
+
+    ``args``: ``config``, ``input`` (flow h5ad), ``model`` (NPZ), ``out`` (mapped h5ad). A
+    sample with no QC-passed events (B-cell aplasia, a failed tube) is written as a valid empty
+    AnnData.
+    """
+    import anndata as ad
+
+    config = load_config(args.config)
+    backend = get_backend(config)
+    model = load_model(args.model)
+    path = Path(args.input)
+    adata = ad.read_h5ad(path)
+    sample_id = _sample_id(adata, path)
+    passed = _qc_mask(adata, path=path, sample_id=sample_id)
+    mapped = adata[passed].copy()
+    values = marker_matrix(mapped, model["markers"], path=path, sample_id=sample_id)
+    scaled = ((values - model["center"]) / model["scale"]).astype(np.float32)
+    nodes, _ = map_to_nodes(scaled, model["codes"], backend=backend)
+    mapped.obs["som_node"] = nodes.astype(np.int64)
+    mapped.obs["metacluster"] = model["node_metacluster"][nodes].astype(np.int64)
+    write_h5ad(mapped, args.out)
+    log.info("mapped %d QC-passed events of %s (%d in the file)", mapped.n_obs, sample_id,
+             adata.n_obs)
