@@ -1,0 +1,204 @@
+"""``bcellmap ingest-flow``: one FCS sample -> compensated, transformed, QC-flagged AnnData.
+
+The AnnData and the QC table follow docs/architecture.md ("The flow AnnData" and "The
+per-sample QC table"). A panel in ``config["panels"]`` may carry its own ``compensation``,
+``transform``, ``qc`` or ``required_markers`` sections, merged over ``config["ingest"]`` for
+the samples that use it, e.g. for files that are already compensated and transformed::
+
+    panels:
+      preprocessed:
+        channels: {}
+        compensation: {source: none}
+        transform: {method: none}
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+_PANEL_OVERRIDES = ("compensation", "transform", "qc", "required_markers")
+
+
+def _ingest_settings(config: Mapping[str, Any], panel: str) -> tuple[dict, dict]:
+    """The panel's config and ``ingest`` settings with the panel's overrides merged in."""
+    from .config import merge
+
+    panels = config.get("panels") or {}
+    if panel not in panels:
+        if panel != "default":
+            raise ConfigError(f"panel {panel!r} is not defined in the config "
+                              f"(defined: {', '.join(panels) or 'none'})")
+        panel_config: dict[str, Any] = {}
+    else:
+        panel_config = dict(panels[panel] or {})
+    overrides = {k: panel_config[k] for k in _PANEL_OVERRIDES if k in panel_config}
+    return panel_config, merge(dict(config.get("ingest") or {}), overrides)
+
+
+def ingest_flow(
+    path: str | os.PathLike,
+    *,
+    config: Mapping[str, Any],
+    sample_id: str,
+    panel: str | None = None,
+    sample_meta: Mapping[str, Any] | None = None,
+):
+    """Read, compensate, transform and QC one FCS file.
+
+    Parameters
+    ----------
+    path
+        The FCS file.
+    config
+        The merged bcellmap config (``bcellmap.config.load_config``).
+    sample_id
+        The sample's id, recorded in ``uns["sample"]`` and named in errors.
+    panel
+        Panel name in ``config["panels"]``; None or "" for ``default``.
+    sample_meta
+        Optional ``patient_id``, ``day`` (and other sheet columns) for ``uns["sample"]``.
+
+    Returns
+    -------
+    anndata.AnnData
+        One row per event, as docs/architecture.md specifies.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, missing required marker, invalid spillover matrix, ...
+    """
+    import anndata as ad
+    import pandas as pd
+
+    from .compensation import compensate_events
+    from .fcs import read_fcs
+    from .panel import channel_kind, check_required, resolve_panel
+    from .qc import FLAG_COLUMNS, STEPS, qc_reason, run_qc
+    from .transform import is_mass_cytometry, transform_events
+
+    panel = panel or "default"
+    panel_config, settings = _ingest_settings(config, panel)
+    where = {"path": path, "sample_id": sample_id}
+
+    fcs = read_fcs(path, sample_id=sample_id)
+    canonicals = resolve_panel(fcs.channels, fcs.markers, explicit=panel_config.get("channels"),
+                               **where)
+    kinds = [channel_kind(c, ch) for c, ch in zip(canonicals, fcs.channels, strict=True)]
+    check_required(canonicals, settings.get("required_markers") or [], channels=fcs.channels,
+                   markers=fcs.markers, **where)
+    mass_cytometry = is_mass_cytometry(fcs.cytometer, fcs.channels)
+
+    compensated, compensation_info = compensate_events(
+        fcs.events, fcs.channels, kinds, settings=settings.get("compensation") or {},
+        text=fcs.text, **where)
+    X, methods, transform_parameters = transform_events(
+        compensated, channels=fcs.channels, canonicals=canonicals, kinds=kinds,
+        ranges=fcs.ranges, settings=settings.get("transform") or {},
+        mass_cytometry=mass_cytometry, **where)
+    flags, steps, learned = run_qc(
+        X, fcs.events, canonicals=canonicals, kinds=kinds, ranges=fcs.ranges,
+        settings=settings.get("qc") or {}, seed=int(config.get("seed", 0)),
+        mass_cytometry=mass_cytometry)
+
+    obs = pd.DataFrame({"event_index": np.arange(fcs.n_events, dtype=np.int64)},
+                       index=pd.Index([str(i) for i in range(fcs.n_events)]))
+    for step in STEPS:
+        obs[FLAG_COLUMNS[step]] = flags[FLAG_COLUMNS[step]]
+    obs["qc_pass"] = ~np.logical_or.reduce([flags[FLAG_COLUMNS[s]] for s in STEPS])
+    obs["qc_reason"] = pd.Categorical(qc_reason(flags), categories=["pass", *STEPS])
+
+    var = pd.DataFrame({
+        "channel": fcs.channels,
+        "marker": fcs.markers,
+        "canonical": canonicals,
+        "kind": kinds,
+        "transform": methods,
+        "range": fcs.ranges.astype(np.float64),
+    }, index=pd.Index(fcs.channels))
+    adata = ad.AnnData(X=X, obs=obs, var=var,
+                       layers={"compensated": compensated.astype(np.float32)})
+    if not adata.var_names.is_unique:
+        log.warning("%s: duplicate channel names ($PnN); made unique", path)
+        adata.var_names_make_unique()
+
+    meta = dict(sample_meta or {})
+    day = meta.get("day")
+    adata.uns["sample"] = {
+        "sample_id": sample_id,
+        "patient_id": str(meta.get("patient_id", "") or ""),
+        "day": None if day is None or day == "" else int(day),
+        "modality": "flow",
+        "panel": panel,
+    }
+    adata.uns["source"] = {
+        "path": str(Path(path).resolve()),
+        "fcs_version": fcs.version,
+        "$CYT": fcs.cytometer,
+        "$DATE": fcs.date,
+        "n_events": fcs.n_events,
+        "timestep": fcs.timestep,
+        "mass_cytometry": mass_cytometry,
+        "offset_error_ignored": fcs.offset_error_ignored,
+    }
+    adata.uns["compensation"] = compensation_info
+    adata.uns["transform"] = transform_parameters
+    adata.uns["qc"] = {"steps": steps, "learned": learned}
+    passed = int(adata.obs["qc_pass"].sum())
+    log.info("%s: %d events, %d passed QC (%s)", sample_id, fcs.n_events, passed,
+             ", ".join(f"{s['step']} -{s['events_removed']}" for s in steps))
+    return adata
+
+
+def _qc_steps_table(adata, *, sample_id: str):
+    from .qc import qc_table
+
+    return qc_table(adata.uns["qc"]["steps"], sample_id=sample_id)
+
+
+def cli_ingest_flow(args: argparse.Namespace) -> None:
+    """``bcellmap ingest-flow``: write ``--out`` (h5ad) and ``--qc`` (TSV) for one sample."""
+    from ._io import atomic_path, write_tsv
+    from .config import load_config
+
+    config = load_config(args.config)
+    sample_meta: dict[str, Any] = {}
+    panel = None
+    if args.samples:
+        from .samplesheet import read_sample_sheet, sample_row
+
+        if not args.sample_id:
+            raise ConfigError("ingest-flow: --samples needs --sample-id")
+        sheet = read_sample_sheet(args.samples, panels=list(config.get("panels") or {}))
+        row = sample_row(sheet, args.sample_id, path=args.samples)
+        if row["modality"] != "flow":
+            raise InputError(f"modality is {row['modality']!r}, not 'flow'",
+                             path=row["path"], sample_id=args.sample_id)
+        sample_id = args.sample_id
+        fcs_path = args.fcs or row["path"]
+        panel = row.get("panel") or None
+        sample_meta = {"patient_id": row["patient_id"], "day": int(row["day"])}
+    elif args.fcs:
+        fcs_path = args.fcs
+        sample_id = args.sample_id or Path(args.fcs).stem
+    else:
+        raise ConfigError("ingest-flow: give --samples with --sample-id, or --fcs")
+
+    adata = ingest_flow(fcs_path, config=config, sample_id=sample_id, panel=panel,
+                        sample_meta=sample_meta)
+    table = _qc_steps_table(adata, sample_id=sample_id)
+    # Both outputs or neither: the h5ad is renamed into place only after the table is written.
+    with atomic_path(args.out) as tmp:
+        adata.write_h5ad(tmp)
+        write_tsv(table, args.qc)

@@ -1,0 +1,407 @@
+"""Per-event quality control of one flow sample, and the cohort QC table.
+
+Steps, in order (each flags events in ``obs`` and is counted in the per-sample QC table):
+
+``margin``
+    Detector saturation and impossible scatter, as FlowJo and PeacoQC's ``RemoveMargins``
+    do: an event is flagged when its *uncompensated* linear value is ``>= $PnR - 1`` on any
+    scatter or fluorescence channel, or when scatter area/height is below
+    ``qc.margin.scatter_min`` (default -111, PeacoQC's lower bound for BD instruments).
+    Skipped for mass cytometry, whose ``$PnR`` is not a detector limit.
+``doublets``
+    ``FSC-A / FSC-H`` above ``median + mad_cutoff * MAD`` (MAD scaled to a normal SD),
+    learned on the events that passed ``margin``. Events with ``FSC-H <= 0`` are flagged.
+``dead``
+    Viability (``Live`` channel, transformed) above a threshold: ``qc.dead.threshold`` when
+    set, else the density valley between the dim (live) peak and the next peak above it;
+    with a single peak, ``median + fallback_mad_cutoff * MAD`` of the live peak.
+``debris``
+    A lymphocyte scatter gate learned per sample: a seeded Gaussian mixture on the scaled
+    FSC-A/SSC-A of the events passing the earlier steps. The lymphocyte component is the one
+    with the lowest SSC among components of at least 5% weight whose FSC mean is at least
+    ``min_fsc_fraction`` of the largest such FSC mean (debris has low FSC); components whose
+    means lie within ``max_mahalanobis`` of it are merged into the gate (the mixture may split
+    lymphocytes). Events further than ``max_mahalanobis`` from every gate component are
+    flagged (debris and non-lymphocytes).
+``time_anomaly``
+    Equal-width time bins; a bin is flagged when its event count or the median of any
+    transformed fluorescence/viability channel lies more than ``mad_cutoff`` robust SDs from
+    the other bins (PeacoQC/flowAI spirit). Uses the events passing the earlier steps.
+
+Every step fits on the events that passed the steps before it and then flags *every* event
+(an event can be flagged by several steps); the QC table counts them sequentially. A step is
+skipped, and recorded as skipped in ``detail``, when its channels are absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+STEPS = ("margin", "doublets", "dead", "debris", "time_anomaly")
+#: obs column per step.
+FLAG_COLUMNS = {"margin": "qc_margin", "doublets": "qc_doublet", "dead": "qc_dead",
+                "debris": "qc_debris", "time_anomaly": "qc_time_anomaly"}
+# config["ingest"]["qc"] section per step.
+_SETTINGS_KEY = {"margin": "margin", "doublets": "doublets", "dead": "dead",
+                 "debris": "scatter_gate", "time_anomaly": "time_anomaly"}
+QC_TABLE_COLUMNS = ("sample_id", "step", "events_in", "events_removed", "events_out", "detail")
+_MAD_TO_SD = 1.4826
+_SCATTER_FOR_MARGIN = ("FSC-A", "FSC-H", "SSC-A", "SSC-H")
+# Gaussian-mixture fits see at most this many events (seeded subsample): plenty for a 2-D fit.
+_GMM_MAX_EVENTS = 20000
+
+
+def _robust_center_scale(values: np.ndarray) -> tuple[float, float]:
+    """Median and MAD scaled to a normal SD."""
+    median = float(np.median(values))
+    return median, float(_MAD_TO_SD * np.median(np.abs(values - median)))
+
+
+def margin_flags(linear: np.ndarray, *, kinds: Sequence[str], canonicals: Sequence[str],
+                 ranges: Sequence[float], scatter_min: float) -> tuple[np.ndarray, dict]:
+    """Flag saturated events (``>= $PnR - 1``) and scatter below ``scatter_min``."""
+    flags = np.zeros(linear.shape[0], dtype=bool)
+    per_channel = {}
+    for index, kind in enumerate(kinds):
+        if kind not in ("scatter", "fluorescence", "viability"):
+            continue
+        column = linear[:, index]
+        hit = column >= ranges[index] - 1
+        if canonicals[index] in _SCATTER_FOR_MARGIN:
+            hit |= column < scatter_min
+        count = int(hit.sum())
+        if count:
+            per_channel[canonicals[index] or str(index)] = count
+        flags |= hit
+    return flags, per_channel
+
+
+def doublet_flags(fsc_area: np.ndarray, fsc_height: np.ndarray, *, fit_mask: np.ndarray,
+                  mad_cutoff: float) -> tuple[np.ndarray, dict]:
+    """Flag events whose FSC-A/FSC-H ratio is above ``median + mad_cutoff * MAD``."""
+    valid = fsc_height > 0
+    ratio = np.full(fsc_area.shape, np.inf)
+    np.divide(fsc_area, fsc_height, out=ratio, where=valid)
+    fit = ratio[fit_mask & valid]
+    if fit.size < 10:
+        return ~valid, {"skipped": "fewer than 10 events to learn the FSC-A/FSC-H ratio"}
+    median, scale = _robust_center_scale(fit)
+    cutoff = median + mad_cutoff * scale
+    return ratio > cutoff, {"ratio_median": median, "ratio_mad": scale, "ratio_cutoff": cutoff}
+
+
+def _smoothed_histogram(values: np.ndarray, *, bins: int = 200, sigma_bins: float = 2.0
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    low, high = np.quantile(values, [0.001, 0.999])
+    if high <= low:
+        high = low + 1.0
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    offsets = np.arange(-int(4 * sigma_bins), int(4 * sigma_bins) + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma_bins) ** 2)
+    density = np.convolve(counts, kernel / kernel.sum(), mode="same")
+    return density, 0.5 * (edges[:-1] + edges[1:])
+
+
+def density_valley(values: np.ndarray, *, min_peak_fraction: float = 0.02,
+                   max_valley_fraction: float = 0.8) -> float | None:
+    """The density minimum between the lowest significant peak and the next one above it.
+
+    A peak is significant when its smoothed density is at least ``min_peak_fraction`` of the
+    highest peak and the valley between it and its neighbour drops below
+    ``max_valley_fraction`` of the lower of the two. Returns None for a single peak.
+    """
+    density, centers = _smoothed_histogram(values)
+    top = density.max()
+    interior = np.arange(1, density.size - 1)
+    is_peak = (density[interior] > density[interior - 1]) & \
+        (density[interior] >= density[interior + 1]) & \
+        (density[interior] >= min_peak_fraction * top)
+    peaks = list(interior[is_peak])
+    if len(peaks) < 2:
+        return None
+    # Walk up from the lowest peak, merging peaks not separated by a deep enough valley.
+    current = peaks[0]
+    for candidate in peaks[1:]:
+        segment = density[current:candidate + 1]
+        valley = current + int(np.argmin(segment))
+        if density[valley] < max_valley_fraction * min(density[current], density[candidate]):
+            return float(centers[valley])
+        if density[candidate] > density[current]:
+            current = candidate
+    return None
+
+
+def dead_flags(viability: np.ndarray, *, fit_mask: np.ndarray, threshold: float | None,
+               fallback_mad_cutoff: float) -> tuple[np.ndarray, dict]:
+    """Flag events with viability signal above the configured or learned threshold."""
+    if threshold is not None:
+        return viability > threshold, {"threshold": float(threshold), "method": "config"}
+    fit = viability[fit_mask]
+    if fit.size < 50:
+        return np.zeros(viability.shape, dtype=bool), {
+            "skipped": "fewer than 50 events to learn the viability threshold"}
+    valley = density_valley(fit)
+    if valley is not None:
+        return viability > valley, {"threshold": valley, "method": "density valley"}
+    median, scale = _robust_center_scale(fit)
+    cutoff = median + fallback_mad_cutoff * max(scale, 1e-6)
+    return viability > cutoff, {"threshold": cutoff, "method": "single peak: median + MAD"}
+
+
+def _mahalanobis_sq(points: np.ndarray, mean: np.ndarray, covariance: np.ndarray) -> np.ndarray:
+    delta = points - mean
+    return np.einsum("ij,jk,ik->i", delta, np.linalg.inv(covariance), delta)
+
+
+def scatter_gate_flags(fsc: np.ndarray, ssc: np.ndarray, *, fit_mask: np.ndarray,
+                       n_components: int, max_mahalanobis: float, min_fsc_fraction: float,
+                       seed: int) -> tuple[np.ndarray, dict]:
+    """Flag events outside the learned lymphocyte gate on (FSC-A, SSC-A)."""
+    from sklearn.mixture import GaussianMixture
+
+    points = np.column_stack([fsc, ssc]).astype(np.float64)
+    fit_index = np.flatnonzero(fit_mask)
+    if fit_index.size < 10 * n_components:
+        return np.zeros(fsc.shape, dtype=bool), {
+            "skipped": f"fewer than {10 * n_components} events to fit the scatter gate"}
+    rng = np.random.default_rng(seed)
+    if fit_index.size > _GMM_MAX_EVENTS:
+        fit_index = np.sort(rng.choice(fit_index, _GMM_MAX_EVENTS, replace=False))
+    mixture = GaussianMixture(n_components=n_components, covariance_type="full",
+                              random_state=seed, reg_covar=1e-4).fit(points[fit_index])
+    means, covariances, weights = mixture.means_, mixture.covariances_, mixture.weights_
+    candidates = np.flatnonzero(weights >= 0.05)
+    top_fsc = means[candidates, 0].max()
+    candidates = candidates[means[candidates, 0] >= min_fsc_fraction * top_fsc]
+    lymphocytes = int(candidates[np.argmin(means[candidates, 1])])
+    limit = max_mahalanobis ** 2
+    gate = [k for k in range(n_components)
+            if k == lymphocytes or _mahalanobis_sq(means[k:k + 1], means[lymphocytes],
+                                                   covariances[lymphocytes])[0] <= limit]
+    inside = np.zeros(fsc.shape, dtype=bool)
+    for k in gate:
+        inside |= _mahalanobis_sq(points, means[k], covariances[k]) <= limit
+    return ~inside, {
+        "components": {"means": means.tolist(), "weights": weights.tolist()},
+        "lymphocyte_component": lymphocytes,
+        "gate_components": gate,
+        "gate_means": means[gate].tolist(),
+        "gate_covariances": covariances[gate].tolist(),
+    }
+
+
+def time_anomaly_flags(time: np.ndarray, signals: np.ndarray, *, fit_mask: np.ndarray,
+                       bins: int, mad_cutoff: float, min_events_per_bin: int = 10
+                       ) -> tuple[np.ndarray, dict]:
+    """Flag events in time bins with an abnormal event rate or median signal."""
+    fit_time = time[fit_mask]
+    if fit_time.size < bins * min_events_per_bin // 2 or np.ptp(fit_time) <= 0:
+        return np.zeros(time.shape, dtype=bool), {
+            "skipped": "too few events or no time span for the time check"}
+    edges = np.linspace(fit_time.min(), fit_time.max(), bins + 1)
+    fit_bin = np.clip(np.searchsorted(edges, fit_time, side="right") - 1, 0, bins - 1)
+    counts = np.bincount(fit_bin, minlength=bins).astype(float)
+    bad = np.zeros(bins, dtype=bool)
+
+    def _outlying(values: np.ndarray, usable: np.ndarray) -> np.ndarray:
+        median, scale = _robust_center_scale(values[usable])
+        if scale <= 0:
+            scale = max(1e-9, 1e-6 * abs(median))
+        return usable & (np.abs(values - median) > mad_cutoff * scale)
+
+    # Bins of zero events hold nothing to remove, so the rate check looks at the others.
+    by_rate = _outlying(counts, counts > 0)
+    bad |= by_rate
+    enough = counts >= min_events_per_bin
+    by_signal = np.zeros(bins, dtype=bool)
+    if signals.shape[1] and enough.sum() >= 5:
+        fit_signals = signals[fit_mask]
+        order = np.argsort(fit_bin, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(np.bincount(fit_bin, minlength=bins))])
+        sorted_signals = fit_signals[order]
+        medians = np.full((bins, signals.shape[1]), np.nan)
+        for b in np.flatnonzero(enough):
+            medians[b] = np.median(sorted_signals[starts[b]:starts[b + 1]], axis=0)
+        for column in range(signals.shape[1]):
+            by_signal |= _outlying(medians[:, column], enough)
+        bad |= by_signal
+    event_bin = np.clip(np.searchsorted(edges, time, side="right") - 1, 0, bins - 1)
+    # Events outside the fitted time span (possible only for earlier-flagged ones) stay unflagged.
+    in_span = (time >= edges[0]) & (time <= edges[-1])
+    return in_span & bad[event_bin], {
+        "bins": int(bins), "edges": [float(edges[0]), float(edges[-1])],
+        "bad_bins": np.flatnonzero(bad).tolist(), "bad_by_rate": np.flatnonzero(by_rate).tolist(),
+        "bad_by_signal": np.flatnonzero(by_signal).tolist()}
+
+
+def run_qc(
+    X: np.ndarray,
+    linear: np.ndarray,
+    *,
+    canonicals: Sequence[str],
+    kinds: Sequence[str],
+    ranges: Sequence[float],
+    settings: Mapping[str, Any],
+    seed: int,
+    mass_cytometry: bool = False,
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
+    """Run the QC steps on one sample.
+
+    Parameters
+    ----------
+    X
+        Transformed events (scatter scaled to 0-10).
+    linear
+        Uncompensated linear events (for detector margins and the FSC-A/FSC-H ratio).
+    canonicals, kinds, ranges
+        Per channel: canonical name, kind, ``$PnR``.
+    settings
+        ``config["ingest"]["qc"]``.
+    seed
+        Seed of the scatter-gate mixture fit and its subsample.
+    mass_cytometry
+        Skip the margin step (mass cytometry ``$PnR`` is no detector limit).
+
+    Returns
+    -------
+    flags, steps, learned
+        ``{obs column: bool array}`` per step, one record per step (``step, events_in,
+        events_removed, events_out, detail``) and the parameters/gates used per step.
+    """
+    n_events = X.shape[0]
+    where = {name: i for i, name in enumerate(canonicals) if name}
+    passed = np.ones(n_events, dtype=bool)
+    flags: dict[str, np.ndarray] = {}
+    steps: list[dict[str, Any]] = []
+    learned: dict[str, Any] = {}
+
+    for step in STEPS:
+        step_settings = dict(settings.get(_SETTINGS_KEY[step]) or {})
+        flag = np.zeros(n_events, dtype=bool)
+        info: dict[str, Any]
+        skipped = None
+        if not step_settings.get("enabled", True):
+            skipped = "disabled in config"
+        elif step == "margin":
+            if mass_cytometry:
+                skipped = "mass cytometry: $PnR is not a detector limit"
+            else:
+                flag, per_channel = margin_flags(
+                    linear, kinds=kinds, canonicals=canonicals, ranges=ranges,
+                    scatter_min=float(step_settings.get("scatter_min", -111.0)))
+                info = {"rule": "value >= $PnR - 1 on scatter/fluorescence, or scatter < "
+                        f"{step_settings.get('scatter_min', -111.0)}", "per_channel": per_channel}
+        elif step == "doublets":
+            if "FSC-A" in where and "FSC-H" in where:
+                flag, info = doublet_flags(linear[:, where["FSC-A"]], linear[:, where["FSC-H"]],
+                                           fit_mask=passed,
+                                           mad_cutoff=float(step_settings.get("mad_cutoff", 4.0)))
+            else:
+                skipped = "no FSC-A and FSC-H channels"
+        elif step == "dead":
+            if "Live" in where:
+                threshold = step_settings.get("threshold")
+                flag, info = dead_flags(
+                    X[:, where["Live"]], fit_mask=passed,
+                    threshold=None if threshold is None else float(threshold),
+                    fallback_mad_cutoff=float(step_settings.get("fallback_mad_cutoff", 5.0)))
+            else:
+                skipped = "no viability channel"
+        elif step == "debris":
+            if "FSC-A" in where and "SSC-A" in where:
+                flag, info = scatter_gate_flags(
+                    X[:, where["FSC-A"]], X[:, where["SSC-A"]], fit_mask=passed,
+                    n_components=int(step_settings.get("n_components", 4)),
+                    max_mahalanobis=float(step_settings.get("max_mahalanobis", 3.0)),
+                    min_fsc_fraction=float(step_settings.get("min_fsc_fraction", 0.4)),
+                    seed=seed)
+            else:
+                skipped = "no FSC-A and SSC-A channels"
+        elif step == "time_anomaly":
+            if "Time" in where:
+                signal_columns = [i for i, k in enumerate(kinds)
+                                  if k in ("fluorescence", "viability")]
+                flag, info = time_anomaly_flags(
+                    X[:, where["Time"]].astype(np.float64), X[:, signal_columns],
+                    fit_mask=passed, bins=int(step_settings.get("bins", 100)),
+                    mad_cutoff=float(step_settings.get("mad_cutoff", 6.0)))
+            else:
+                skipped = "no Time channel"
+        if skipped is None and "skipped" in info:
+            skipped = info.pop("skipped")
+        if skipped is not None:
+            flag = np.zeros(n_events, dtype=bool)
+            info = {"skipped": skipped}
+        flags[FLAG_COLUMNS[step]] = flag
+        removed = int((passed & flag).sum())
+        events_in = int(passed.sum())
+        passed &= ~flag
+        steps.append({"step": step, "events_in": events_in, "events_removed": removed,
+                      "events_out": events_in - removed,
+                      "detail": f"skipped: {skipped}" if skipped else _detail(step, info)})
+        learned[step] = {"settings": step_settings, **info}
+    return flags, steps, learned
+
+
+def _detail(step: str, info: Mapping[str, Any]) -> str:
+    """A short human-readable summary of what a step learned."""
+    if step == "margin":
+        return "saturated/out of range: " + (", ".join(
+            f"{k} {v}" for k, v in info["per_channel"].items()) or "none")
+    if step == "doublets":
+        return f"FSC-A/FSC-H ratio > {info['ratio_cutoff']:.4g}"
+    if step == "dead":
+        return f"viability > {info['threshold']:.4g} ({info['method']})"
+    if step == "debris":
+        return (f"lymphocyte gate: {len(info['gate_components'])} mixture component(s), "
+                f"lymphocyte mean FSC-A/SSC-A "
+                f"{info['components']['means'][info['lymphocyte_component']][0]:.3g}/"
+                f"{info['components']['means'][info['lymphocyte_component']][1]:.3g}")
+    return f"{len(info['bad_bins'])} of {info['bins']} time bins flagged"
+
+
+def qc_reason(flags: Mapping[str, np.ndarray]) -> np.ndarray:
+    """First failing step per event (in ``STEPS`` order), or ``pass``."""
+    n_events = len(next(iter(flags.values())))
+    reason = np.full(n_events, "pass", dtype=object)
+    for step in reversed(STEPS):
+        reason[flags[FLAG_COLUMNS[step]]] = step
+    return reason
+
+
+def qc_table(steps: Sequence[Mapping[str, Any]], *, sample_id: str):
+    """The per-sample QC table (``results/qc/{sample_id}.tsv``) as a DataFrame."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(steps))
+    frame.insert(0, "sample_id", sample_id)
+    return frame[list(QC_TABLE_COLUMNS)]
+
+
+def cli_collect_qc(args: argparse.Namespace) -> None:
+    """``bcellmap collect-qc``: concatenate per-sample QC tables into one table."""
+    import pandas as pd
+
+    from ._io import write_tsv
+
+    frames = []
+    for path in args.inputs:
+        try:
+            frame = pd.read_csv(path, sep="\t", dtype={"sample_id": str, "detail": str},
+                                keep_default_na=False)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise InputError(f"QC table cannot be read ({exc})", path=path) from None
+        missing = [c for c in QC_TABLE_COLUMNS if c not in frame.columns]
+        if missing:
+            raise InputError(f"QC table lacks column(s) {', '.join(missing)}", path=path)
+        frames.append(frame)
+    write_tsv(pd.concat(frames, ignore_index=True), args.out)
