@@ -8,7 +8,10 @@
 #   slurm_stop STATE_DIR        cancel jobs, stop the daemons by their pid files
 #
 # Everything (keys, configs, spool, state, logs, pid files, sockets) lives under STATE_DIR, so
-# nothing of the host's /etc or /run is touched and the cluster can be started again.
+# the cluster can be started again. One exception: /etc/slurm/slurm.conf and gres.conf are
+# symlinks to STATE_DIR while the cluster runs (removed by slurm_stop), because Snakemake's
+# jobstep plugin strips SLURM_CONF from the job environment before it calls srun
+# (snakemake-executor-plugin-slurm issue #164), so srun inside a job finds only the default path.
 # No slurmdbd: `sacct` does not work, so Snakemake must query with `squeue`, and finished jobs
 # must stay visible to squeue for longer than its polling interval (MinJobAge).
 
@@ -99,6 +102,28 @@ NodeName=${node} Name=gpu File=/dev/null
 EOF
 }
 
+# Point /etc/slurm/{slurm,gres}.conf at STATE_DIR; refuse to replace a real (site) config.
+_slurm_link_default_config() {
+    local state=$1 name
+    mkdir -p /etc/slurm
+    for name in slurm.conf gres.conf; do
+        if [ -e "/etc/slurm/$name" ] && [ ! -L "/etc/slurm/$name" ]; then
+            _slurm_log "/etc/slurm/$name exists and is not ours: refusing to replace it"
+            return 1
+        fi
+        ln -sfn "$state/etc/$name" "/etc/slurm/$name"
+    done
+}
+
+_slurm_unlink_default_config() {
+    local state=$1 name
+    for name in slurm.conf gres.conf; do
+        if [ "$(readlink "/etc/slurm/$name" 2>/dev/null)" = "$state/etc/$name" ]; then
+            rm -f "/etc/slurm/$name"
+        fi
+    done
+}
+
 # Wait until COMMAND succeeds, at most SECONDS seconds.
 _slurm_wait_for() {
     local seconds=$1
@@ -138,6 +163,7 @@ slurm_start() {
     local hardware
     hardware=$(_slurm_node_hardware)
     _slurm_write_config "$state" "$node" "$hardware"
+    _slurm_link_default_config "$state"
     export SLURM_CONF="$state/etc/slurm.conf"
     _slurm_log "node ${node}: ${hardware}Gres=gpu:1 (fake, /dev/null)"
 
@@ -181,5 +207,6 @@ slurm_stop() {
     _slurm_stop_pidfile "$state/run/slurmd.pid"
     _slurm_stop_pidfile "$state/run/slurmctld.pid"
     _slurm_stop_pidfile "$state/run/munged.pid"
+    _slurm_unlink_default_config "$state"
     _slurm_log "daemons stopped ($state)"
 }
