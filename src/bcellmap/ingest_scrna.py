@@ -117,7 +117,7 @@ def read_scrna(path: str | Path, *, sample_id: str | None = None,
         adata.uns["input_normalised"] = True
     elif input_normalised and adata.n_obs and adata.X.max() > 50:
         raise InputError("scrna.input_normalised is true but the values are integer counts "
-                         "up to {:.0f}; set it to false".format(adata.X.max()),
+                         f"up to {adata.X.max():.0f}; set it to false",
                          path=path, sample_id=sample_id)
     return adata
 
