@@ -99,19 +99,23 @@ def doublet_flags(fsc_area: np.ndarray, fsc_height: np.ndarray, *, fit_mask: np.
     return ratio > cutoff, {"ratio_median": median, "ratio_mad": scale, "ratio_cutoff": cutoff}
 
 
-def _smoothed_histogram(values: np.ndarray, *, bins: int = 200, sigma_bins: float = 2.0
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def _smoothed_histogram(values: np.ndarray, *, bins: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """A binned Gaussian kernel density estimate (Silverman's bandwidth) of ``values``."""
     low, high = np.quantile(values, [0.001, 0.999])
     if high <= low:
         high = low + 1.0
     counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    q75, q25 = np.percentile(values, [75, 25])
+    spread = min(float(np.std(values)), float(q75 - q25) / 1.34) or float(np.std(values)) or 1.0
+    bandwidth = 0.9 * spread * values.size ** -0.2
+    sigma_bins = max(1.0, bandwidth / (edges[1] - edges[0]))
     offsets = np.arange(-int(4 * sigma_bins), int(4 * sigma_bins) + 1)
     kernel = np.exp(-0.5 * (offsets / sigma_bins) ** 2)
     density = np.convolve(counts, kernel / kernel.sum(), mode="same")
     return density, 0.5 * (edges[:-1] + edges[1:])
 
 
-def density_valley(values: np.ndarray, *, min_peak_fraction: float = 0.02,
+def density_valley(values: np.ndarray, *, min_peak_fraction: float = 0.05,
                    max_valley_fraction: float = 0.8) -> float | None:
     """The density minimum between the lowest significant peak and the next one above it.
 

@@ -1,0 +1,164 @@
+"""QC on hand-built events with planted margin events, doublets, dead cells, debris and a
+time anomaly: each step must remove what was planted and keep the good events."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bcellmap.qc import STEPS, cli_collect_qc, density_valley, qc_reason, run_qc
+
+CANON = ["FSC-A", "FSC-H", "SSC-A", "CD19", "CD3", "Live", "Time"]
+KINDS = ["scatter", "scatter", "scatter", "fluorescence", "fluorescence", "viability", "time"]
+RANGES = np.full(len(CANON), 262144.0)
+SETTINGS = {"margin": {"enabled": True, "scatter_min": -111},
+            "doublets": {"enabled": True, "mad_cutoff": 4.0},
+            "dead": {"enabled": True, "threshold": None, "fallback_mad_cutoff": 5.0},
+            "scatter_gate": {"enabled": True, "n_components": 4, "max_mahalanobis": 3.0,
+                             "min_fsc_fraction": 0.4},
+            "time_anomaly": {"enabled": True, "bins": 100, "mad_cutoff": 6.0}}
+
+
+def _planted(composition, n=20000, seed=7):
+    """Linear events and the planted truth (independent of bcellmap's code)."""
+    rng = np.random.default_rng(seed)
+    names = list(composition)
+    population = rng.choice(len(names), size=n, p=list(composition.values()))
+    scatter = {"lymphocyte": ((60000, 6000), (20000, 3000)),
+               "monocyte": ((100000, 9000), (60000, 7000)),
+               "granulocyte": ((125000, 10000), (140000, 14000)),
+               "debris": ((14000, 5000), (12000, 6000))}
+    fsc = np.empty(n)
+    ssc = np.empty(n)
+    for k, name in enumerate(names):
+        (fm, fs), (sm, ss) = scatter[name]
+        rows = population == k
+        fsc[rows] = rng.normal(fm, fs, rows.sum())
+        ssc[rows] = np.abs(rng.normal(sm, ss, rows.sum()))
+    fsc = np.abs(fsc) + 500
+    is_doublet = rng.random(n) < 0.03
+    ratio = rng.normal(1.15, 0.03, n)
+    fsc_area = np.where(is_doublet, fsc * 2.0, fsc)
+    fsc_height = np.where(is_doublet, fsc * 1.2 / 1.15, fsc / ratio)
+    is_dead = rng.random(n) < 0.10
+    live = np.where(is_dead, rng.normal(4.5, 0.35, n), rng.normal(1.5, 0.35, n))
+    time = np.sort(rng.uniform(0, 1000, n))
+    is_time_anomaly = (time >= 500) & (time < 520)
+    cd19 = rng.normal(1.0, 0.5, n) + np.where(is_time_anomaly, 2.5, 0.0)
+    cd3 = rng.normal(2.0, 0.8, n)
+    linear = np.column_stack([fsc_area, fsc_height, ssc, 150 * np.sinh(cd19),
+                              150 * np.sinh(cd3), 150 * np.sinh(live), time])
+    is_margin = np.zeros(n, dtype=bool)
+    saturated = rng.choice(n, 150, replace=False)
+    linear[saturated[:100], 3] = 262143.0        # saturated CD19
+    linear[saturated[100:130], 2] = 262143.0     # saturated SSC-A
+    linear[saturated[130:], 0] = -4.0e5          # impossible negative FSC-A
+    is_margin[saturated] = True
+    # Events that saturate on their own (e.g. doublets of large cells) are margin events too.
+    is_margin |= np.any(linear[:, :6] >= 262143.0, axis=1)
+    truth = pd.DataFrame({"population": np.array(names)[population], "doublet": is_doublet,
+                          "dead": is_dead, "time_anomaly": is_time_anomaly,
+                          "margin": is_margin})
+    return linear, truth
+
+
+def _transform(linear):
+    X = linear.copy()
+    X[:, :3] = linear[:, :3] / 262144 * 10
+    X[:, 3:6] = np.arcsinh(linear[:, 3:6] / 150)
+    return X.astype(np.float32)
+
+
+@pytest.mark.parametrize("composition", [
+    {"lymphocyte": 0.30, "monocyte": 0.25, "granulocyte": 0.25, "debris": 0.20},
+    {"lymphocyte": 0.80, "debris": 0.20},
+])
+def test_each_step_removes_what_was_planted(composition):
+    linear, truth = _planted(composition)
+    flags, steps, learned = run_qc(_transform(linear), linear, canonicals=CANON, kinds=KINDS,
+                                   ranges=RANGES, settings=SETTINGS, seed=42)
+    margin = flags["qc_margin"]
+    np.testing.assert_array_equal(margin, truth["margin"].to_numpy())
+
+    ok = ~truth["margin"].to_numpy()
+    doublet = flags["qc_doublet"]
+    assert doublet[ok & truth["doublet"]].mean() >= 0.95
+    assert doublet[ok & ~truth["doublet"]].mean() <= 0.01
+
+    dead = flags["qc_dead"]
+    assert dead[ok & truth["dead"]].mean() >= 0.97
+    assert dead[ok & ~truth["dead"]].mean() <= 0.01
+
+    debris = flags["qc_debris"]
+    lymph = ok & (truth["population"] == "lymphocyte").to_numpy() & ~truth["doublet"].to_numpy()
+    assert debris[lymph].mean() <= 0.05          # keeps most lymphocytes
+    junk = ok & (truth["population"] == "debris").to_numpy()
+    assert debris[junk].mean() >= 0.95           # removes debris
+    others = ok & truth["population"].isin(["monocyte", "granulocyte"]).to_numpy()
+    if others.any():
+        assert debris[others].mean() >= 0.95     # and non-lymphocytes
+
+    anomaly = flags["qc_time_anomaly"]
+    planted = truth["time_anomaly"].to_numpy()
+    assert anomaly[planted].mean() >= 0.9
+    assert anomaly[~planted].mean() <= 0.02
+
+    # The table counts steps sequentially; the last row's events_out is the QC-passed count.
+    assert [s["step"] for s in steps] == list(STEPS)
+    passed = ~np.logical_or.reduce(list(flags.values()))
+    assert steps[-1]["events_out"] == passed.sum()
+    for before, after in zip(steps, steps[1:], strict=False):
+        assert after["events_in"] == before["events_out"]
+        assert before["events_in"] - before["events_removed"] == before["events_out"]
+    assert learned["dead"]["method"] == "density valley"
+    reason = qc_reason(flags)
+    assert (reason[margin] == "margin").all()
+    assert (reason[passed] == "pass").all()
+
+
+def test_steps_without_channels_are_skipped_and_recorded():
+    linear, _ = _planted({"lymphocyte": 1.0}, n=2000)
+    keep = [3, 4]  # CD19, CD3 only
+    flags, steps, _ = run_qc(_transform(linear)[:, keep], linear[:, keep],
+                             canonicals=[CANON[i] for i in keep],
+                             kinds=[KINDS[i] for i in keep], ranges=RANGES[keep],
+                             settings=SETTINGS, seed=1)
+    details = {s["step"]: s["detail"] for s in steps}
+    for step in ("doublets", "dead", "debris", "time_anomaly"):
+        assert details[step].startswith("skipped:"), details[step]
+    assert all(s["events_removed"] == 0 for s in steps[1:])
+
+
+def test_density_valley_and_single_peak():
+    rng = np.random.default_rng(0)
+    two = np.concatenate([rng.normal(1.0, 0.3, 9000), rng.normal(4.0, 0.3, 1000)])
+    valley = density_valley(two)
+    assert valley is not None and 2.0 < valley < 3.2
+    assert density_valley(rng.normal(1.0, 0.3, 10000)) is None
+
+
+def test_no_dead_cells_planted_removes_almost_nothing():
+    rng = np.random.default_rng(5)
+    from bcellmap.qc import dead_flags
+
+    live = rng.normal(1.5, 0.35, 10000)
+    flag, info = dead_flags(live, fit_mask=np.ones(live.size, dtype=bool), threshold=None,
+                            fallback_mad_cutoff=5.0)
+    assert flag.mean() < 0.001 and info["method"].startswith("single peak")
+
+
+def test_collect_qc_concatenates(tmp_path):
+    import argparse
+
+    paths = []
+    for sample in ("A", "B"):
+        frame = pd.DataFrame({"sample_id": sample, "step": list(STEPS), "events_in": 10,
+                              "events_removed": 0, "events_out": 10, "detail": "x"})
+        path = tmp_path / f"{sample}.tsv"
+        frame.to_csv(path, sep="\t", index=False)
+        paths.append(str(path))
+    out = tmp_path / "tables" / "qc.tsv"
+    cli_collect_qc(argparse.Namespace(inputs=paths, out=str(out)))
+    combined = pd.read_csv(out, sep="\t")
+    assert len(combined) == 10 and list(combined["sample_id"].unique()) == ["A", "B"]
