@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# CI: run the demo workflow on a real one-node SLURM cluster (fake GPU) and check that
+#   1. a corrupt FCS file fails its SLURM job and the workflow, naming the sample;
+#   2. after the file is restored, a rerun succeeds and recomputes none of the ingest jobs
+#      that had finished (their results/flow/*.h5ad keep their mtimes; one ingest job runs);
+#   3. the GPU rules reached SLURM with a GPU request;
+#   4. results/tables/samples.tsv and kinetics.tsv equal those of a local run, byte for byte.
+#
+# Run as root (it installs Debian's slurmctld slurmd slurm-client munge when missing):
+#   BCELLMAP_VENV=/path/to/venv .ci/slurm/run_e2e.sh
+# BCELLMAP_VENV: venv with bcellmap, snakemake and snakemake-executor-plugin-slurm (default:
+#   the active venv, $VIRTUAL_ENV). SLURM jobs find its commands through PATH (sbatch
+#   --export=ALL, the plugin's default).
+# BCELLMAP_SLURM_TIMEOUT: seconds allowed per snakemake run (default 900), so a scheduler
+#   fault fails the check instead of hanging it.
+# BCELLMAP_SLURM_KEEP=1 keeps the temp folder (runs, cluster logs) for inspection.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+VENV=${BCELLMAP_VENV:-${VIRTUAL_ENV:-}}
+RUN_TIMEOUT=${BCELLMAP_SLURM_TIMEOUT:-900}
+
+log() { echo "[slurm-e2e] $*" >&2; }
+fail() { log "FAILED: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || fail "run as root (starts SLURM daemons, installs packages)"
+[ -n "$VENV" ] && [ -x "$VENV/bin/snakemake" ] && [ -x "$VENV/bin/bcellmap" ] \
+    || fail "set BCELLMAP_VENV (or activate a venv) with bcellmap and snakemake installed"
+VENV=$(cd "$VENV" && pwd)
+export PATH="$VENV/bin:$PATH"
+export PYTHONUNBUFFERED=1
+
+# shellcheck source=cluster.sh
+source "$REPO/.ci/slurm/cluster.sh"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/bcellmap-slurm-e2e.XXXXXX")
+STATE="$WORK/cluster"
+
+_cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ "$rc" -ne 0 ] && [ -d "$STATE/log" ]; then
+        log "exit $rc; last lines of the SLURM daemon logs:"
+        tail -n 30 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" >&2 2>/dev/null || true
+    fi
+    slurm_stop "$STATE"
+    if [ "${BCELLMAP_SLURM_KEEP:-0}" = 1 ]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap _cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# The SLURM settings of a CI cluster without slurmdbd. The workflow profile replaces
+# profiles/default (its `resources: gpu=1` limit is for workstations).
+SLURM_ARGS=(
+    --workflow-profile "$REPO/profiles/slurm"
+    --slurm-status-command squeue     # no slurmdbd, so no sacct
+    --slurm-no-account                # no accounts without slurmdbd
+    --slurm-init-seconds-before-status-checks 3   # short jobs: poll soon (MinJobAge=300)
+    --slurm-keep-successful-logs
+)
+
+# snakemake in folder DIR with the given arguments, output shown and saved to LOGFILE.
+_snakemake() {
+    local dir=$1 logfile=$2
+    shift 2
+    # cd rather than --directory: the plugin puts its logs relative to the start folder.
+    (cd "$dir" && timeout --kill-after=30 "$RUN_TIMEOUT" \
+        snakemake -s "$REPO/Snakefile" "$@" 2>&1) | tee "$logfile"
+}
+
+# "path mtime" of every results/flow/*.h5ad in DIR, sorted.
+_flow_mtimes() {
+    find "$1/results/flow" -maxdepth 1 -name '*.h5ad' -printf '%f %T@\n' 2>/dev/null | sort
+}
+
+START=$SECONDS
+log "venv $VENV; work folder $WORK"
+slurm_install
+slurm_start "$STATE"
+
+# --- preflight: plain sbatch jobs, one of them asking for the (fake) GPU -------------------
+log "preflight: a job that writes a file, and a job with --gres=gpu:1"
+sbatch --wait --parsable -o "$WORK/preflight.out" \
+    --wrap "echo written-by-slurm > '$WORK/preflight.txt'"
+[ "$(cat "$WORK/preflight.txt")" = written-by-slurm ] || fail "preflight job wrote nothing"
+sbatch --wait --parsable --gres=gpu:1 -o "$WORK/preflight-gpu.out" \
+    --wrap 'echo "gpus_on_node=${SLURM_GPUS_ON_NODE:-0}"'
+grep -q '^gpus_on_node=1$' "$WORK/preflight-gpu.out" || fail "GPU job got no GPU"
+log "preflight passed (after $((SECONDS - START)) s)"
+
+# --- local reference run of the demo cohort -------------------------------------------------
+LOCAL="$WORK/local"
+mkdir -p "$LOCAL"
+log "local run of the demo cohort"
+T0=$SECONDS
+_snakemake "$LOCAL" "$WORK/local.log" --cores 2 || fail "local run failed"
+log "local run took $((SECONDS - T0)) s"
+
+# --- SLURM run 1: the demo cohort copied, one FCS file truncated ----------------------------
+RUN="$WORK/slurm-run"
+mkdir -p "$RUN/resources"
+cp -r "$LOCAL/resources/demo" "$RUN/resources/demo"
+# The first flow sample of the sheet, and its file (paths are relative to the sheet's folder).
+read -r VICTIM VICTIM_FILE < <("$VENV/bin/python" - "$RUN/resources/demo/samples.tsv" <<'EOF'
+import csv, sys
+from pathlib import Path
+sheet = Path(sys.argv[1])
+with sheet.open(newline="") as handle:
+    for row in csv.DictReader(handle, delimiter="\t"):
+        if row["modality"] == "flow":
+            print(row["sample_id"], (sheet.parent / row["path"]).resolve())
+            break
+EOF
+)
+[ -n "${VICTIM:-}" ] && [ -f "$VICTIM_FILE" ] || fail "no flow sample in the demo sheet"
+cp "$VICTIM_FILE" "$WORK/victim.fcs"
+truncate -s "$(($(stat -c %s "$VICTIM_FILE") / 2))" "$VICTIM_FILE"
+log "truncated $VICTIM_FILE (sample $VICTIM) to half its size"
+
+log "SLURM run 1 (must fail on sample $VICTIM)"
+T0=$SECONDS
+if _snakemake "$RUN" "$WORK/slurm-fail.log" "${SLURM_ARGS[@]}" --keep-going; then
+    fail "the SLURM run succeeded with a truncated FCS file"
+fi
+log "SLURM run 1 failed as it should, after $((SECONDS - T0)) s"
+grep -q 'has been submitted with SLURM jobid' "$WORK/slurm-fail.log" \
+    || fail "no SLURM submissions in the log"
+grep -q '^Error in rule ingest_flow:' "$WORK/slurm-fail.log" \
+    || fail "the log shows no failed ingest_flow job"
+grep -Eq "wildcards: sample_id=${VICTIM}\$" "$WORK/slurm-fail.log" \
+    || fail "the log does not name the failed sample $VICTIM"
+grep -q "$VICTIM" "$RUN/logs/ingest_flow/$VICTIM.log" \
+    || fail "the ingest log does not name sample $VICTIM"
+[ ! -e "$RUN/results/flow/$VICTIM.h5ad" ] || fail "the failed job left results/flow/$VICTIM.h5ad"
+_flow_mtimes "$RUN" >"$WORK/flow-before.txt"
+FINISHED=$(wc -l <"$WORK/flow-before.txt")
+[ "$FINISHED" -ge 1 ] || fail "no other sample finished ingest before the failure"
+log "$FINISHED ingest jobs of other samples finished; the failed one named $VICTIM"
+
+# --- SLURM run 2: file restored, the run resumes ---------------------------------------------
+cp "$WORK/victim.fcs" "$VICTIM_FILE"
+log "SLURM run 2 (restored $VICTIM_FILE; must resume and succeed)"
+T0=$SECONDS
+_snakemake "$RUN" "$WORK/slurm-resume.log" "${SLURM_ARGS[@]}" || fail "the resumed SLURM run failed"
+log "SLURM run 2 took $((SECONDS - T0)) s"
+grep -q 'has been submitted with SLURM jobid' "$WORK/slurm-resume.log" \
+    || fail "no SLURM submissions in the log"
+# Every h5ad that existed before is untouched, and only the restored sample was ingested.
+_flow_mtimes "$RUN" | grep -v "^$VICTIM.h5ad " >"$WORK/flow-after.txt"
+if ! diff "$WORK/flow-before.txt" "$WORK/flow-after.txt"; then
+    fail "the rerun rewrote finished results/flow/*.h5ad (above: before < > after)"
+fi
+grep -Eq '^ingest_flow +1$' "$WORK/slurm-resume.log" \
+    || fail "the rerun did not run exactly one ingest_flow job (see its job stats)"
+log "the rerun ingested only $VICTIM; $FINISHED finished samples kept"
+
+# The GPU rules' last jobs are recent enough (MinJobAge) for scontrol to show their request.
+GPU_JOBS=$(grep -Eo 'SLURM jobid [0-9]+ \(log: [^)]*rule_(map|train)_flow' \
+    "$WORK/slurm-resume.log" | awk '{print $3}')
+[ -n "$GPU_JOBS" ] || fail "no train_flow/map_flow SLURM jobs in the log"
+GPU_SEEN=0
+for job in $GPU_JOBS; do
+    if details=$(scontrol show job -o "$job" 2>/dev/null); then
+        grep -Eq 'gres/gpu=1|gres:gpu:1' <<<"$details" \
+            || fail "SLURM job $job (GPU rule) has no GPU request: $details"
+        GPU_SEEN=$((GPU_SEEN + 1))
+    fi
+done
+[ "$GPU_SEEN" -ge 1 ] || fail "none of the GPU rules' SLURM jobs is still known to scontrol"
+log "$GPU_SEEN GPU-rule SLURM jobs carry a gpu=1 request"
+
+# --- the SLURM results equal the local run's ---------------------------------------------------
+for table in samples.tsv kinetics.tsv; do
+    if ! cmp "$LOCAL/results/tables/$table" "$RUN/results/tables/$table"; then
+        diff "$LOCAL/results/tables/$table" "$RUN/results/tables/$table" | head -n 40 >&2 || true
+        fail "results/tables/$table differs between the local and the SLURM run"
+    fi
+done
+log "results/tables/samples.tsv and kinetics.tsv: SLURM run == local run"
+log "PASSED in $((SECONDS - START)) s"
