@@ -218,6 +218,8 @@ def patient_kinetics(table: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.Da
     for column in ("depletion_day", "reconstitution_day", "aplasia_days", "last_day",
                    "baseline_day", "nadir_day"):
         frame[column] = pd.to_numeric(frame[column]).round().astype("Int64")
+    # True: depleted and not reconstituted by last_day; empty when never depleted.
+    frame["censored"] = frame["censored"].astype("boolean")
     return frame
 
 

@@ -1,0 +1,223 @@
+"""Kinetics on hand-made timelines; cohort statistics against hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bcellmap.annotate import SUBSETS
+from bcellmap.cli import main
+from bcellmap.config import load_config
+from bcellmap.errors import SampleSheetError
+from bcellmap.kinetics import KINETICS_COLUMNS, cohort_summary, patient_kinetics
+from bcellmap.samplesheet import read_sample_sheet
+
+HEALTHY = {"naive": 70.0, "transitional": 4.0, "unswitched_memory": 10.0,
+           "switched_memory": 12.0, "double_negative": 3.0, "plasmablast": 1.0}
+
+
+def _visit(patient: str, day: int, b_pct: float, *, lymphocytes: int = 20000,
+           per_ul: float | None = None, cd19neg_share: float = 0.0,
+           cd20_pct: float | None = None, subsets: dict[str, float] | None = None) -> dict:
+    """One samples.tsv row: counts derived from the percentages as quantify would."""
+    b = round(b_pct / 100 * lymphocytes)
+    cd20 = b_pct if cd20_pct is None else cd20_pct
+    row = {"sample_id": f"{patient}_d{day}", "patient_id": patient, "day": day,
+           "modality": "flow", "lymphocytes": lymphocytes, "b_cells": b,
+           "cd19neg_cd20pos": round(cd19neg_share * b),
+           "b_pct_lymphocytes": b_pct if lymphocytes else math.nan,
+           "cd19_pct_lymphocytes": (b_pct * (1 - cd19neg_share)) if lymphocytes else math.nan,
+           "cd20_pct_lymphocytes": cd20 if lymphocytes else math.nan,
+           "lloq_pct_lymphocytes": 300.0 / lymphocytes if lymphocytes else math.nan}
+    factor = math.nan if per_ul is None else per_ul / 100
+    for name in ("b", "cd19", "cd20"):
+        row[f"{name}_per_ul"] = row[f"{name}_pct_lymphocytes"] * factor
+    row["lloq_per_ul"] = row["lloq_pct_lymphocytes"] * factor
+    row["lymphocytes_per_ul"] = math.nan if per_ul is None else per_ul
+    for subset in SUBSETS:
+        row[f"{subset}_pct_b"] = (subsets or HEALTHY)[subset] if b else math.nan
+    return row
+
+
+RETURNING = {"naive": 80.0, "transitional": 15.0, "unswitched_memory": 2.0,
+             "switched_memory": 1.0, "double_negative": 1.5, "plasmablast": 0.5}
+MEMORY_RETURN = {"naive": 30.0, "transitional": 5.0, "unswitched_memory": 20.0,
+                 "switched_memory": 30.0, "double_negative": 10.0, "plasmablast": 5.0}
+
+
+@pytest.fixture(scope="module")
+def kinetics() -> pd.DataFrame:
+    v = _visit
+    rows = [
+        # P1: depleted day 7, back on 120 (and 150): aplasia 113 days.
+        v("P1", -7, 10.0), v("P1", 7, 0.0), v("P1", 30, 0.0), v("P1", 90, 0.5),
+        v("P1", 120, 2.0, subsets=RETURNING), v("P1", 150, 3.0),
+        # P2: qualifying last visit only: reconstitution unconfirmed.
+        v("P2", -3, 8.0), v("P2", 14, 0.0), v("P2", 60, 0.0), v("P2", 100, 1.5),
+        # P3: never back: censored at day 200.
+        v("P3", -1, 5.0), v("P3", 10, 0.0), v("P3", 60, 0.05), v("P3", 200, 0.5),
+        # P4: back on 80, depleted again on 150; a single high visit (60) does not count.
+        v("P4", -1, 5.0), v("P4", 10, 0.0), v("P4", 60, 2.0), v("P4", 70, 0.5),
+        v("P4", 80, 2.0), v("P4", 110, 3.0), v("P4", 150, 0.0),
+        # P5: never below 0.1 %.
+        v("P5", -1, 5.0), v("P5", 30, 0.5), v("P5", 60, 3.0),
+        # P6: memory-dominant return.
+        v("P6", -1, 5.0), v("P6", 20, 0.0), v("P6", 100, 2.0, subsets=MEMORY_RETURN),
+        v("P6", 130, 2.0),
+        # P7: CD19-CD20+ B events at day 100 (40 % of 600 B events), CD20 back first.
+        v("P7", -1, 5.0), v("P7", 20, 0.0), v("P7", 100, 3.0, cd19neg_share=0.4),
+        v("P7", 130, 3.0, cd19neg_share=0.4),
+        # P8: no baseline visit.
+        v("P8", 10, 0.0), v("P8", 100, 2.0), v("P8", 130, 2.0),
+        # P9: a visit without events (day 10) is not evaluable: depletion is day 30.
+        v("P9", -1, 5.0), v("P9", 10, 0.0, lymphocytes=0), v("P9", 30, 0.0),
+        # P10: 0 B events out of 1000 lymphocytes (LLOQ 0.3 %) cannot show < 0.1 %.
+        v("P10", -1, 5.0), v("P10", 10, 0.0, lymphocytes=1000), v("P10", 30, 0.0),
+        # P11: absolute counts: 1000 lymphocytes/µL; 0.05 % = 0.5 cells/µL; 1.2 % = 12/µL.
+        v("P11", -1, 10.0, per_ul=1000), v("P11", 14, 0.05, per_ul=1000),
+        v("P11", 90, 1.2, per_ul=1000), v("P11", 120, 1.5, per_ul=1000),
+    ]
+    return patient_kinetics(pd.DataFrame(rows), config=load_config())
+
+
+def _get(kinetics: pd.DataFrame, patient: str, measure: str = "b") -> pd.Series:
+    rows = kinetics[(kinetics["patient_id"] == patient) & (kinetics["measure"] == measure)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def _flags(row: pd.Series) -> set[str]:
+    return set(filter(None, row["flags"].split(";")))
+
+
+def test_columns_and_rows(kinetics):
+    assert list(kinetics.columns[:len(KINETICS_COLUMNS)]) == list(KINETICS_COLUMNS)
+    assert len(kinetics) == 11 * 3
+
+
+def test_depletion_reconstitution_and_subsets(kinetics):
+    row = _get(kinetics, "P1")
+    assert (row["baseline_value"], row["depletion_day"], row["reconstitution_day"]) == (
+        10.0, 7, 120)
+    assert row["aplasia_days"] == 113 and not row["censored"] and row["last_day"] == 150
+    assert row["nadir_value"] == 0.0 and "below_lloq" in _flags(row)
+    assert row["naive_pct_b_at_reconstitution"] == 80.0
+    assert row["memory_pct_b_at_reconstitution"] == 3.0
+    assert row["transitional_pct_b_at_reconstitution"] == 15.0
+    assert row["unit"] == "pct_lymphocytes"
+    assert "memory_dominant_return" not in _flags(row)
+
+
+def test_unconfirmed_censored_redepletion_no_depletion(kinetics):
+    p2 = _get(kinetics, "P2")
+    assert p2["reconstitution_day"] == 100 and "unconfirmed" in _flags(p2)
+    assert p2["aplasia_days"] == 86
+    p3 = _get(kinetics, "P3")
+    assert p3["censored"] and pd.isna(p3["reconstitution_day"])
+    assert p3["aplasia_days"] == 190 and p3["last_day"] == 200
+    p4 = _get(kinetics, "P4")
+    assert p4["reconstitution_day"] == 80 and "redepletion" in _flags(p4)
+    p5 = _get(kinetics, "P5")
+    assert "no_depletion" in _flags(p5) and pd.isna(p5["depletion_day"])
+    assert pd.isna(p5["aplasia_days"]) and pd.isna(p5["censored"])
+
+
+def test_memory_return_discordance_baseline_events(kinetics):
+    assert "memory_dominant_return" in _flags(_get(kinetics, "P6"))
+    p7 = _get(kinetics, "P7")
+    assert "cd19_cd20_discordance" in _flags(p7)
+    # CD19: 3 % x 0.6 = 1.8 % >= 1 %, so both return on day 100: the flag is from the share.
+    assert _get(kinetics, "P7", "cd19")["reconstitution_day"] == 100
+    assert "cd19_cd20_discordance" not in _flags(_get(kinetics, "P1"))
+    p8 = _get(kinetics, "P8")
+    assert "no_baseline" in _flags(p8) and pd.isna(p8["baseline_value"])
+    assert p8["depletion_day"] == 10 and p8["reconstitution_day"] == 100
+    p9 = _get(kinetics, "P9")
+    assert "no_events" in _flags(p9) and p9["depletion_day"] == 30
+    p10 = _get(kinetics, "P10")
+    assert "few_events" in _flags(p10) and p10["depletion_day"] == 30
+
+
+def test_absolute_counts_use_cells_per_ul(kinetics):
+    row = _get(kinetics, "P11")
+    assert row["unit"] == "cells_per_ul"
+    assert row["baseline_value"] == pytest.approx(100.0)
+    assert row["depletion_day"] == 14 and row["reconstitution_day"] == 90
+    assert row["depletion_threshold"] == 1.0 and row["reconstitution_threshold"] == 10.0
+
+
+def test_cd20_returning_before_cd19_is_discordant():
+    rows = [_visit("Q", -1, 5.0), _visit("Q", 20, 0.0),
+            _visit("Q", 100, 0.05, cd20_pct=2.0), _visit("Q", 130, 0.05, cd20_pct=2.0)]
+    table = patient_kinetics(pd.DataFrame(rows), config=load_config())
+    assert _get(table, "Q", "cd20")["reconstitution_day"] == 100
+    assert _get(table, "Q", "cd19")["censored"]
+    assert "cd19_cd20_discordance" in _flags(_get(table, "Q", "b"))
+
+
+def test_duplicate_visit_days_are_refused_by_the_sample_sheet(tmp_path):
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame([{"sample_id": s, "patient_id": "P1", "day": 30, "modality": "flow",
+                   "path": "x.fcs"} for s in ("a", "b")]).to_csv(sheet, sep="\t", index=False)
+    with pytest.raises(SampleSheetError, match="two flow samples on day 30"):
+        read_sample_sheet(sheet, check_files=False)
+
+
+def _cohort_input() -> pd.DataFrame:
+    # Infusion-to-reconstitution times: 100, 120, 200 observed; censored at 90 and 150.
+    rows = []
+    for patient, recon, last, censored in (("A", 100, 130, False), ("B", 120, 150, False),
+                                            ("C", None, 150, True), ("D", 200, 230, False),
+                                            ("E", None, 90, True)):
+        row = {"patient_id": patient, "modality": "flow", "measure": "b",
+               "depletion_day": 10, "reconstitution_day": recon, "last_day": last,
+               "censored": censored,
+               "aplasia_days": (recon if recon else last) - 10}
+        for subset in SUBSETS:
+            row[f"{subset}_pct_b_at_baseline"] = HEALTHY[subset]
+            row[f"{subset}_pct_b_at_reconstitution"] = (
+                RETURNING[subset] if recon else math.nan)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["reconstitution_day"] = frame["reconstitution_day"].astype("Int64")
+    return frame
+
+
+def test_cohort_aplasia_and_kaplan_meier_against_hand_computation():
+    cohort = cohort_summary(_cohort_input(), config=load_config())
+    value = cohort.set_index("statistic")["value"]
+    # Aplasia of the reconstituted: 90, 110, 190 days.
+    assert value["aplasia_days_mean"] == pytest.approx(130.0)
+    assert value["aplasia_days_sd"] == pytest.approx(math.sqrt(2800.0))
+    assert value["aplasia_days_median"] == 110.0
+    assert (value["aplasia_days_min"], value["aplasia_days_max"]) == (90.0, 190.0)
+    # Kaplan-Meier by hand: censored 90 (5 at risk, no step); 100: 4 at risk -> 3/4;
+    # 120: 3 at risk -> 3/4 * 2/3 = 1/2 (median 120); censored 150; 200: 1 at risk -> 0.
+    assert value["km_median_days_to_reconstitution"] == 120.0
+    assert value["km_not_reconstituted_at_day_90"] == pytest.approx(1.0)
+    assert value["km_not_reconstituted_at_day_180"] == pytest.approx(0.5)
+    assert value["km_not_reconstituted_at_day_365"] == pytest.approx(0.0)
+    naive = cohort[cohort["statistic"] == "naive_pct_b_mean"].set_index("detail")
+    assert naive.loc["baseline", "value"] == 70.0 and naive.loc["baseline", "n"] == 5
+    assert naive.loc["reconstitution", "value"] == 80.0
+    assert naive.loc["reconstitution", "n"] == 3
+
+
+def test_cli_kinetics_writes_both_tables(tmp_path):
+    rows = [_visit("P1", -7, 10.0), _visit("P1", 7, 0.0), _visit("P1", 120, 2.0),
+            _visit("P1", 150, 3.0)]
+    table = tmp_path / "samples.tsv"
+    pd.DataFrame(rows).to_csv(table, sep="\t", index=False)
+    out, cohort = tmp_path / "kinetics.tsv", tmp_path / "cohort.tsv"
+    assert main(["kinetics", "--table", str(table), "--out", str(out), "--cohort",
+                 str(cohort)]) == 0
+    kinetics = pd.read_csv(out, sep="\t")
+    assert set(kinetics["measure"]) == {"b", "cd19", "cd20"}
+    b = kinetics[kinetics["measure"] == "b"].iloc[0]
+    assert (b["depletion_day"], b["reconstitution_day"], b["aplasia_days"]) == (7, 120, 113)
+    summary = pd.read_csv(cohort, sep="\t")
+    assert list(summary.columns) == ["statistic", "modality", "measure", "value", "n", "detail"]
+    assert np.isfinite(summary["n"]).all()
