@@ -15,6 +15,7 @@ the samples that use it, e.g. for files that are already compensated and transfo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -153,8 +154,14 @@ def ingest_flow(
         "offset_error_ignored": fcs.offset_error_ignored,
     }
     adata.uns["compensation"] = compensation_info
-    adata.uns["transform"] = transform_parameters
-    adata.uns["qc"] = {"steps": steps, "learned": learned}
+    # Column lists, not {channel: ...}: a $PnN may hold "/", which HDF5 keys cannot.
+    adata.uns["transform"] = {
+        "channel": list(fcs.channels),
+        "method": methods,
+        "parameters": [json.dumps(transform_parameters[c]) for c in fcs.channels],
+    }
+    adata.uns["qc"] = {"table": {column: [s[column] for s in steps] for column in steps[0]},
+                       **learned}
     passed = int(adata.obs["qc_pass"].sum())
     log.info("%s: %d events, %d passed QC (%s)", sample_id, fcs.n_events, passed,
              ", ".join(f"{s['step']} -{s['events_removed']}" for s in steps))
@@ -164,7 +171,7 @@ def ingest_flow(
 def _qc_steps_table(adata, *, sample_id: str):
     from .qc import qc_table
 
-    return qc_table(adata.uns["qc"]["steps"], sample_id=sample_id)
+    return qc_table(adata.uns["qc"]["table"], sample_id=sample_id)
 
 
 def cli_ingest_flow(args: argparse.Namespace) -> None:

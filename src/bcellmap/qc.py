@@ -382,11 +382,15 @@ def qc_reason(flags: Mapping[str, np.ndarray]) -> np.ndarray:
     return reason
 
 
-def qc_table(steps: Sequence[Mapping[str, Any]], *, sample_id: str):
-    """The per-sample QC table (``results/qc/{sample_id}.tsv``) as a DataFrame."""
+def qc_table(steps: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], *,
+             sample_id: str):
+    """The per-sample QC table (``results/qc/{sample_id}.tsv``) as a DataFrame.
+
+    ``steps`` is the step records of ``run_qc`` or their columns (``uns["qc"]["table"]``).
+    """
     import pandas as pd
 
-    frame = pd.DataFrame(list(steps))
+    frame = pd.DataFrame(steps if isinstance(steps, Mapping) else list(steps))
     frame.insert(0, "sample_id", sample_id)
     return frame[list(QC_TABLE_COLUMNS)]
 
