@@ -1,0 +1,127 @@
+"""train-flow and map-flow on small synthetic flow AnnData files with known populations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import adjusted_rand_score
+
+from bcellmap.cluster_flow import cli_map_flow, cli_train_flow
+from bcellmap.errors import InputError
+
+MARKERS = ["CD3", "CD19", "CD20"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch):
+    monkeypatch.setenv("BCELLMAP_DEVICE", "cpu")
+
+
+def _flow_h5ad(path, sample_id, *, n, seed, qc_pass_share=0.9, channels=None):
+    """Three populations (T: CD3+, B: CD19+CD20+, other: all negative) plus a scatter column."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 3, n)
+    means = np.array([[4.0, 0.2, 0.2], [0.2, 4.0, 3.5], [0.2, 0.2, 0.2]])
+    values = means[truth] + rng.normal(0, 0.3, (n, 3))
+    x = np.column_stack([rng.uniform(0, 10, n), values]).astype(np.float32)
+    canonical = channels or ["FSC-A", *MARKERS]
+    obs = pd.DataFrame({"event_index": np.arange(n, dtype=np.int64),
+                        "qc_pass": rng.random(n) < qc_pass_share})
+    obs.index = obs.index.astype(str)
+    var = pd.DataFrame({"canonical": canonical}, index=[f"ch{i}" for i in range(4)])
+    adata = ad.AnnData(X=x, obs=obs, var=var)
+    adata.uns["sample"] = {"sample_id": sample_id}
+    adata.write_h5ad(path)
+    return truth
+
+
+def _config(tmp_path, **cluster):
+    path = tmp_path / "config.yaml"
+    settings = {"markers": MARKERS, "events_per_sample": 800,
+                "som": {"xdim": 4, "ydim": 4}, "n_metaclusters": 3, "consensus_resamples": 20}
+    settings.update(cluster)
+    path.write_text(yaml.safe_dump({"cluster": settings, "seed": 7}))
+    return str(path)
+
+
+def _train(tmp_path, inputs, config):
+    args = argparse.Namespace(config=config, inputs=[str(p) for p in inputs],
+                              model=str(tmp_path / "model.npz"), info=str(tmp_path / "model.json"))
+    cli_train_flow(args)
+    return args
+
+
+def test_train_and_map_recover_populations(tmp_path):
+    truths = {f"s{i}": _flow_h5ad(tmp_path / f"s{i}.h5ad", f"s{i}", n=1500, seed=i)
+              for i in range(3)}
+    config = _config(tmp_path)
+    args = _train(tmp_path, [tmp_path / f"s{i}.h5ad" for i in range(3)], config)
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["device"] == "cpu"
+    assert [s["events_used"] for s in info["samples"]] == [800, 800, 800]
+    model = np.load(args.model)
+    assert model["codes"].shape == (16, 3) and list(model["markers"]) == MARKERS
+    out = tmp_path / "mapped" / "s1.h5ad"
+    cli_map_flow(argparse.Namespace(config=config, input=str(tmp_path / "s1.h5ad"),
+                                    model=args.model, out=str(out)))
+    mapped = ad.read_h5ad(out)
+    source = ad.read_h5ad(tmp_path / "s1.h5ad")
+    passed = source.obs["qc_pass"].to_numpy()
+    assert mapped.n_obs == passed.sum()  # QC-passed events only, in source order
+    assert np.array_equal(mapped.obs["event_index"], source.obs["event_index"][passed])
+    assert mapped.obs["som_node"].dtype.kind == "i" and mapped.obs["metacluster"].dtype.kind == "i"
+    assert adjusted_rand_score(truths["s1"][passed], mapped.obs["metacluster"]) > 0.95
+    # Training is deterministic for the seed.
+    first = model["codes"].copy()
+    _train(tmp_path, [tmp_path / f"s{i}.h5ad" for i in range(3)], config)
+    assert np.array_equal(first, np.load(args.model)["codes"])
+
+
+def test_empty_sample_maps_to_zero_events(tmp_path):
+    _flow_h5ad(tmp_path / "a.h5ad", "a", n=1000, seed=1)
+    _flow_h5ad(tmp_path / "aplasia.h5ad", "aplasia", n=300, seed=2, qc_pass_share=0.0)
+    config = _config(tmp_path)
+    args = _train(tmp_path, [tmp_path / "a.h5ad", tmp_path / "aplasia.h5ad"], config)
+    out = tmp_path / "aplasia_mapped.h5ad"
+    cli_map_flow(argparse.Namespace(config=config, input=str(tmp_path / "aplasia.h5ad"),
+                                    model=args.model, out=str(out)))
+    mapped = ad.read_h5ad(out)
+    assert mapped.n_obs == 0 and {"som_node", "metacluster"} <= set(mapped.obs.columns)
+
+
+def test_missing_marker_names_sample_and_marker(tmp_path):
+    _flow_h5ad(tmp_path / "a.h5ad", "a", n=600, seed=1)
+    _flow_h5ad(tmp_path / "b.h5ad", "b", n=600, seed=2, channels=["FSC-A", "CD3", "CD19", ""])
+    with pytest.raises(InputError, match=r"sample 'b'.*CD20"):
+        _train(tmp_path, [tmp_path / "a.h5ad", tmp_path / "b.h5ad"], _config(tmp_path))
+    assert not (tmp_path / "model.npz").exists()  # nothing written on failure
+
+
+def test_too_few_events_and_nan(tmp_path):
+    _flow_h5ad(tmp_path / "small.h5ad", "small", n=10, seed=1)
+    with pytest.raises(InputError, match="fewer than the 16 SOM nodes"):
+        _train(tmp_path, [tmp_path / "small.h5ad"], _config(tmp_path))
+    _flow_h5ad(tmp_path / "nan.h5ad", "nan", n=400, seed=1, qc_pass_share=1.0)
+    adata = ad.read_h5ad(tmp_path / "nan.h5ad")
+    adata.X[5, 2] = np.nan
+    adata.write_h5ad(tmp_path / "nan.h5ad")
+    with pytest.raises(InputError, match="NaN or infinite"):
+        _train(tmp_path, [tmp_path / "nan.h5ad"], _config(tmp_path))
+
+
+def test_scaled_model_maps_consistently(tmp_path):
+    truth = _flow_h5ad(tmp_path / "a.h5ad", "a", n=1500, seed=4, qc_pass_share=1.0)
+    config = _config(tmp_path, scale=True)
+    args = _train(tmp_path, [tmp_path / "a.h5ad"], config)
+    model = np.load(args.model)
+    assert not np.allclose(model["scale"], 1.0)
+    out = tmp_path / "a_mapped.h5ad"
+    cli_map_flow(argparse.Namespace(config=config, input=str(tmp_path / "a.h5ad"),
+                                    model=args.model, out=str(out)))
+    assert adjusted_rand_score(truth, ad.read_h5ad(out).obs["metacluster"]) > 0.95

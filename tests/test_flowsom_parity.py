@@ -1,0 +1,78 @@
+"""bcellmap's SOM + metaclustering is at least as accurate as the flowsom package.
+
+Both run in the same test on the same data with the same grid and number of metaclusters;
+accuracy is the adjusted Rand index against known labels (a simulated mixture, and the manual
+gates of FlowSOM's own example file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from bcellmap.backend import get_backend, gpu_status
+from bcellmap.metacluster import consensus_metaclusters
+from bcellmap.som import map_to_nodes, train_som
+
+fs = pytest.importorskip("flowsom")
+
+REALFCS = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfcs"
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def device(request, monkeypatch):
+    monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
+    if request.param == "gpu" and not gpu_status()[0]:
+        pytest.skip(gpu_status()[1])
+    return request.param
+
+
+def _bcellmap_labels(data, *, device, n_clusters, seed):
+    backend = get_backend(device=device)
+    codes = train_som(data, backend=backend, seed=seed, xdim=10, ydim=10)
+    nodes, _ = map_to_nodes(data, codes, backend=backend)
+    return consensus_metaclusters(codes, n_clusters=n_clusters, seed=seed)[nodes]
+
+
+def _flowsom_labels(data, *, n_clusters, seed):
+    model = fs.models.FlowSOMEstimator(xdim=10, ydim=10, n_clusters=n_clusters, seed=seed)
+    return model.fit_predict(np.asarray(data, dtype=np.float64))
+
+
+def test_simulated_mixture(device):
+    rng = np.random.default_rng(11)
+    n_pops, n = 8, 8000
+    centres = rng.uniform(-1, 4, size=(n_pops, 8))
+    weights = np.array([0.4, 0.2, 0.12, 0.1, 0.08, 0.05, 0.03, 0.02])
+    truth = rng.choice(n_pops, size=n, p=weights)
+    data = (centres[truth] + rng.normal(0, 0.3, size=(n, 8))).astype(np.float32)
+    ours = np.mean([adjusted_rand_score(truth, _bcellmap_labels(data, device=device,
+                                                                n_clusters=n_pops, seed=s))
+                    for s in (1, 2)])
+    theirs = np.mean([adjusted_rand_score(truth, _flowsom_labels(data, n_clusters=n_pops, seed=s))
+                      for s in (1, 2)])
+    assert ours >= theirs - 0.01, (ours, theirs)
+    assert ours > 0.9
+
+
+@pytest.mark.realfcs
+@pytest.mark.skipif(not (REALFCS / "flowsom_ff.fcs").exists(), reason="realfcs folder absent")
+def test_flowsom_example_file_against_manual_gates(device):
+    import flowio
+    import pandas as pd
+
+    fcs = flowio.FlowData(str(REALFCS / "flowsom_ff.fcs"))
+    events = fcs.as_array(preprocess=False)
+    # Already compensated and transformed: the fluorescence channels are used as they are.
+    data = events[:, list(fcs.fluoro_indices)].astype(np.float32)
+    labels = pd.read_csv(REALFCS / "flowsom_ff_labels.csv")["label"].to_numpy()
+    gated = labels != "Unlabeled"
+    assert data.shape == (19225, 11) and gated.sum() == 19225 - 5554
+    ours = np.mean([adjusted_rand_score(labels[gated], _bcellmap_labels(
+        data, device=device, n_clusters=10, seed=s)[gated]) for s in (1, 2)])
+    theirs = np.mean([adjusted_rand_score(labels[gated], _flowsom_labels(
+        data, n_clusters=10, seed=s)[gated]) for s in (1, 2)])
+    assert ours >= theirs, (ours, theirs)
