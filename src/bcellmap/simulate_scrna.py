@@ -100,6 +100,8 @@ def _profiles(genes: list[str], rng: np.random.Generator, car_feature: str | Non
     baseline[background] *= 0.55 / baseline[background].sum()
     for g in _MT_GENES:
         baseline[index[g]] = 0.05 / len(_MT_GENES)
+    if car_feature:  # the CAR transcript exists only in transduced cells
+        baseline[index[car_feature]] = 0.0
     background_idx = np.flatnonzero(background)
 
     def program(markers: Mapping[str, float], n_program: int = 40) -> np.ndarray:

@@ -1,0 +1,321 @@
+"""Cohort clustering of scRNA samples: train PCA + exact kNN + Leiden, then map every cell.
+
+Train (``bcellmap train-scrna``, cohort-wide, bounded): a seeded subsample of at most
+``scrna.cluster.cells_per_sample`` QC-passed cells per sample (read lazily from the ingested
+h5ad files), the ``scrna.cluster.n_genes`` genes most often highly variable across samples
+(present in every sample; ties broken by mean normalised dispersion), each gene scaled to unit
+variance over the pooled subsample (scanpy's ``pp.scale`` without clipping, so the matrix stays
+sparse and memory stays bounded), PCA (:mod:`bcellmap.pca`), exact kNN and Leiden
+(:mod:`bcellmap.knn`, :mod:`bcellmap.leiden`) through :mod:`bcellmap.backend` (GPU when
+available). The model NPZ holds what mapping needs: ``genes``, ``gene_mean``, ``gene_scale``
+(the HVG means and scales), ``components`` (PCA loadings), ``pca_mean``, ``embedding`` (training
+PCA scores), ``labels`` (training Leiden clusters), ``explained_variance_ratio``, ``train_sample``
+and ``train_event_index``.
+
+Map (``bcellmap map-scrna``, per sample): every QC-passed cell is scaled with the model's means
+and scales (model genes missing from the sample count as zero expression, logged), projected on
+the loadings, and labelled by majority vote of its ``scrna.cluster.transfer_k`` nearest training
+cells in PCA space (ties to the nearer neighbours). Output: the QC-passed cells of the ingested
+AnnData with ``obs["leiden"]`` (int), ``obs["leiden_confidence"]`` (share of votes) and
+``obsm["X_pca"]``. A sample with no QC-passed cell gives a valid, empty AnnData.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def cluster_scaled(data: Any, *, n_pcs: int, k: int, resolution: float, seed: int,
+                   backend) -> tuple[Any, np.ndarray]:
+    """PCA, exact kNN graph and Leiden clusters of already scaled expression.
+
+    Parameters
+    ----------
+    data
+        ``(n, genes)`` dense array or CSR matrix (scaled log-expression).
+    n_pcs, k, resolution, seed
+        PCA axes, neighbours (self included, as scanpy's ``n_neighbors``), Leiden resolution
+        and seed.
+    backend
+        :class:`bcellmap.backend.Backend`.
+
+    Returns
+    -------
+    (:class:`bcellmap.pca.PCAResult`, int64 Leiden cluster per row)
+    """
+    from .leiden import cluster_leiden
+    from .pca import pca
+
+    n_pcs = min(n_pcs, data.shape[0] - 1, data.shape[1])
+    fitted = pca(data, n_components=n_pcs, backend=backend)
+    labels = cluster_leiden(fitted.scores, k=min(k, data.shape[0]), resolution=resolution,
+                            seed=seed, backend=backend)
+    return fitted, labels
+
+
+def _read_backed(path: str | Path):
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path, backed="r")
+    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
+        raise InputError(f"cannot be read as h5ad ({exc})", path=path) from exc
+
+
+def _sample_id(adata, path: str | Path) -> str:
+    sample = adata.uns.get("sample", {})
+    return str(sample.get("sample_id", Path(path).stem)) if isinstance(sample, Mapping) \
+        else Path(path).stem
+
+
+def _rows(matrix: Any) -> sp.csr_matrix:
+    return sp.csr_matrix(matrix.to_memory() if hasattr(matrix, "to_memory") else matrix,
+                         dtype=np.float32)
+
+
+def train_scrna(paths: Sequence[str | Path], *, config: Mapping[str, Any], backend
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fit the cohort model on a bounded subsample of every sample.
+
+    Parameters
+    ----------
+    paths
+        Ingested sample h5ad files (``ingest-scrna`` output).
+    config
+        Merged config (``scrna.cluster``, ``seed``).
+    backend
+        Array backend.
+
+    Returns
+    -------
+    (model arrays for the NPZ, info for the JSON)
+    """
+    ccfg = config["scrna"]["cluster"]
+    seed = int(config["seed"])
+    started = time.perf_counter()
+    blocks, gene_lists, hvg_votes, dispersions = [], [], [], []
+    sample_ids: list[str] = []
+    event_index: list[np.ndarray] = []
+    per_sample: dict[str, int] = {}
+    for path in paths:
+        adata = _read_backed(path)
+        sample_id = _sample_id(adata, path)
+        if "qc_pass" not in adata.obs:
+            raise InputError("no obs['qc_pass']: not an ingest-scrna output", path=path,
+                             sample_id=sample_id)
+        passed = np.flatnonzero(adata.obs["qc_pass"].to_numpy())
+        rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
+        take = int(ccfg["cells_per_sample"])
+        chosen = np.sort(rng.choice(passed, size=take, replace=False)) if passed.size > take \
+            else passed
+        per_sample[sample_id] = int(chosen.size)
+        genes = np.asarray(adata.var_names, dtype=object)
+        gene_lists.append(genes)
+        hvg = adata.var["highly_variable"].to_numpy(dtype=bool) if "highly_variable" in \
+            adata.var else np.zeros(len(genes), dtype=bool)
+        hvg_votes.append(dict(zip(genes, hvg, strict=True)))
+        disp = adata.var["dispersions_norm"].to_numpy(dtype=float) if "dispersions_norm" in \
+            adata.var else np.zeros(len(genes))
+        dispersions.append(dict(zip(genes, np.nan_to_num(disp), strict=True)))
+        if chosen.size:
+            blocks.append((_rows(adata.X[chosen]), genes))
+            sample_ids.extend([sample_id] * chosen.size)
+            event_index.append(adata.obs["event_index"].to_numpy()[chosen]
+                               if "event_index" in adata.obs else chosen)
+        adata.file.close()
+    n_cells = sum(block.shape[0] for block, _ in blocks)
+    if n_cells < 3:
+        raise InputError(f"only {n_cells} QC-passed cells across {len(paths)} samples; "
+                         "the scRNA model needs at least 3")
+
+    common = set(gene_lists[0]).intersection(*map(set, gene_lists[1:]))
+    ordered = [g for g in gene_lists[0] if g in common]
+    votes = np.array([sum(v[g] for v in hvg_votes) for g in ordered], dtype=float)
+    mean_disp = np.array([np.mean([d[g] for d in dispersions]) for g in ordered])
+    order = np.lexsort((-mean_disp, -votes))[: int(ccfg["n_genes"])]
+    genes = np.asarray(ordered, dtype=object)[np.sort(order)]
+
+    matrix = sp.vstack([_align(block, block_genes, genes) for block, block_genes in blocks],
+                       format="csr")
+    mean, scale = _mean_scale(matrix)
+    scaled = matrix @ sp.diags(1.0 / scale)
+    fitted, labels = cluster_scaled(sp.csr_matrix(scaled), n_pcs=int(ccfg["n_pcs"]),
+                                    k=int(ccfg["k"]), resolution=float(ccfg["resolution"]),
+                                    seed=seed, backend=backend)
+    model = {
+        "genes": genes.astype(str), "gene_mean": mean, "gene_scale": scale,
+        "components": fitted.components, "pca_mean": fitted.mean,
+        "explained_variance": fitted.explained_variance,
+        "explained_variance_ratio": fitted.explained_variance_ratio,
+        "embedding": fitted.scores.astype(np.float32), "labels": labels,
+        "train_sample": np.asarray(sample_ids, dtype=str),
+        "train_event_index": np.concatenate(event_index).astype(np.int64),
+    }
+    sizes = np.bincount(labels)
+    info = {
+        "device": backend.device, "device_reason": backend.reason, "samples": per_sample,
+        "cells": int(n_cells), "genes": int(len(genes)), "n_pcs": int(fitted.components.shape[0]),
+        "explained_variance_ratio": [round(float(v), 6) for v in
+                                     fitted.explained_variance_ratio],
+        "clusters": int(sizes.size), "cluster_sizes": sizes.tolist(),
+        "k": int(ccfg["k"]), "resolution": float(ccfg["resolution"]), "seed": seed,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return model, info
+
+
+def _align(block: sp.csr_matrix, block_genes: np.ndarray, genes: np.ndarray) -> sp.csr_matrix:
+    """Columns of ``block`` in the order of ``genes``; genes it lacks are zero columns."""
+    position = {g: i for i, g in enumerate(block_genes)}
+    source = np.array([position.get(g, -1) for g in genes])
+    present = source >= 0
+    picked = block[:, source[present]].tocoo()
+    target = np.flatnonzero(present)[picked.col]
+    return sp.csr_matrix((picked.data, (picked.row, target)), shape=(block.shape[0], len(genes)),
+                         dtype=np.float32)
+
+
+def _mean_scale(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations (ddof=1, as scanpy); zero deviations become 1."""
+    n = matrix.shape[0]
+    mean = np.asarray(matrix.mean(axis=0), dtype=np.float64).ravel()
+    mean_sq = np.asarray(matrix.multiply(matrix).mean(axis=0), dtype=np.float64).ravel()
+    var = np.maximum(mean_sq - mean**2, 0.0) * n / max(n - 1, 1)
+    scale = np.sqrt(var)
+    scale[scale == 0] = 1.0
+    return mean, scale
+
+
+def transfer_labels(query: np.ndarray, embedding: np.ndarray, labels: np.ndarray, *, k: int,
+                    backend) -> tuple[np.ndarray, np.ndarray]:
+    """Majority label of the ``k`` nearest training cells (ties to the nearer neighbours).
+
+    Returns
+    -------
+    (int64 label, share of the k votes for it) per query row.
+    """
+    from .knn import nearest_neighbors
+
+    if query.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    k = min(k, embedding.shape[0])
+    indices, _ = nearest_neighbors(embedding, query=query, k=k, backend=backend)
+    neighbour_labels = labels[indices]
+    n_labels = int(labels.max()) + 1
+    votes = np.zeros((query.shape[0], n_labels))
+    # A vote is 1 minus a tiny rank penalty, so a tie goes to the label of nearer cells.
+    weights = 1.0 - 1e-6 * np.arange(k)[None, :]
+    np.add.at(votes, (np.repeat(np.arange(query.shape[0]), k), neighbour_labels.ravel()),
+              np.broadcast_to(weights, neighbour_labels.shape).ravel())
+    winner = votes.argmax(axis=1)
+    share = (neighbour_labels == winner[:, None]).mean(axis=1)
+    return winner.astype(np.int64), share
+
+
+def map_scrna(adata, model: Mapping[str, np.ndarray], *, config: Mapping[str, Any], backend,
+              sample_id: str | None = None):
+    """Label every QC-passed cell of one sample from the cohort model.
+
+    Parameters
+    ----------
+    adata
+        Ingested AnnData (all cells, ``obs["qc_pass"]``, log-normalised ``X``).
+    model
+        Arrays of the model NPZ.
+    config
+        Merged config (``scrna.cluster.transfer_k``).
+    backend
+        Array backend.
+    sample_id
+        For messages.
+
+    Returns
+    -------
+    The QC-passed cells with ``obs["leiden"]``, ``obs["leiden_confidence"]``, ``obsm["X_pca"]``.
+    """
+    if "qc_pass" not in adata.obs:
+        raise InputError("no obs['qc_pass']: not an ingest-scrna output", sample_id=sample_id)
+    mapped = adata[adata.obs["qc_pass"].to_numpy()].copy()
+    genes = np.asarray(model["genes"], dtype=object)
+    missing = int((~np.isin(genes, np.asarray(mapped.var_names, dtype=object))).sum())
+    if missing:
+        log.warning("sample %s: %d of %d model genes are absent; counted as zero expression",
+                    sample_id, missing, len(genes))
+    matrix = _align(_rows(mapped.X), np.asarray(mapped.var_names, dtype=object), genes)
+    scaled = sp.csr_matrix(matrix @ sp.diags(1.0 / model["gene_scale"]))
+    if mapped.n_obs:
+        from .pca import PCAResult
+
+        fitted = PCAResult(scores=np.zeros((0, model["components"].shape[0])),
+                           components=model["components"],
+                           explained_variance=model["explained_variance"],
+                           explained_variance_ratio=model["explained_variance_ratio"],
+                           mean=model["pca_mean"])
+        scores = fitted.transform(scaled, backend=backend)
+    else:
+        scores = np.zeros((0, model["components"].shape[0]))
+    labels, share = transfer_labels(scores, model["embedding"].astype(np.float64),
+                                    model["labels"], k=int(config["scrna"]["cluster"]
+                                                           ["transfer_k"]), backend=backend)
+    mapped.obs["leiden"] = labels
+    mapped.obs["leiden_confidence"] = share.astype(np.float32)
+    mapped.obsm["X_pca"] = scores.astype(np.float32)
+    mapped.uns["model_genes_missing"] = missing
+    return mapped
+
+
+def cli_train_scrna(args: argparse.Namespace) -> None:
+    """``bcellmap train-scrna``: ingested h5ad files -> model NPZ and info JSON."""
+    from ._io import atomic_path
+    from .backend import get_backend
+    from .config import load_config
+
+    config = load_config(args.config)
+    backend = get_backend(config)
+    model, info = train_scrna(sorted(args.inputs), config=config, backend=backend)
+    with atomic_path(args.model) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **model)
+    with atomic_path(args.info) as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+    log.info("scRNA model: %d cells, %d genes, %d clusters on %s", info["cells"], info["genes"],
+             info["clusters"], info["device"])
+
+
+def cli_map_scrna(args: argparse.Namespace) -> None:
+    """``bcellmap map-scrna``: one ingested h5ad + model -> mapped h5ad."""
+    import anndata as ad
+
+    from ._io import write_h5ad
+    from .backend import get_backend
+    from .config import load_config
+
+    config = load_config(args.config)
+    try:
+        with np.load(args.model, allow_pickle=False) as handle:
+            model = {key: handle[key] for key in handle.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the scRNA model ({exc})", path=args.model) from exc
+    try:
+        adata = ad.read_h5ad(args.input)
+    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
+        raise InputError(f"cannot be read as h5ad ({exc})", path=args.input) from exc
+    sample_id = _sample_id(adata, args.input)
+    mapped = map_scrna(adata, model, config=config, backend=get_backend(config),
+                       sample_id=sample_id)
+    write_h5ad(mapped, args.out)
+    log.info("sample %s: %d cells mapped to %d clusters", sample_id, mapped.n_obs,
+             len(np.unique(mapped.obs["leiden"])))
