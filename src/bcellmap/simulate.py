@@ -18,7 +18,7 @@ days before infusion and ten visits up to about day 365. All are aplastic within
 (P03 still carries B cells on day 3 and is depleted on day 7); B cells return on day 84
 (P02), 112 (P01), 56 (P03) and 150 (P04); P05 is not reconstituted by its last visit
 (censored). P02 shows CD19 masking: on its first three visits with returning B cells,
-60%, 50% and 40% of its CD20+ B cells are CD19-negative; no other B cell in the cohort is.
+60%, 50% and 45% of its CD20+ B cells are CD19-negative; no other B cell in the cohort is.
 Returning B cells are transitional/naive (first return visit: ~26% transitional, ~67%
 naive, ~4% memory), baselines are those of autoimmune patients (naive ~55-70%, memory
 ~25-35%, transitional 2-5%, plasmablasts 1-3%, double negative 3-8%). During aplasia the
@@ -248,7 +248,7 @@ _STANDARD_DAYS = (3, 7, 14, 28, 56, 84, 112, 150, 240, 365)
 _PATIENTS = (
     _Patient("P01", "SLE", -5, _STANDARD_DAYS, return_day=112),
     _Patient("P02", "SLE", -6, (3, 7, 14, 28, 56, 84, 112, 150, 240, 360), return_day=84,
-             masking=(0.60, 0.50, 0.40), return_b_fraction=(0.11, 0.13, 0.15, 0.16, 0.16)),
+             masking=(0.60, 0.50, 0.45), return_b_fraction=(0.11, 0.13, 0.15, 0.16, 0.16)),
     _Patient("P03", "systemic sclerosis", -4, _STANDARD_DAYS, return_day=56, residual_until=3),
     _Patient("P04", "myositis", -5, (2, 7, 14, 28, 56, 90, 120, 150, 240, 365),
              return_day=150),
@@ -312,7 +312,7 @@ def _design(seed: int) -> list[_Visit]:
         baseline_lymph = float(round(rng.uniform(1000, 1500)))
         baseline_b = float(rng.uniform(0.07, 0.12))
         kind = "SLE" if patient.disease == "SLE" else "other"
-        baseline_subsets = _jittered(_BASELINE_SUBSETS[kind], rng)
+        baseline_subsets = _jittered(_BASELINE_SUBSETS[kind], rng, spread=0.05)
         return_index = -1
         for visit, day in enumerate((patient.baseline_day, *patient.days)):
             lymph = _lymphocytes_per_ul(day, baseline_lymph, rng)
@@ -361,6 +361,15 @@ def _allocate(total: int, fractions: Mapping[str, float]) -> dict[str, int]:
     return counts
 
 
+def _largest_remainder(total: int, fractions: Sequence[float]) -> np.ndarray:
+    """Split ``total`` in proportion to ``fractions`` (summing to 1) into integer counts."""
+    exact = total * np.asarray(fractions, dtype=float)
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts
+
+
 def _plant_labels(visit: _Visit, n_events: int, rng: np.random.Generator) -> dict[str, int]:
     """Number of events of every label for one file."""
     shares = {
@@ -387,7 +396,8 @@ def _plant_labels(visit: _Visit, n_events: int, rng: np.random.Generator) -> dic
     counts["t_cell_cd20dim"] = int(round(rng.uniform(0.03, 0.05) * n_t))
     counts["t_cell"] = n_t - counts["t_cell_cd20dim"]
 
-    subsets = rng.multinomial(n_b, visit.subset_fractions)
+    # Rounded, not sampled: the planted composition is the design's even for small files.
+    subsets = _largest_remainder(n_b, visit.subset_fractions)
     for subset, n in zip(B_SUBSETS, subsets, strict=True):
         counts[f"b_{subset}"] = int(n)
     # CD19 masking: a share of the CD20+ B cells (not plasmablasts) lose CD19.
