@@ -1,0 +1,1018 @@
+"""Figures for the Snakemake report (``bcellmap report``).
+
+Every ``plot_*`` function takes tables (pandas DataFrames as written by ``quantify``,
+``kinetics`` and ``collect-qc``) or pooled events and returns a matplotlib ``Figure``; key
+artists carry a ``gid`` so tests and users can read back what was drawn. :func:`cli_report`
+reads the workflow's tables and writes each figure as PNG and SVG under fixed file stems.
+
+Conventions shared by the figures: colour-blind-safe Okabe-Ito colours, at most 7 inches wide,
+fonts of at least 7 pt, B-cell levels on a log axis. A level at or below zero, or below the
+limit of quantification (LLOQ, from ``lloq_pct_lymphocytes``), is drawn at the LLOQ with an open
+marker, because zero events out of N lymphocytes is not zero B cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from ._io import atomic_path  # noqa: E402
+from .errors import InputError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory", "double_negative",
+           "plasmablast")
+
+# Okabe & Ito (2008), the colour-blind-safe palette recommended by Nature Methods (Wong 2011).
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
+             "#000000")
+_SUBSET_COLOURS = {
+    "transitional": "#E69F00",
+    "naive": "#56B4E9",
+    "unswitched_memory": "#009E73",
+    "switched_memory": "#0072B2",
+    "double_negative": "#CC79A7",
+    "plasmablast": "#D55E00",
+    "unassigned": "#BBBBBB",
+}
+_SUBSET_LABELS = {
+    "transitional": "transitional",
+    "naive": "naive",
+    "unswitched_memory": "unswitched memory",
+    "switched_memory": "switched memory",
+    "double_negative": "double negative",
+    "plasmablast": "plasmablast",
+    "unassigned": "not assigned",
+}
+_MARKER_COLOURS = {"cd19": "#0072B2", "cd20": "#D55E00", "b": "#000000"}
+_MARKER_LABELS = {"cd19": "CD19+", "cd20": "CD20+", "b": "B cells (CD19+ or CD20+)"}
+_DEPLETION_COLOUR = "#009E73"
+_RECONSTITUTION_COLOUR = "#E69F00"
+_LLOQ_COLOUR = "#777777"
+_MAX_WIDTH_IN = 7.0
+
+_STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "svg.fonttype": "none",  # text stays text in the SVG, editable in a journal's workflow
+}
+
+_SAMPLES_COLUMNS = ("sample_id", "patient_id", "day", "modality", "b_cells",
+                    "b_pct_lymphocytes", "cd19_pct_lymphocytes", "cd20_pct_lymphocytes",
+                    "lloq_pct_lymphocytes")
+_KINETICS_COLUMNS = ("patient_id", "modality", "measure", "depletion_day", "reconstitution_day",
+                     "aplasia_days", "censored", "last_day")
+_QC_COLUMNS = ("sample_id", "step", "events_in", "events_removed", "events_out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Table helpers
+
+
+def _as_bool(value: Any) -> bool:
+    """Read a boolean written by pandas or by hand (True/true/1/yes); empty is False."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return str(value).strip().lower() in {"true", "1", "yes", "y", "t"}
+
+
+def _number(value: Any) -> float:
+    """A float, or NaN for an empty cell."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _lymphocytes_per_ul(samples: pd.DataFrame) -> pd.Series:
+    """The clinical lymphocyte count per µL of each sample, NaN where none is known.
+
+    Taken from a ``lymphocytes_per_ul`` column when the table has one; otherwise recovered
+    from ``b_per_ul`` and ``b_pct_lymphocytes`` (possible only where B cells were counted).
+    """
+    if "lymphocytes_per_ul" in samples.columns:
+        return pd.to_numeric(samples["lymphocytes_per_ul"], errors="coerce")
+    result = pd.Series(np.nan, index=samples.index)
+    for measure in ("b", "cd19", "cd20"):
+        per_ul_column = f"{measure}_per_ul"
+        if per_ul_column not in samples.columns:
+            continue
+        per_ul = pd.to_numeric(samples[per_ul_column], errors="coerce")
+        pct = pd.to_numeric(samples[f"{measure}_pct_lymphocytes"], errors="coerce")
+        recovered = per_ul / pct * 100.0
+        usable = result.isna() & (pct > 0) & recovered.notna()
+        result[usable] = recovered[usable]
+    return result
+
+
+def _has_absolute_counts(samples: pd.DataFrame) -> bool:
+    """True when every row can be shown per µL (B level and its LLOQ)."""
+    if samples.empty or "b_per_ul" not in samples.columns:
+        return False
+    b_per_ul = pd.to_numeric(samples["b_per_ul"], errors="coerce")
+    return bool(b_per_ul.notna().all() and _lymphocytes_per_ul(samples).notna().all())
+
+
+def _levels(samples: pd.DataFrame, measure: str, *, per_ul: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Values of one measure (``b``, ``cd19``, ``cd20``) and their LLOQ, in the chosen unit."""
+    pct = pd.to_numeric(samples[f"{measure}_pct_lymphocytes"], errors="coerce").to_numpy(float)
+    lloq_pct = pd.to_numeric(samples["lloq_pct_lymphocytes"], errors="coerce").to_numpy(float)
+    if not per_ul:
+        return pct, lloq_pct
+    lymphocytes = _lymphocytes_per_ul(samples).to_numpy(float)
+    column = f"{measure}_per_ul"
+    if column in samples.columns:
+        values = pd.to_numeric(samples[column], errors="coerce").to_numpy(float)
+        values = np.where(np.isnan(values), pct / 100.0 * lymphocytes, values)
+    else:
+        values = pct / 100.0 * lymphocytes
+    return values, lloq_pct / 100.0 * lymphocytes
+
+
+def _unit_label(per_ul: bool) -> str:
+    return "cells/µL" if per_ul else "% of lymphocytes"
+
+
+def _plotted_levels(values: np.ndarray, lloq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions on the log axis and a mask of levels below the LLOQ (drawn at the LLOQ).
+
+    A level at or below zero with no LLOQ known stays NaN here and is placed at the axis
+    floor by the caller.
+    """
+    below = (values <= 0) | (np.isfinite(lloq) & (values < lloq))
+    below &= ~np.isnan(values)
+    shown = np.where(below, np.where(lloq > 0, lloq, np.nan), values)
+    return shown, below
+
+
+def _axis_floor(*arrays: np.ndarray) -> float:
+    """A lower y limit below every positive value drawn (for the log axis)."""
+    positive = np.concatenate([a[np.isfinite(a) & (a > 0)] for a in arrays] + [np.array([])])
+    if positive.size == 0:
+        return 1e-3
+    return float(positive.min()) / 3.0
+
+
+def _patient_modality(samples: pd.DataFrame, patient_id: str) -> str | None:
+    """The modality that carries a patient's kinetics: flow when present, else scrna."""
+    modalities = set(samples.loc[samples["patient_id"] == patient_id, "modality"])
+    for modality in ("flow", "scrna"):
+        if modality in modalities:
+            return modality
+    return None
+
+
+def _kinetics_row(kinetics: pd.DataFrame, patient_id: str, modality: str | None,
+                  *, measure: str = "b") -> pd.Series | None:
+    """The kinetics row of one patient, modality and measure, or None when absent."""
+    rows = kinetics[(kinetics["patient_id"] == patient_id) & (kinetics["measure"] == measure)]
+    if modality is not None and (rows["modality"] == modality).any():
+        rows = rows[rows["modality"] == modality]
+    if rows.empty:
+        return None
+    return rows.iloc[0]
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], *, path: object) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(f"missing column(s) {', '.join(missing)}", path=path)
+
+
+def _read_table(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
+    """Read a tab-separated table, ids as text, and check its required columns."""
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype={"sample_id": str, "patient_id": str})
+    except FileNotFoundError:
+        raise InputError("file not found", path=path) from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot be read as a tab-separated table ({exc})", path=path) from None
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame(columns=list(columns))
+    _require_columns(frame, columns, path=path)
+    return frame
+
+
+def _message_axes(ax, message: str) -> None:
+    """Say in the panel why there is nothing to draw (instead of an empty frame)."""
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True,
+            color="#444444")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _palette(labels: Sequence[str]) -> dict[str, str]:
+    """Okabe-Ito colours for category labels; more than eight labels cycle tab10-colorblind."""
+    extra = plt.style.library["tableau-colorblind10"]["axes.prop_cycle"].by_key()["color"]
+    colours = list(OKABE_ITO[:7]) + list(extra)
+    return {label: colours[i % len(colours)] for i, label in enumerate(labels)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per patient and cohort kinetics
+
+
+def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str) -> Figure:
+    """CD19+ and CD20+ B cells of one patient over time, on a log axis.
+
+    Parameters
+    ----------
+    samples
+        ``results/tables/samples.tsv``.
+    kinetics
+        ``results/tables/kinetics.tsv``; depletion and reconstitution days are read from the
+        patient's measure ``b`` row (flow when the patient has flow data, else scRNA).
+    patient_id
+        The patient to draw.
+
+    Returns
+    -------
+    The figure. Cells/µL when every sample of the patient has an absolute count, else % of
+    lymphocytes. Artists with gids: ``level_{measure}_{modality}`` (lines, y = plotted level),
+    ``lloq_{modality}`` (the LLOQ line, y per visit), ``day0``, ``depletion``,
+    ``reconstitution``.
+    """
+    rows = samples[samples["patient_id"] == patient_id].sort_values(["modality", "day"])
+    per_ul = _has_absolute_counts(rows)
+    modality_main = _patient_modality(samples, patient_id)
+    kinetic = _kinetics_row(kinetics, patient_id, modality_main)
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, 3.2), layout="constrained")
+        if rows.empty:
+            _message_axes(ax, f"No samples for patient {patient_id}")
+            return fig
+        drawn: list[np.ndarray] = []
+        any_below = False
+        floor_points: list[tuple[np.ndarray, np.ndarray, str, str]] = []
+        modalities = [m for m in ("flow", "scrna") if m in set(rows["modality"])]
+        for modality in modalities:
+            part = rows[rows["modality"] == modality]
+            days = part["day"].to_numpy(float)
+            style = "-" if modality == "flow" else "--"
+            name = "flow" if modality == "flow" else "scRNA"
+            suffix = "" if len(modalities) == 1 else f" ({name})"
+            lloq = None
+            for measure, marker in (("cd19", "o"), ("cd20", "s")):
+                values, lloq = _levels(part, measure, per_ul=per_ul)
+                shown, below = _plotted_levels(values, lloq)
+                colour = _MARKER_COLOURS[measure]
+                line, = ax.plot(days, shown, style, color=colour, marker=None, lw=1.2,
+                                label=f"{_MARKER_LABELS[measure]}{suffix}",
+                                gid=f"level_{measure}_{modality}")
+                ax.scatter(days[~below], shown[~below], marker=marker, s=18, color=colour,
+                           zorder=3)
+                ax.scatter(days[below], shown[below], marker=marker, s=18, facecolors="white",
+                           edgecolors=colour, linewidths=1.0, zorder=3,
+                           gid=f"below_lloq_{measure}_{modality}")
+                any_below |= bool(below.any())
+                drawn.append(shown)
+                missing = below & np.isnan(shown)
+                if missing.any():
+                    floor_points.append((days[missing], missing, colour, marker))
+            if lloq is not None and np.isfinite(lloq).any():
+                ax.plot(days, lloq, ":", color=_LLOQ_COLOUR, lw=1.0, drawstyle="default",
+                        label=f"LLOQ (3 events){suffix}", gid=f"lloq_{modality}")
+                drawn.append(lloq)
+        floor = _axis_floor(*drawn)
+        for days, _, colour, _marker in floor_points:
+            ax.scatter(days, np.full(days.shape, floor), marker="v", s=18, facecolors="white",
+                       edgecolors=colour, zorder=3, gid="zero_no_lloq")
+        ax.set_yscale("log")
+        top = max([float(np.nanmax(a)) for a in drawn if np.isfinite(a).any()] + [floor * 10])
+        ax.set_ylim(floor / 1.5, top * 2.0)
+        _mark_kinetics(ax, kinetic)
+        handles, labels = ax.get_legend_handles_labels()
+        if any_below:
+            handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="white",
+                                  markeredgecolor="#444444"))
+            labels.append("below LLOQ (drawn at LLOQ)")
+        if floor_points:
+            handles.append(Line2D([], [], marker="v", ls="", markerfacecolor="white",
+                                  markeredgecolor="#444444"))
+            labels.append("0 events, no LLOQ (axis floor)")
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_xlabel("days after CAR-T infusion")
+        ax.set_ylabel(f"B cells (CD3−), {_unit_label(per_ul)}")
+        ax.set_title(f"Patient {patient_id}", loc="left")
+    return fig
+
+
+def _mark_kinetics(ax, kinetic: pd.Series | None) -> None:
+    """Day 0, and the depletion and reconstitution days of the patient's measure b row."""
+    ax.axvline(0, color="#000000", lw=0.8, ls="-", gid="day0", label="CAR-T infusion (day 0)")
+    if kinetic is None:
+        return
+    depletion = _number(kinetic.get("depletion_day"))
+    reconstitution = _number(kinetic.get("reconstitution_day"))
+    censored = _as_bool(kinetic.get("censored"))
+    if math.isfinite(depletion):
+        ax.axvline(depletion, color=_DEPLETION_COLOUR, lw=1.0, ls="--", gid="depletion",
+                   label=f"depletion (day {depletion:g})")
+    if math.isfinite(reconstitution):
+        ax.axvline(reconstitution, color=_RECONSTITUTION_COLOUR, lw=1.0, ls="--",
+                   gid="reconstitution", label=f"reconstitution (day {reconstitution:g})")
+    if math.isfinite(depletion):
+        end = reconstitution if math.isfinite(reconstitution) else _number(kinetic.get("last_day"))
+        if math.isfinite(end):
+            label = "B-cell aplasia" + (" (censored)" if censored else "")
+            ax.axvspan(depletion, end, color="#DDDDDD", alpha=0.5, lw=0, zorder=0, label=label)
+
+
+def plot_cohort_trajectories(samples: pd.DataFrame, kinetics: pd.DataFrame) -> Figure:
+    """All patients' B-cell levels (measure ``b``) over time in one log-axis panel.
+
+    Each patient is drawn from flow samples when it has any, else from scRNA. Cells/µL when
+    every drawn sample has an absolute count, else % of lymphocytes. Up to eight patients get
+    one colour each; larger cohorts are coloured by reconstitution status. Lines carry the gid
+    ``trajectory_{patient_id}``.
+    """
+    patients = sorted(samples["patient_id"].unique())
+    parts = {}
+    for patient in patients:
+        modality = _patient_modality(samples, patient)
+        parts[patient] = samples[(samples["patient_id"] == patient)
+                                 & (samples["modality"] == modality)].sort_values("day")
+    per_ul = bool(parts) and all(_has_absolute_counts(p) for p in parts.values())
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, 3.4), layout="constrained")
+        if not patients:
+            _message_axes(ax, "No samples")
+            return fig
+        by_patient = len(patients) <= len(OKABE_ITO)
+        colours = _palette(patients) if by_patient else {}
+        status_colours = {True: _RECONSTITUTION_COLOUR, False: "#0072B2"}
+        drawn, any_below = [], False
+        for patient, part in parts.items():
+            values, lloq = _levels(part, "b", per_ul=per_ul)
+            shown, below = _plotted_levels(values, lloq)
+            kinetic = _kinetics_row(kinetics, patient, _patient_modality(samples, patient))
+            reconstituted = kinetic is not None and math.isfinite(
+                _number(kinetic.get("reconstitution_day")))
+            colour = colours[patient] if by_patient else status_colours[reconstituted]
+            days = part["day"].to_numpy(float)
+            ax.plot(days, shown, "-", color=colour, lw=1.1, alpha=0.9,
+                    label=patient if by_patient else None, gid=f"trajectory_{patient}")
+            ax.scatter(days[~below], shown[~below], s=12, color=colour, zorder=3)
+            ax.scatter(days[below], shown[below], s=12, facecolors="white", edgecolors=colour,
+                       zorder=3)
+            any_below |= bool(below.any())
+            drawn += [shown, lloq]
+        floor = _axis_floor(*drawn)
+        ax.set_yscale("log")
+        top = max([float(np.nanmax(a)) for a in drawn if np.isfinite(a).any()] + [floor * 10])
+        ax.set_ylim(floor / 1.5, top * 2.0)
+        ax.axvline(0, color="#000000", lw=0.8, label="CAR-T infusion (day 0)")
+        handles, labels = ax.get_legend_handles_labels()
+        if not by_patient:
+            handles += [Line2D([], [], color=status_colours[True]),
+                        Line2D([], [], color=status_colours[False])]
+            labels += ["reconstituted", "not reconstituted"]
+        if any_below:
+            handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="white",
+                                  markeredgecolor="#444444"))
+            labels.append("below LLOQ (drawn at LLOQ)")
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  title="patient" if by_patient else None)
+        ax.set_xlabel("days after CAR-T infusion")
+        ax.set_ylabel(f"B cells (CD3− CD19+ or CD20+),\n{_unit_label(per_ul)}")
+        ax.set_title(f"B-cell trajectories, {len(patients)} patient(s)", loc="left")
+    return fig
+
+
+def _cohort_kinetics(samples: pd.DataFrame, kinetics: pd.DataFrame) -> pd.DataFrame:
+    """One measure-b kinetics row per patient of the sheet (flow preferred), NaN-filled."""
+    records = []
+    for patient in sorted(samples["patient_id"].unique()):
+        modality = _patient_modality(samples, patient)
+        row = _kinetics_row(kinetics, patient, modality)
+        record = {"patient_id": patient, "modality": modality}
+        for column in ("depletion_day", "reconstitution_day", "aplasia_days", "last_day"):
+            record[column] = np.nan if row is None else _number(row.get(column))
+        record["censored"] = False if row is None else _as_bool(row.get("censored"))
+        if not math.isfinite(record["last_day"]):
+            days = samples.loc[samples["patient_id"] == patient, "day"]
+            record["last_day"] = float(days.max())
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def plot_swimmer(samples: pd.DataFrame, kinetics: pd.DataFrame) -> Figure:
+    """Swimmer plot of B-cell aplasia, one row per patient.
+
+    A bar runs from the depletion day for ``aplasia_days`` (to reconstitution, or to the last
+    sample when censored). A filled diamond marks reconstitution, an arrow censoring, a
+    vertical tick the last follow-up. Bars carry the gid ``aplasia_{patient_id}``, censoring
+    arrows ``censored_{patient_id}``, reconstitution markers ``reconstitution_{patient_id}``.
+    """
+    table = _cohort_kinetics(samples, kinetics)
+    if not table.empty:
+        # Longest aplasia on top; patients never depleted at the bottom.
+        table = table.assign(_order=table["aplasia_days"].fillna(-1.0)).sort_values(
+            ["_order", "patient_id"], ascending=[True, False]).reset_index(drop=True)
+    height = min(9.0, 1.3 + 0.28 * max(len(table), 1))
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, height), layout="constrained")
+        if table.empty:
+            _message_axes(ax, "No patients")
+            return fig
+        span = float(np.nanmax(table["last_day"])) if table["last_day"].notna().any() else 1.0
+        for y, row in table.iterrows():
+            depletion, aplasia = row["depletion_day"], row["aplasia_days"]
+            if math.isfinite(depletion) and math.isfinite(aplasia):
+                ax.barh(y, aplasia, left=depletion, height=0.55, color="#56B4E9",
+                        edgecolor="#0072B2", lw=0.6, gid=f"aplasia_{row['patient_id']}")
+                end = depletion + aplasia
+                if row["censored"]:
+                    ax.annotate("", xy=(end + 0.04 * span, y), xytext=(end, y),
+                                arrowprops={"arrowstyle": "-|>", "color": "#000000", "lw": 1.0},
+                                gid=f"censored_{row['patient_id']}")
+            else:
+                ax.text(max(0.0, row["last_day"]) + 0.01 * span, y, "no depletion called",
+                        va="center", fontsize=7, color="#444444")
+            if math.isfinite(row["reconstitution_day"]):
+                ax.plot(row["reconstitution_day"], y, "D", color=_RECONSTITUTION_COLOUR,
+                        markeredgecolor="#000000", markersize=5, zorder=3,
+                        gid=f"reconstitution_{row['patient_id']}")
+            ax.plot(row["last_day"], y, "|", color="#000000", markersize=9, mew=1.5, zorder=3)
+        ax.axvline(0, color="#000000", lw=0.8)
+        ax.set_yticks(range(len(table)), table["patient_id"])
+        ax.set_ylim(-0.7, len(table) - 0.3)
+        ax.set_xlim(min(0.0, float(np.nanmin(table["depletion_day"].fillna(0)))) - 0.03 * span,
+                    span * 1.12)
+        ax.set_xlabel("days after CAR-T infusion (day 0: vertical line)")
+        ax.set_ylabel("patient")
+        handles = [Patch(facecolor="#56B4E9", edgecolor="#0072B2", label="B-cell aplasia"),
+                   Line2D([], [], marker="D", ls="", color=_RECONSTITUTION_COLOUR,
+                          markeredgecolor="#000000", label="reconstitution"),
+                   Line2D([], [], marker=r"$\rightarrow$", ls="", color="#000000",
+                          markersize=10, label="censored (not reconstituted)"),
+                   Line2D([], [], marker="|", ls="", color="#000000", markersize=9, mew=1.5,
+                          label="last follow-up")]
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=4,
+                  frameon=False)
+    return fig
+
+
+def plot_kaplan_meier(samples: pd.DataFrame, kinetics: pd.DataFrame) -> Figure:
+    """Kaplan-Meier estimate of time to B-cell reconstitution (measure b, flow preferred).
+
+    Time runs from infusion to the reconstitution day, or to the last sample for censored
+    patients; patients with no depletion called are left out (said in the figure). The curve
+    is the proportion still in aplasia (gid ``km``), with its 95% confidence band, censoring
+    ticks (gid ``censor_ticks``) and the number at risk below.
+    """
+    from lifelines import KaplanMeierFitter
+
+    table = _cohort_kinetics(samples, kinetics)
+    eligible = table[np.isfinite(table["depletion_day"])] if not table.empty else table
+    left_out = len(table) - len(eligible)
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(5.0, 3.6), layout="constrained")
+        if eligible.empty:
+            _message_axes(ax, "No patient with B-cell depletion called:\n"
+                              "no time to reconstitution to estimate")
+            return fig
+        reconstituted = np.isfinite(eligible["reconstitution_day"]) & ~eligible["censored"]
+        durations = np.where(reconstituted, eligible["reconstitution_day"], eligible["last_day"])
+        kmf = KaplanMeierFitter(label="still in aplasia")
+        kmf.fit(durations, event_observed=reconstituted.to_numpy(), timeline=None)
+        survival = kmf.survival_function_.iloc[:, 0]
+        timeline = survival.index.to_numpy(float)
+        ax.step(timeline, survival.to_numpy(), where="post", color="#0072B2", lw=1.5,
+                gid="km", label="still in B-cell aplasia (KM)")
+        band = kmf.confidence_interval_survival_function_
+        ax.fill_between(band.index.to_numpy(float), band.iloc[:, 0], band.iloc[:, 1], step="post",
+                        color="#56B4E9", alpha=0.3, lw=0, label="95% CI")
+        censored_times = durations[~reconstituted.to_numpy()]
+        ax.plot(censored_times, kmf.survival_function_at_times(censored_times).to_numpy(), "|",
+                color="#000000", markersize=8, mew=1.2, gid="censor_ticks", label="censored")
+        median = kmf.median_survival_time_
+        title = "Time to B-cell reconstitution"
+        if math.isfinite(median):
+            title += f" (median {median:g} days)"
+        ax.set_title(title, loc="left")
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("days after CAR-T infusion")
+        ax.set_ylabel("proportion in B-cell aplasia")
+        ax.legend(loc="upper right", frameon=False)
+        if left_out:
+            ax.text(0.0, -0.02, f"{left_out} patient(s) without depletion left out",
+                    transform=fig.transFigure, fontsize=7, va="bottom", color="#444444")
+        _at_risk_row(ax, durations)
+    return fig
+
+
+def _at_risk_row(ax, durations: np.ndarray) -> None:
+    """Number at risk (still in aplasia and under follow-up) below each x tick."""
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    ax.set_xticks(ticks)
+    for tick in ticks:
+        ax.annotate(f"{int((durations >= tick).sum())}", xy=(tick, 0), xycoords=("data",
+                    "axes fraction"), xytext=(0, -30), textcoords="offset points", ha="center",
+                    va="top", fontsize=7, gid="at_risk")
+    ax.annotate("at risk", xy=(0, 0), xycoords="axes fraction", xytext=(-6, -30),
+                textcoords="offset points", ha="right", va="top", fontsize=7)
+
+
+# ---------------------------------------------------------------------------------------------
+# B-cell subset composition
+
+
+def _subset_percentages(rows: pd.DataFrame) -> pd.DataFrame:
+    """% of B cells per subset plus the unassigned remainder; NaN where no B cells."""
+    columns = {}
+    for subset in SUBSETS:
+        column = f"{subset}_pct_b"
+        columns[subset] = (pd.to_numeric(rows[column], errors="coerce")
+                           if column in rows.columns else pd.Series(np.nan, index=rows.index))
+    frame = pd.DataFrame(columns)
+    assigned = frame.sum(axis=1, min_count=1)
+    frame["unassigned"] = (100.0 - assigned).clip(lower=0).where(assigned.notna())
+    return frame
+
+
+def plot_composition_visits(samples: pd.DataFrame, *, min_b_events: int = 50) -> Figure:
+    """Stacked bars of B-cell subsets (% of B cells) per visit, one panel per patient.
+
+    Visits with fewer than ``min_b_events`` B events are drawn pale and hatched (their
+    percentages are unreliable); visits with no B events show an empty hatched frame. Bars
+    carry the gid ``{sample_id}:{subset}``.
+    """
+    patients = sorted(samples["patient_id"].unique())
+    ncols = min(3, max(len(patients), 1))
+    nrows = max(1, math.ceil(len(patients) / ncols))
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(_MAX_WIDTH_IN, 0.6 + 2.1 * nrows),
+                                 layout="constrained", squeeze=False, sharey=True)
+        for ax in axes.flat[len(patients):]:
+            ax.set_visible(False)
+        if not patients:
+            axes.flat[0].set_visible(True)
+            _message_axes(axes.flat[0], "No samples")
+            return fig
+        any_few = False
+        for ax, patient in zip(axes.flat, patients, strict=False):
+            rows = samples[samples["patient_id"] == patient].sort_values(["day", "modality"])
+            percentages = _subset_percentages(rows)
+            b_events = pd.to_numeric(rows["b_cells"], errors="coerce").fillna(0).to_numpy()
+            x = np.arange(len(rows))
+            few = b_events < min_b_events
+            any_few |= bool(few.any())
+            bottom = np.zeros(len(rows))
+            for subset in (*SUBSETS, "unassigned"):
+                heights = percentages[subset].fillna(0).to_numpy()
+                for i, (sample_id, height) in enumerate(zip(rows["sample_id"], heights,
+                                                            strict=True)):
+                    if height <= 0:
+                        continue
+                    ax.bar(x[i], height, bottom=bottom[i], width=0.8,
+                           color=_SUBSET_COLOURS[subset], alpha=0.35 if few[i] else 1.0,
+                           hatch="////" if few[i] else None, edgecolor="#555555" if few[i]
+                           else "none", lw=0.3, gid=f"{sample_id}:{subset}")
+                bottom += heights
+            for i in np.flatnonzero(bottom <= 0):
+                ax.bar(x[i], 100.0, width=0.8, color="none", edgecolor="#999999", hatch="////",
+                       lw=0.5, gid=f"{rows['sample_id'].iloc[i]}:no_b_events")
+            labels = [f"{day}" + (" sc" if modality == "scrna" else "")
+                      for day, modality in zip(rows["day"], rows["modality"], strict=True)]
+            ax.set_xticks(x, labels, rotation=90)
+            ax.set_xlim(-0.6, len(rows) - 0.4)
+            ax.set_ylim(0, 100)
+            ax.set_title(f"Patient {patient}", loc="left")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("% of B cells")
+        for ax in axes[-1, :]:
+            ax.set_xlabel("day (sc: scRNA)")
+        handles = [Patch(color=_SUBSET_COLOURS[s], label=_SUBSET_LABELS[s])
+                   for s in (*SUBSETS, "unassigned")]
+        if any_few:
+            handles.append(Patch(facecolor="white", edgecolor="#555555", hatch="////",
+                                 label=f"< {min_b_events} B events (unreliable)"))
+        fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
+    return fig
+
+
+def _baseline_and_reconstitution(samples: pd.DataFrame, kinetics: pd.DataFrame,
+                                 *, min_b_events: int) -> pd.DataFrame:
+    """Subset % of B cells per patient at baseline and at reconstitution.
+
+    Baseline: the last sample with day <= 0 of the patient's kinetics modality; reconstitution:
+    the sample on the measure-b reconstitution day. Samples with fewer than ``min_b_events``
+    B events are left out (their composition is unreliable).
+    """
+    records = []
+    for patient in sorted(samples["patient_id"].unique()):
+        modality = _patient_modality(samples, patient)
+        rows = samples[(samples["patient_id"] == patient) & (samples["modality"] == modality)]
+        rows = rows[pd.to_numeric(rows["b_cells"], errors="coerce").fillna(0) >= min_b_events]
+        kinetic = _kinetics_row(kinetics, patient, modality)
+        chosen = {"baseline": rows[rows["day"] <= 0].sort_values("day").tail(1)}
+        if kinetic is not None and math.isfinite(_number(kinetic.get("reconstitution_day"))):
+            chosen["reconstitution"] = rows[rows["day"] == _number(kinetic["reconstitution_day"])]
+        for timepoint, row in chosen.items():
+            if row.empty:
+                continue
+            percentages = _subset_percentages(row.head(1)).iloc[0]
+            records.append({"patient_id": patient, "timepoint": timepoint, **percentages})
+    return pd.DataFrame.from_records(
+        records, columns=["patient_id", "timepoint", *SUBSETS, "unassigned"])
+
+
+def plot_composition_baseline_vs_reconstitution(samples: pd.DataFrame, kinetics: pd.DataFrame,
+                                                *, min_b_events: int = 50) -> Figure:
+    """Cohort B-cell subset composition at baseline vs at reconstitution.
+
+    Bars: mean % of B cells per subset over the patients with that time point (gids
+    ``mean_{timepoint}_{subset}``); points: individual patients (gids
+    ``points_{timepoint}_{subset}``).
+    """
+    table = _baseline_and_reconstitution(samples, kinetics, min_b_events=min_b_events)
+    timepoints = (("baseline", "#999999"), ("reconstitution", _RECONSTITUTION_COLOUR))
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, 3.2), layout="constrained")
+        if table.empty:
+            _message_axes(ax, f"No baseline or reconstitution sample with >= {min_b_events} "
+                              "B events")
+            return fig
+        x = np.arange(len(SUBSETS))
+        width = 0.38
+        rng = np.random.default_rng(0)  # jitter of points only; not a result
+        for offset, (timepoint, colour) in zip((-width / 2, width / 2), timepoints, strict=True):
+            part = table[table["timepoint"] == timepoint]
+            n = len(part)
+            means = part[list(SUBSETS)].mean(axis=0).to_numpy() if n else np.full(len(SUBSETS),
+                                                                                np.nan)
+            for i, subset in enumerate(SUBSETS):
+                if n and math.isfinite(means[i]):
+                    ax.bar(x[i] + offset, means[i], width=width, color=colour, alpha=0.8,
+                           gid=f"mean_{timepoint}_{subset}",
+                           label=f"{timepoint} (n={n})" if i == 0 else None)
+                values = part[subset].dropna().to_numpy()
+                ax.scatter(x[i] + offset + rng.uniform(-0.08, 0.08, values.size), values, s=10,
+                           color="#000000", zorder=3, gid=f"points_{timepoint}_{subset}",
+                           label="individual patients" if (i == 0 and timepoint == "baseline")
+                           else None)
+            if n == 0:
+                ax.bar([], [], color=colour, label=f"{timepoint} (n=0)")
+        ax.set_xticks(x, [_SUBSET_LABELS[s].replace(" ", "\n") for s in SUBSETS])
+        ax.set_ylabel("% of B cells (bar: mean)")
+        ax.set_ylim(0, 100)
+        ax.legend(loc="upper right", frameon=False)
+        ax.set_title("B-cell subsets at baseline and at reconstitution", loc="left")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Clustering: pooled events from the annotated h5ads
+
+
+def pool_annotated(paths: Sequence[str | Path], *, markers: Sequence[str],
+                   events_per_sample: int, seed: int) -> pd.DataFrame:
+    """A seeded subsample of events from each annotated flow h5ad, pooled.
+
+    Parameters
+    ----------
+    paths
+        ``results/annotated/{sample_id}.h5ad`` files (scRNA ones are skipped).
+    markers
+        Canonical markers (``var["canonical"]``) whose ``X`` values are kept; markers missing
+        from any sample are dropped for all.
+    events_per_sample
+        At most this many events per sample, drawn without replacement.
+    seed
+        Seed of the subsampling (files are visited in sorted path order, so the result does
+        not depend on the order given).
+
+    Returns
+    -------
+    One row per pooled event: ``sample_id``, ``metacluster``, ``cell_type``, ``b_subset``,
+    ``label`` (``metacluster_cell_type`` when present, else ``cell_type``) and one column per
+    marker kept.
+    """
+    import anndata
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for path in sorted(str(p) for p in paths):
+        adata = anndata.read_h5ad(path, backed="r")
+        try:
+            sample = dict(adata.uns.get("sample", {})) if "sample" in adata.uns else {}
+            sample_id = str(sample.get("sample_id", Path(path).stem))
+            if str(sample.get("modality", "flow")) == "scrna":
+                continue
+            for column in ("metacluster", "cell_type"):
+                if column not in adata.obs.columns:
+                    raise InputError(f"obs[{column!r}] is missing", path=path,
+                                     sample_id=sample_id)
+            if "canonical" not in adata.var.columns:
+                raise InputError("var['canonical'] is missing", path=path, sample_id=sample_id)
+            if adata.n_obs == 0:
+                continue
+            canonical = adata.var["canonical"].astype(str).tolist()
+            present = [m for m in markers if m in canonical]
+            take = min(adata.n_obs, int(events_per_sample))
+            rows = np.sort(rng.choice(adata.n_obs, size=take, replace=False))
+            values = np.asarray(adata.X[rows][:, [canonical.index(m) for m in present]],
+                                dtype=float) if present else np.empty((take, 0))
+            obs = adata.obs.iloc[rows]
+            part = pd.DataFrame(values, columns=present)
+            part.insert(0, "sample_id", sample_id)
+            part.insert(1, "metacluster", obs["metacluster"].to_numpy())
+            part.insert(2, "cell_type", obs["cell_type"].astype(str).to_numpy())
+            b_subset = (obs["b_subset"].astype(str).replace({"nan": ""}).to_numpy()
+                        if "b_subset" in obs.columns else np.full(take, ""))
+            part.insert(3, "b_subset", b_subset)
+            label_column = ("metacluster_cell_type" if "metacluster_cell_type" in obs.columns
+                            else "cell_type")
+            part.insert(4, "label", obs[label_column].astype(str).to_numpy())
+            parts.append(part)
+        finally:
+            adata.file.close()
+    if not parts:
+        return pd.DataFrame(columns=["sample_id", "metacluster", "cell_type", "b_subset",
+                                     "label", *markers])
+    pooled = pd.concat(parts, ignore_index=True)
+    kept = [m for m in markers if m in pooled.columns and pooled[m].notna().all()]
+    dropped = [m for m in markers if m not in kept]
+    if dropped:
+        log.warning("markers missing from some annotated samples, left out of the clustering "
+                    "figures: %s", ", ".join(dropped))
+    return pooled[["sample_id", "metacluster", "cell_type", "b_subset", "label", *kept]]
+
+
+def _marker_columns(pooled: pd.DataFrame) -> list[str]:
+    return [c for c in pooled.columns
+            if c not in {"sample_id", "metacluster", "cell_type", "b_subset", "label"}]
+
+
+def plot_cluster_heatmap(pooled: pd.DataFrame) -> Figure:
+    """Median marker value per metacluster, as a heatmap with phenotype row labels.
+
+    The image (gid ``medians``) holds the medians of the pooled events' transformed values,
+    rows in metacluster order, columns in marker order. Each row is labelled with the
+    metacluster id, the majority phenotype label (with the majority B subset when most of its
+    events have one) and its share of the pooled events.
+    """
+    markers = _marker_columns(pooled)
+    with plt.rc_context(_STYLE):
+        if pooled.empty or not markers:
+            fig, ax = plt.subplots(figsize=(5.0, 2.5), layout="constrained")
+            _message_axes(ax, "No annotated flow events with clustering markers")
+            return fig
+        groups = pooled.groupby("metacluster", sort=True)
+        medians = groups[markers].median()
+        labels = []
+        for metacluster, group in groups:
+            label = group["label"].value_counts().idxmax()
+            subsets = group["b_subset"][group["b_subset"] != ""]
+            if len(subsets) * 2 > len(group):
+                label += f" ({_SUBSET_LABELS.get(subsets.value_counts().idxmax(), '?')})"
+            share = 100.0 * len(group) / len(pooled)
+            labels.append(f"{metacluster}: {label} · {share:.1f}%")
+        height = min(9.0, 1.4 + 0.24 * len(medians))
+        width = min(_MAX_WIDTH_IN, 3.4 + 0.45 * len(markers))
+        fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+        image = ax.imshow(medians.to_numpy(float), aspect="auto", cmap="viridis",
+                          interpolation="nearest", gid="medians")
+        ax.set_xticks(range(len(markers)), markers, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        values = medians.to_numpy(float)
+        middle = np.nanmin(values) + 0.5 * (np.nanmax(values) - np.nanmin(values))
+        if values.size <= 400:
+            for (i, j), value in np.ndenumerate(values):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                        color="#000000" if value > middle else "#FFFFFF")
+        ax.spines[:].set_visible(False)
+        ax.set_xlabel("marker")
+        ax.set_ylabel("metacluster: majority label · % of events")
+        fig.colorbar(image, ax=ax, label="median transformed intensity", shrink=0.8)
+        ax.set_title(f"Metacluster medians ({len(pooled):,} pooled events, "
+                     f"{pooled['sample_id'].nunique()} samples)", loc="left")
+    return fig
+
+
+def embed_umap(values: np.ndarray, *, seed: int, n_neighbors: int = 15) -> np.ndarray:
+    """A seeded 2-D UMAP embedding (umap-learn) of the rows of ``values``."""
+    import umap
+
+    n = values.shape[0]
+    if n < 3:
+        return np.zeros((n, 2))
+    # random_state makes UMAP deterministic (and single-threaded: n_jobs=1 says so).
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=0.3, random_state=seed,
+                        n_jobs=1,
+                        init="spectral" if n > n_neighbors + 1 else "random")
+    return np.asarray(reducer.fit_transform(values), dtype=float)
+
+
+def plot_embedding(pooled: pd.DataFrame, *, max_events: int = 20_000, seed: int,
+                   n_neighbors: int = 15) -> Figure:
+    """UMAP of a seeded subsample of pooled events, coloured by cell type and by B subset.
+
+    At most ``max_events`` events are embedded (drawn without replacement with ``seed``).
+    Panel 1 has one scatter per cell type (gid ``celltype_{label}``), panel 2 one per B
+    subset (gid ``subset_{subset}``) over the non-B events in grey. Points are rasterised so
+    the SVG stays small.
+    """
+    markers = _marker_columns(pooled)
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(_MAX_WIDTH_IN, 3.9), layout="constrained")
+        if pooled.empty or not markers:
+            for ax in axes:
+                _message_axes(ax, "No annotated flow events with clustering markers")
+            return fig
+        rng = np.random.default_rng(seed)
+        if len(pooled) > max_events:
+            chosen = np.sort(rng.choice(len(pooled), size=max_events, replace=False))
+            pooled = pooled.iloc[chosen].reset_index(drop=True)
+        coordinates = embed_umap(pooled[markers].to_numpy(float), seed=seed,
+                                 n_neighbors=n_neighbors)
+        size = float(np.clip(6000 / len(pooled), 0.5, 12))
+        cell_types = pooled["cell_type"].to_numpy(str)
+        colours = _palette(sorted(set(cell_types)))
+        for label, colour in colours.items():
+            mask = cell_types == label
+            axes[0].scatter(coordinates[mask, 0], coordinates[mask, 1], s=size, color=colour,
+                            lw=0, rasterized=True, label=f"{label} ({mask.sum():,})",
+                            gid=f"celltype_{label}")
+        subsets = pooled["b_subset"].to_numpy(str)
+        unlabelled = ~np.isin(subsets, SUBSETS)
+        axes[1].scatter(coordinates[unlabelled, 0], coordinates[unlabelled, 1], s=size,
+                        color="#DDDDDD", lw=0, rasterized=True, label="not a B subset",
+                        gid="subset_none")
+        for subset in SUBSETS:
+            mask = subsets == subset
+            if mask.any():
+                axes[1].scatter(coordinates[mask, 0], coordinates[mask, 1], s=size,
+                                color=_SUBSET_COLOURS[subset], lw=0, rasterized=True,
+                                label=f"{_SUBSET_LABELS[subset]} ({mask.sum():,})",
+                                gid=f"subset_{subset}")
+        for ax, title in zip(axes, ("cell type", "B-cell subset"), strict=True):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("UMAP 1")
+            ax.set_ylabel("UMAP 2")
+            ax.set_title(title, loc="left")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2, frameon=False,
+                      markerscale=max(1.0, 4.0 / math.sqrt(size)), handletextpad=0.2,
+                      columnspacing=0.8)
+        fig.suptitle(f"UMAP of {len(pooled):,} pooled events (seed {seed})", x=0.01, ha="left",
+                     fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# QC
+
+
+def plot_qc_removed(qc: pd.DataFrame) -> Figure:
+    """Events removed per QC step per sample, as % of the sample's events (stacked bars).
+
+    The denominator is ``events_in`` of the sample's first step (all events acquired). Bars
+    carry the gid ``{sample_id}:{step}``; steps keep the table's order.
+    """
+    samples_order = sorted(qc["sample_id"].astype(str).unique())
+    steps = list(dict.fromkeys(qc["step"].astype(str)))
+    height = min(9.5, 1.2 + 0.13 * max(len(samples_order), 4))
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, height), layout="constrained")
+        if qc.empty:
+            _message_axes(ax, "No QC table rows")
+            return fig
+        colours = dict(zip(steps, _palette(steps).values(), strict=True))
+        left = np.zeros(len(samples_order))
+        totals = {}
+        for sample_id in samples_order:
+            rows = qc[qc["sample_id"].astype(str) == sample_id]
+            totals[sample_id] = float(pd.to_numeric(rows["events_in"]).iloc[0])
+        for step in steps:
+            widths = np.zeros(len(samples_order))
+            for i, sample_id in enumerate(samples_order):
+                rows = qc[(qc["sample_id"].astype(str) == sample_id) & (qc["step"] == step)]
+                removed = float(pd.to_numeric(rows["events_removed"]).sum())
+                widths[i] = 100.0 * removed / totals[sample_id] if totals[sample_id] > 0 else 0
+            bars = ax.barh(np.arange(len(samples_order)), widths, left=left, height=0.75,
+                           color=colours[step], label=step)
+            for bar, sample_id in zip(bars, samples_order, strict=True):
+                bar.set_gid(f"{sample_id}:{step}")
+            left += widths
+        for i, total in enumerate(left):
+            ax.text(total, i, f" {total:.1f}%", va="center", fontsize=7)
+        ax.set_yticks(np.arange(len(samples_order)), samples_order,
+                      fontsize=7 if len(samples_order) <= 70 else 5)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(5.0, float(left.max()) * 1.15))
+        ax.set_xlabel("events removed, % of events acquired")
+        ax.legend(title="QC step", loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                  ncols=len(steps), frameon=False)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def save_figure(fig: Figure, outdir: str | Path, stem: str, *, dpi: int = 200) -> list[Path]:
+    """Write ``{stem}.png`` and ``{stem}.svg`` atomically into ``outdir``; close the figure."""
+    written = []
+    try:
+        for extension in ("png", "svg"):
+            path = Path(outdir) / f"{stem}.{extension}"
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=extension, dpi=dpi)
+            written.append(path)
+    finally:
+        plt.close(fig)
+    return written
+
+
+def _check_patient_id(patient_id: str, *, path: object) -> None:
+    """Patient ids become file names: refuse ones that cannot."""
+    if not patient_id or patient_id in {".", ".."} or any(c in patient_id for c in "/\\\0"):
+        raise InputError(f"patient_id {patient_id!r} cannot be used in a file name", path=path)
+
+
+def cli_report(args: argparse.Namespace) -> None:
+    """``bcellmap report``: write every report figure as PNG and SVG into ``args.outdir``.
+
+    Reads ``args.samples_table``, ``args.kinetics``, ``args.qc`` and the annotated h5ads
+    (``args.annotated``, may be empty); ``args.cohort`` and ``args.model`` are not needed.
+    All figures are drawn before any is written, so bad input leaves no figure behind.
+    """
+    from .config import load_config
+
+    config = load_config(args.config)
+    settings = config.get("report", {})
+    seed = int(config["seed"])
+    min_b = int(settings.get("min_b_events_composition", 50))
+    samples = _read_table(args.samples_table, _SAMPLES_COLUMNS)
+    samples["day"] = pd.to_numeric(samples["day"], errors="coerce")
+    if samples["day"].isna().any():
+        raise InputError("column 'day' has empty or non-numeric values", path=args.samples_table)
+    kinetics = _read_table(args.kinetics, _KINETICS_COLUMNS)
+    qc = _read_table(args.qc, _QC_COLUMNS)
+    for patient in samples["patient_id"].unique():
+        _check_patient_id(str(patient), path=args.samples_table)
+
+    figures: list[tuple[str, Figure]] = []
+    try:
+        for patient in sorted(samples["patient_id"].unique()):
+            figures.append((f"patient_{patient}", plot_patient(samples, kinetics, patient)))
+        figures += [
+            ("cohort_trajectories", plot_cohort_trajectories(samples, kinetics)),
+            ("swimmer", plot_swimmer(samples, kinetics)),
+            ("kaplan_meier", plot_kaplan_meier(samples, kinetics)),
+            ("composition_visits", plot_composition_visits(samples, min_b_events=min_b)),
+            ("composition_baseline_vs_reconstitution",
+             plot_composition_baseline_vs_reconstitution(samples, kinetics, min_b_events=min_b)),
+            ("qc_removed", plot_qc_removed(qc)),
+        ]
+        pooled = pool_annotated(args.annotated, markers=config["cluster"]["markers"],
+                                events_per_sample=int(settings.get("heatmap_events_per_sample",
+                                                                   5000)), seed=seed)
+        figures.append(("cluster_heatmap", plot_cluster_heatmap(pooled)))
+        figures.append(("embedding", plot_embedding(
+            pooled, max_events=int(settings.get("embedding_events", 20_000)), seed=seed,
+            n_neighbors=int(settings.get("embedding_neighbors", 15)))))
+    except BaseException:
+        for _, fig in figures:
+            plt.close(fig)
+        raise
+    dpi = int(settings.get("dpi", 200))
+    for index, (stem, fig) in enumerate(figures):
+        try:
+            save_figure(fig, args.outdir, stem, dpi=dpi)
+        except BaseException:
+            for _, rest in figures[index + 1:]:
+                plt.close(rest)
+            raise
+    log.info("wrote %d figures to %s", len(figures), args.outdir)

@@ -1,0 +1,414 @@
+"""Tests of the report figures (bcellmap.figures) on small hand-made tables.
+
+The tables follow the contracts of results/tables/{samples,kinetics,qc}.tsv; every expected
+value below is computed by hand (or by numpy on the generated events), not by the code under
+test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+import matplotlib.pyplot  # noqa: E402
+from matplotlib.image import imread  # noqa: E402
+
+from bcellmap import figures  # noqa: E402
+from bcellmap.errors import InputError  # noqa: E402
+
+SUBSETS = figures.SUBSETS
+DAYS = (-5, 3, 7, 14, 28, 56, 84, 112, 150, 240, 365)
+MARKERS = ("CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24")
+BASELINE_MIX = {"transitional": 4.0, "naive": 65.0, "unswitched_memory": 10.0,
+                "switched_memory": 15.0, "double_negative": 5.0, "plasmablast": 1.0}
+RETURN_MIX = {"transitional": 25.0, "naive": 70.0, "unswitched_memory": 2.0,
+              "switched_memory": 2.0, "double_negative": 1.0, "plasmablast": 0.0}
+# patient -> (baseline B/µL, reconstitution day or None, B/µL after return, CD19- share on return)
+PATIENTS = {
+    "P01": (250.0, 84, 120.0, 0.0),
+    "P02": (180.0, 112, 60.0, 0.0),
+    "P03": (300.0, 112, 150.0, 0.4),  # CD19-CD20+ B cells on return
+    "P04": (120.0, 150, 25.0, 0.0),
+    "P05": (100.0, None, 0.0, 0.0),   # never returns: censored at day 365
+}
+
+
+def _sample_row(patient: str, day: int, *, b_per_ul: float, cd19_negative_share: float,
+                lymphocytes_per_ul: float, lymphocyte_events: int, modality: str = "flow",
+                mix: dict[str, float] | None = None, absolute: bool = True) -> dict:
+    """One samples.tsv row with counts consistent with a B-cell level per µL."""
+    b_events = int(round(b_per_ul / lymphocytes_per_ul * lymphocyte_events))
+    cd19neg = int(round(b_events * cd19_negative_share))
+    b_pct = 100.0 * b_events / lymphocyte_events
+    row = {
+        "sample_id": f"{patient}_d{day}{'_sc' if modality == 'scrna' else ''}",
+        "patient_id": patient, "day": day, "modality": modality,
+        "events_total": lymphocyte_events + 5000, "events_qc_pass": lymphocyte_events,
+        "lymphocytes": lymphocyte_events, "b_cells": b_events,
+        "cd19_pos": b_events - cd19neg, "cd20_pos": b_events, "cd19neg_cd20pos": cd19neg,
+        "b_pct_lymphocytes": b_pct,
+        "cd19_pct_lymphocytes": 100.0 * (b_events - cd19neg) / lymphocyte_events,
+        "cd20_pct_lymphocytes": b_pct,
+        "b_per_ul": b_pct / 100.0 * lymphocytes_per_ul if absolute else np.nan,
+        "lloq_pct_lymphocytes": 3.0 / lymphocyte_events * 100.0,
+        "lymphocytes_per_ul": lymphocytes_per_ul if absolute else np.nan,
+    }
+    for subset in SUBSETS:
+        pct = (mix or {}).get(subset, np.nan) if b_events else np.nan
+        row[f"{subset}_pct_b"] = pct
+        row[f"{subset}_count"] = 0 if not b_events else int(round(pct / 100 * b_events))
+    return row
+
+
+def realistic_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Samples, kinetics and QC tables of a 5-patient cohort with known kinetics."""
+    rows, kinetics = [], []
+    for number, (patient, (baseline, back, level, cd19neg)) in enumerate(PATIENTS.items()):
+        for visit, day in enumerate(DAYS):
+            lymphocytes_per_ul = 900.0 + 50.0 * number + 30.0 * visit
+            events = 20000 + 1000 * visit
+            if day <= 0:
+                b_per_ul, mix, share = baseline, BASELINE_MIX, 0.0
+            elif back is not None and day >= back:
+                b_per_ul, mix, share = level * (1 + 0.3 * (day - back) / 100), RETURN_MIX, cd19neg
+            else:
+                b_per_ul, mix, share = 0.0, None, 0.0  # aplasia: 0 events
+            rows.append(_sample_row(patient, day, b_per_ul=b_per_ul, cd19_negative_share=share,
+                                    lymphocytes_per_ul=lymphocytes_per_ul,
+                                    lymphocyte_events=events, mix=mix))
+        kinetics.append({
+            "patient_id": patient, "modality": "flow", "measure": "b",
+            "baseline_value": baseline, "depletion_day": 3, "nadir_value": 0.0,
+            "reconstitution_day": back if back is not None else np.nan,
+            "aplasia_days": (back - 3) if back is not None else 365 - 3,
+            "censored": back is None, "last_day": 365, "flags": "",
+        })
+    samples = pd.DataFrame(rows)
+    qc_rows = []
+    rng = np.random.default_rng(1)
+    for sample_id, total in zip(samples["sample_id"], samples["events_total"], strict=True):
+        events_in = int(total)
+        for step in ("margin", "doublets", "dead", "debris", "time_anomaly"):
+            removed = int(rng.integers(0, events_in // 10))
+            qc_rows.append({"sample_id": sample_id, "step": step, "events_in": events_in,
+                            "events_removed": removed, "events_out": events_in - removed,
+                            "detail": ""})
+            events_in -= removed
+    return samples, pd.DataFrame(kinetics), pd.DataFrame(qc_rows)
+
+
+def annotated_h5ad(path: Path, *, sample_id: str, n_events: int, seed: int) -> object:
+    """A small annotated flow AnnData: three metaclusters with known marker levels."""
+    import anndata
+
+    rng = np.random.default_rng(seed)
+    centres = {  # metacluster -> (cell_type, b_subset, marker means in MARKERS order)
+        0: ("T", "", [4.0, 0.2, 0.3, 0.2, 2.0, 1.0, 0.5]),
+        1: ("B", "naive", [0.2, 3.5, 3.8, 3.0, 0.3, 1.5, 2.0]),
+        2: ("B", "switched_memory", [0.2, 3.2, 3.5, 0.3, 3.0, 1.0, 1.5]),
+    }
+    metacluster = rng.integers(0, 3, n_events)
+    x = np.vstack([np.asarray(centres[m][2]) for m in metacluster])
+    x = (x + rng.normal(0, 0.3, x.shape)).astype(np.float32)
+    scatter = rng.uniform(2, 5, (n_events, 1)).astype(np.float32)
+    adata = anndata.AnnData(
+        X=np.hstack([scatter, x]),
+        obs=pd.DataFrame({
+            "event_index": np.arange(n_events),
+            "metacluster": metacluster,
+            "cell_type": [centres[m][0] for m in metacluster],
+            "b_subset": [centres[m][1] for m in metacluster],
+        }, index=[str(i) for i in range(n_events)]),
+        var=pd.DataFrame({"canonical": ["FSC-A", *MARKERS]},
+                         index=["FSC-A", "BV510-A", "PE-Cy7-A", "APC-A", "FITC-A", "BV421-A",
+                                "PerCP-A", "PE-A"]),
+    )
+    adata.uns["sample"] = {"sample_id": sample_id, "patient_id": "P01", "day": -5,
+                           "modality": "flow", "panel": "default"}
+    adata.write_h5ad(path)
+    return adata
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    matplotlib.pyplot.close("all")
+
+
+@pytest.fixture(scope="module")
+def tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    return realistic_tables()
+
+
+def _write_inputs(directory: Path, samples, kinetics, qc) -> dict[str, Path]:
+    paths = {name: directory / f"{name}.tsv" for name in ("samples", "kinetics", "qc",
+                                                          "cohort")}
+    samples.to_csv(paths["samples"], sep="\t", index=False)
+    kinetics.to_csv(paths["kinetics"], sep="\t", index=False)
+    qc.to_csv(paths["qc"], sep="\t", index=False)
+    paths["cohort"].write_text("statistic\tvalue\n")
+    return paths
+
+
+def _args(paths: dict[str, Path], annotated: list[Path], outdir: Path,
+          config: Path | None = None) -> argparse.Namespace:
+    return argparse.Namespace(config=config, samples_table=paths["samples"],
+                              kinetics=paths["kinetics"], cohort=paths["cohort"],
+                              qc=paths["qc"], model=outdir / "absent.npz",
+                              annotated=[str(p) for p in annotated], outdir=outdir)
+
+
+def _by_gid(fig, gid: str):
+    found = [a for a in fig.findobj() if a.get_gid() == gid]
+    assert found, f"no artist with gid {gid!r}"
+    return found[0]
+
+
+def test_cli_report_writes_every_figure(tmp_path, tables):
+    samples, kinetics, qc = tables
+    paths = _write_inputs(tmp_path, samples, kinetics, qc)
+    annotated = [tmp_path / "S1.h5ad", tmp_path / "S2.h5ad"]
+    annotated_h5ad(annotated[0], sample_id="S1", n_events=300, seed=1)
+    annotated_h5ad(annotated[1], sample_id="S2", n_events=200, seed=2)
+    config = tmp_path / "config.yaml"
+    config.write_text("report:\n  embedding_events: 400\n")
+    outdir = tmp_path / "report"
+    figures.cli_report(_args(paths, annotated, outdir, config))
+    stems = [f"patient_{p}" for p in PATIENTS] + [
+        "cohort_trajectories", "swimmer", "kaplan_meier", "composition_visits",
+        "composition_baseline_vs_reconstitution", "cluster_heatmap", "embedding", "qc_removed"]
+    for stem in stems:
+        png = imread(outdir / f"{stem}.png")
+        assert png.shape[0] > 300 and png.shape[1] > 600, stem
+        assert png[..., :3].std() > 0.01, f"{stem}.png is blank"
+        root = ElementTree.parse(outdir / f"{stem}.svg").getroot()
+        assert root.tag.endswith("svg")
+        # Journal width: at most 7 inches (SVG size is in points).
+        assert float(root.get("width").removesuffix("pt")) <= 7 * 72 + 1
+    assert sorted(p.name for p in outdir.iterdir()) == sorted(
+        f"{s}.{e}" for s in stems for e in ("png", "svg"))
+
+
+def test_patient_lloq_and_levels_per_ul(tables):
+    samples, kinetics, _ = tables
+    fig = figures.plot_patient(samples, kinetics, "P03")
+    rows = samples[samples["patient_id"] == "P03"].sort_values("day")
+    lloq = _by_gid(fig, "lloq_flow")
+    expected_lloq = 3.0 / rows["lymphocytes"] * 100 / 100 * rows["lymphocytes_per_ul"]
+    np.testing.assert_allclose(lloq.get_ydata(), expected_lloq.to_numpy(), rtol=1e-9)
+    assert "cells/µL" in fig.axes[0].get_ylabel()
+    # During aplasia (0 events) CD19 is drawn at the LLOQ, after return at its level per µL.
+    cd19 = np.asarray(_by_gid(fig, "level_cd19_flow").get_ydata(), dtype=float)
+    aplastic = ((rows["day"] > 0) & (rows["day"] < 112)).to_numpy()
+    np.testing.assert_allclose(cd19[aplastic], expected_lloq.to_numpy()[aplastic])
+    after = (rows["day"] >= 112).to_numpy()
+    expected_cd19 = (rows["cd19_pos"] / rows["lymphocytes"] * rows["lymphocytes_per_ul"])
+    np.testing.assert_allclose(cd19[after], expected_cd19.to_numpy()[after], rtol=1e-9)
+    # CD20 above CD19 on return: the CD19-CD20+ cells are visible.
+    cd20 = np.asarray(_by_gid(fig, "level_cd20_flow").get_ydata(), dtype=float)
+    assert np.all(cd20[after] > cd19[after] * 1.5)
+    assert fig.axes[0].get_yscale() == "log"
+    open_markers = _by_gid(fig, "below_lloq_cd19_flow").get_offsets()
+    assert sorted(np.asarray(open_markers)[:, 0]) == sorted(rows["day"][aplastic])
+    assert _by_gid(fig, "depletion").get_xdata()[0] == 3
+    assert _by_gid(fig, "reconstitution").get_xdata()[0] == 112
+    assert _by_gid(fig, "day0").get_xdata()[0] == 0
+
+
+def test_patient_percent_without_absolute_counts_and_scrna_only():
+    # scRNA-only patient, no absolute counts, all B counts zero.
+    rows = [_sample_row("S9", day, b_per_ul=0.0, cd19_negative_share=0.0,
+                        lymphocytes_per_ul=1000.0, lymphocyte_events=4000, modality="scrna",
+                        absolute=False) for day in (-3, 30, 90)]
+    samples = pd.DataFrame(rows)
+    kinetics = pd.DataFrame(columns=["patient_id", "modality", "measure", "depletion_day",
+                                     "reconstitution_day", "aplasia_days", "censored",
+                                     "last_day"])
+    fig = figures.plot_patient(samples, kinetics, "S9")
+    assert "% of lymphocytes" in fig.axes[0].get_ylabel()
+    np.testing.assert_allclose(_by_gid(fig, "lloq_scrna").get_ydata(), [3 / 4000 * 100] * 3)
+    np.testing.assert_allclose(_by_gid(fig, "level_cd20_scrna").get_ydata(),
+                               [3 / 4000 * 100] * 3)
+
+
+def test_swimmer_bars_equal_aplasia_days(tables):
+    samples, kinetics, _ = tables
+    fig = figures.plot_swimmer(samples, kinetics)
+    for patient, (_, back, _, _) in PATIENTS.items():
+        bar = _by_gid(fig, f"aplasia_{patient}")
+        expected = (back if back is not None else 365) - 3
+        assert bar.get_width() == pytest.approx(expected)
+        assert bar.get_x() == pytest.approx(3)
+        censored = [a for a in fig.findobj() if a.get_gid() == f"censored_{patient}"]
+        marker = [a for a in fig.findobj() if a.get_gid() == f"reconstitution_{patient}"]
+        assert bool(censored) == (back is None)
+        assert bool(marker) == (back is not None)
+
+
+def test_kaplan_meier_matches_hand_computation():
+    # Reconstitution at 84, 112, 112, 150; one censored at 365 (product-limit by hand).
+    samples = pd.DataFrame({"patient_id": ["A", "B", "C", "D", "E"], "modality": "flow",
+                            "day": [-5] * 5})
+    kinetics = pd.DataFrame({
+        "patient_id": ["A", "B", "C", "D", "E"], "modality": "flow", "measure": "b",
+        "depletion_day": [3] * 5, "reconstitution_day": [84, 112, 112, 150, np.nan],
+        "aplasia_days": [81, 109, 109, 147, 362], "censored": [False] * 4 + [True],
+        "last_day": [365] * 5})
+    fig = figures.plot_kaplan_meier(samples, kinetics)
+    line = _by_gid(fig, "km")
+    times, survival = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+
+    def at(day: float) -> float:
+        return survival[np.searchsorted(times, day, side="right") - 1]
+
+    assert at(0) == pytest.approx(1.0)
+    assert at(84) == pytest.approx(4 / 5)
+    assert at(112) == pytest.approx(4 / 5 * 2 / 4)
+    assert at(150) == pytest.approx(4 / 5 * 2 / 4 * 1 / 2)
+    assert at(365) == pytest.approx(0.2)
+    ticks = _by_gid(fig, "censor_ticks")
+    assert list(ticks.get_xdata()) == [365]
+
+
+def test_cohort_trajectories_one_line_per_patient(tables):
+    samples, kinetics, _ = tables
+    fig = figures.plot_cohort_trajectories(samples, kinetics)
+    for patient in PATIENTS:
+        line = _by_gid(fig, f"trajectory_{patient}")
+        rows = samples[samples["patient_id"] == patient].sort_values("day")
+        assert line.get_ydata()[0] == pytest.approx(rows["b_per_ul"].iloc[0], rel=1e-9)
+    # One patient alone still draws.
+    single = figures.plot_cohort_trajectories(samples[samples["patient_id"] == "P05"], kinetics)
+    assert _by_gid(single, "trajectory_P05").get_ydata().size == len(DAYS)
+
+
+def test_composition_visits_heights_and_hatching(tables):
+    samples, _, _ = tables
+    fig = figures.plot_composition_visits(samples, min_b_events=50)
+    baseline = _by_gid(fig, "P01_d-5:naive")
+    assert baseline.get_height() == pytest.approx(65.0)
+    assert baseline.get_y() == pytest.approx(4.0)  # stacked on transitional
+    assert not baseline.get_hatch()
+    # P04 returns at 25 B/µL: 25/1020 * 26000 events ≈ 637 B events -> not hatched; make a
+    # low-count visit by hand.
+    few = samples.copy()
+    few.loc[few["sample_id"] == "P01_d84", "b_cells"] = 30
+    fig = figures.plot_composition_visits(few, min_b_events=50)
+    assert _by_gid(fig, "P01_d84:naive").get_hatch()
+    assert _by_gid(fig, "P01_d7:no_b_events").get_hatch()
+
+
+def test_composition_baseline_vs_reconstitution_means(tables):
+    samples, kinetics, _ = tables
+    fig = figures.plot_composition_baseline_vs_reconstitution(samples, kinetics)
+    for subset in SUBSETS:
+        assert _by_gid(fig, f"mean_baseline_{subset}").get_height() == pytest.approx(
+            BASELINE_MIX[subset])
+        points = _by_gid(fig, f"points_baseline_{subset}").get_offsets()
+        assert len(points) == 5
+        if RETURN_MIX[subset] > 0:
+            assert _by_gid(fig, f"mean_reconstitution_{subset}").get_height() == pytest.approx(
+                RETURN_MIX[subset])
+        # P05 never reconstitutes: four patients at reconstitution.
+        assert len(_by_gid(fig, f"points_reconstitution_{subset}").get_offsets()) == 4
+
+
+def test_cluster_heatmap_medians_and_labels(tmp_path):
+    paths = [tmp_path / "S1.h5ad", tmp_path / "S2.h5ad"]
+    data = [annotated_h5ad(paths[0], sample_id="S1", n_events=300, seed=1),
+            annotated_h5ad(paths[1], sample_id="S2", n_events=200, seed=2)]
+    pooled = figures.pool_annotated(paths, markers=list(MARKERS), events_per_sample=10_000,
+                                    seed=0)
+    assert len(pooled) == 500
+    fig = figures.plot_cluster_heatmap(pooled)
+    image = _by_gid(fig, "medians").get_array()
+    x = np.vstack([d.X[:, 1:] for d in data])
+    metacluster = np.concatenate([d.obs["metacluster"].to_numpy() for d in data])
+    for row in range(3):
+        np.testing.assert_allclose(image[row], np.median(x[metacluster == row], axis=0),
+                                   rtol=1e-5)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[0].startswith("0: T")
+    assert labels[1].startswith("1: B (naive)")
+    assert labels[2].startswith("2: B (switched memory)")
+    # Bounded, seeded subsample: the cap holds and the same seed draws the same events.
+    capped = figures.pool_annotated(paths, markers=list(MARKERS), events_per_sample=50, seed=3)
+    again = figures.pool_annotated(paths[::-1], markers=list(MARKERS), events_per_sample=50,
+                                   seed=3)
+    assert len(capped) == 100
+    pd.testing.assert_frame_equal(capped, again)
+
+
+def test_embedding_colours_every_event_by_label(tmp_path):
+    path = tmp_path / "S1.h5ad"
+    adata = annotated_h5ad(path, sample_id="S1", n_events=300, seed=4)
+    pooled = figures.pool_annotated([path], markers=list(MARKERS), events_per_sample=1000,
+                                    seed=0)
+    fig = figures.plot_embedding(pooled, max_events=1000, seed=0)
+    n_b = int((adata.obs["cell_type"] == "B").sum())
+    assert len(_by_gid(fig, "celltype_B").get_offsets()) == n_b
+    assert len(_by_gid(fig, "celltype_T").get_offsets()) == 300 - n_b
+    n_naive = int((adata.obs["b_subset"] == "naive").sum())
+    assert len(_by_gid(fig, "subset_naive").get_offsets()) == n_naive
+    # The two metacluster groups of B cells (naive IgD+ vs switched IgD-) separate in UMAP.
+    naive = np.asarray(_by_gid(fig, "subset_naive").get_offsets())
+    switched = np.asarray(_by_gid(fig, "subset_switched_memory").get_offsets())
+    gap = np.linalg.norm(naive.mean(0) - switched.mean(0))
+    assert gap > 2 * max(naive.std(0).mean(), switched.std(0).mean())
+    capped = figures.plot_embedding(pooled, max_events=100, seed=0)
+    total = sum(len(_by_gid(capped, f"celltype_{t}").get_offsets()) for t in ("B", "T"))
+    assert total == 100
+
+
+def test_qc_removed_bar_widths(tables):
+    _, _, qc = tables
+    fig = figures.plot_qc_removed(qc)
+    sample_id = qc["sample_id"].iloc[0]
+    rows = qc[qc["sample_id"] == sample_id]
+    total = rows["events_in"].iloc[0]
+    left = 0.0
+    for step, removed in zip(rows["step"], rows["events_removed"], strict=True):
+        bar = _by_gid(fig, f"{sample_id}:{step}")
+        assert bar.get_width() == pytest.approx(100 * removed / total)
+        assert bar.get_x() == pytest.approx(left)
+        left += 100 * removed / total
+    assert len(fig.axes[0].get_yticklabels()) == qc["sample_id"].nunique()
+
+
+def test_edge_cases_do_not_crash(tmp_path):
+    # One patient, never depleted and no absolute counts; empty QC table; no annotated data.
+    rows = [_sample_row("X1", day, b_per_ul=150.0, cd19_negative_share=0.0,
+                        lymphocytes_per_ul=1000.0, lymphocyte_events=10000, absolute=False,
+                        mix=BASELINE_MIX) for day in (-2, 10, 30)]
+    samples = pd.DataFrame(rows)
+    kinetics = pd.DataFrame([{"patient_id": "X1", "modality": "flow", "measure": "b",
+                              "depletion_day": np.nan, "reconstitution_day": np.nan,
+                              "aplasia_days": np.nan, "censored": False, "last_day": 30}])
+    qc = pd.DataFrame(columns=["sample_id", "step", "events_in", "events_removed",
+                               "events_out", "detail"])
+    paths = _write_inputs(tmp_path, samples, kinetics, qc)
+    outdir = tmp_path / "out"
+    figures.cli_report(_args(paths, [], outdir))
+    assert (outdir / "patient_X1.png").stat().st_size > 0
+    assert (outdir / "kaplan_meier.svg").stat().st_size > 0
+    assert (outdir / "embedding.png").stat().st_size > 0
+    assert math.isnan(float("nan"))
+
+
+def test_bad_input_raises_and_writes_nothing(tmp_path, tables):
+    samples, kinetics, qc = tables
+    paths = _write_inputs(tmp_path, samples.drop(columns=["lloq_pct_lymphocytes"]), kinetics,
+                          qc)
+    outdir = tmp_path / "out"
+    with pytest.raises(InputError, match="lloq_pct_lymphocytes"):
+        figures.cli_report(_args(paths, [], outdir))
+    assert not outdir.exists() or not any(outdir.iterdir())
