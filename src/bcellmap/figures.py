@@ -279,16 +279,17 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
             name = "flow" if modality == "flow" else "scRNA"
             suffix = "" if len(modalities) == 1 else f" ({name})"
             lloq = None
-            for measure, marker in (("cd19", "o"), ("cd20", "s")):
+            # CD19 wider and bigger beneath CD20, so both stay visible where they coincide.
+            for measure, marker, width, size in (("cd19", "o", 2.4, 42), ("cd20", "s", 1.0, 14)):
                 values, lloq = _levels(part, measure, per_ul=per_ul)
                 shown, below = _plotted_levels(values, lloq)
                 colour = _MARKER_COLOURS[measure]
-                line, = ax.plot(days, shown, style, color=colour, marker=None, lw=1.2,
+                ax.plot(days, shown, style, color=colour, marker=None, lw=width,
                                 label=f"{_MARKER_LABELS[measure]}{suffix}",
                                 gid=f"level_{measure}_{modality}")
-                ax.scatter(days[~below], shown[~below], marker=marker, s=18, color=colour,
+                ax.scatter(days[~below], shown[~below], marker=marker, s=size, color=colour,
                            zorder=3)
-                ax.scatter(days[below], shown[below], marker=marker, s=18, facecolors="white",
+                ax.scatter(days[below], shown[below], marker=marker, s=size, facecolors="white",
                            edgecolors=colour, linewidths=1.0, zorder=3,
                            gid=f"below_lloq_{measure}_{modality}")
                 any_below |= bool(below.any())
@@ -443,7 +444,11 @@ def plot_swimmer(samples: pd.DataFrame, kinetics: pd.DataFrame) -> Figure:
             _message_axes(ax, "No patients")
             return fig
         span = float(np.nanmax(table["last_day"])) if table["last_day"].notna().any() else 1.0
+        first_day = float(samples["day"].min())
         for y, row in table.iterrows():
+            # Follow-up lane: from the first sample of the cohort to the patient's last one.
+            ax.plot([min(first_day, 0.0), row["last_day"]], [y, y], color="#BBBBBB", lw=0.8,
+                    zorder=0)
             depletion, aplasia = row["depletion_day"], row["aplasia_days"]
             if math.isfinite(depletion) and math.isfinite(aplasia):
                 ax.barh(y, aplasia, left=depletion, height=0.55, color="#56B4E9",
@@ -610,8 +615,9 @@ def plot_composition_visits(samples: pd.DataFrame, *, min_b_events: int = 50) ->
             ax.set_title(f"Patient {patient}", loc="left")
         for ax in axes[:, 0]:
             ax.set_ylabel("% of B cells")
-        for ax in axes[-1, :]:
-            ax.set_xlabel("day (sc: scRNA)")
+        has_scrna = bool((samples["modality"] == "scrna").any())
+        for ax in axes.flat[max(0, len(patients) - ncols):len(patients)]:
+            ax.set_xlabel("day after infusion" + (" (sc: scRNA)" if has_scrna else ""))
         handles = [Patch(color=_SUBSET_COLOURS[s], label=_SUBSET_LABELS[s])
                    for s in (*SUBSETS, "unassigned")]
         if any_few:
@@ -813,7 +819,7 @@ def plot_cluster_heatmap(pooled: pd.DataFrame) -> Figure:
                         color="#000000" if value > middle else "#FFFFFF")
         ax.spines[:].set_visible(False)
         ax.set_xlabel("marker")
-        ax.set_ylabel("metacluster: majority label · % of events")
+        ax.set_ylabel("metacluster: label · % of events")
         fig.colorbar(image, ax=ax, label="median transformed intensity", shrink=0.8)
         ax.set_title(f"Metacluster medians ({len(pooled):,} pooled events, "
                      f"{pooled['sample_id'].nunique()} samples)", loc="left")
@@ -898,9 +904,9 @@ def plot_qc_removed(qc: pd.DataFrame) -> Figure:
     """Events removed per QC step per sample, as % of the sample's events (stacked bars).
 
     The denominator is ``events_in`` of the sample's first step (all events acquired). Bars
-    carry the gid ``{sample_id}:{step}``; steps keep the table's order.
+    carry the gid ``{sample_id}:{step}``; samples and steps keep the table's order.
     """
-    samples_order = sorted(qc["sample_id"].astype(str).unique())
+    samples_order = list(dict.fromkeys(qc["sample_id"].astype(str)))  # the table's order
     steps = list(dict.fromkeys(qc["step"].astype(str)))
     height = min(9.5, 1.2 + 0.13 * max(len(samples_order), 4))
     with plt.rc_context(_STYLE):
@@ -929,7 +935,7 @@ def plot_qc_removed(qc: pd.DataFrame) -> Figure:
             ax.text(total, i, f" {total:.1f}%", va="center", fontsize=7)
         ax.set_yticks(np.arange(len(samples_order)), samples_order,
                       fontsize=7 if len(samples_order) <= 70 else 5)
-        ax.invert_yaxis()
+        ax.set_ylim(len(samples_order) - 0.5, -0.5)  # first sample on top, no empty margin
         ax.set_xlim(0, max(5.0, float(left.max()) * 1.15))
         ax.set_xlabel("events removed, % of events acquired")
         ax.legend(title="QC step", loc="lower center", bbox_to_anchor=(0.5, 1.0),
