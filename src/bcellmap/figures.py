@@ -178,6 +178,18 @@ def _axis_floor(*arrays: np.ndarray) -> float:
     return float(positive.min()) / 3.0
 
 
+def _log_axis(ax, floor: float, drawn: Sequence[np.ndarray]) -> None:
+    """Log y axis over at least two decades, labelled in plain numbers (0.1, 1, 10)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    top = max([float(np.nanmax(a)) for a in drawn if np.isfinite(a).any()] + [floor])
+    top = max(top * 2.0, floor * 100.0)
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 1.5, top)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _patient_modality(samples: pd.DataFrame, patient_id: str) -> str | None:
     """The modality that carries a patient's kinetics: flow when present, else scrna."""
     modalities = set(samples.loc[samples["patient_id"] == patient_id, "modality"])
@@ -275,7 +287,7 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
         for modality in modalities:
             part = rows[rows["modality"] == modality]
             days = part["day"].to_numpy(float)
-            style = "-" if modality == "flow" else "--"
+            style = "--" if modality == "scrna" and len(modalities) > 1 else "-"
             name = "flow" if modality == "flow" else "scRNA"
             suffix = "" if len(modalities) == 1 else f" ({name})"
             lloq = None
@@ -305,9 +317,7 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
         for days, _, colour, _marker in floor_points:
             ax.scatter(days, np.full(days.shape, floor), marker="v", s=18, facecolors="white",
                        edgecolors=colour, zorder=3, gid="zero_no_lloq")
-        ax.set_yscale("log")
-        top = max([float(np.nanmax(a)) for a in drawn if np.isfinite(a).any()] + [floor * 10])
-        ax.set_ylim(floor / 1.5, top * 2.0)
+        _log_axis(ax, floor, drawn)
         _mark_kinetics(ax, kinetic)
         handles, labels = ax.get_legend_handles_labels()
         if any_below:
@@ -386,9 +396,7 @@ def plot_cohort_trajectories(samples: pd.DataFrame, kinetics: pd.DataFrame) -> F
             any_below |= bool(below.any())
             drawn += [shown, lloq]
         floor = _axis_floor(*drawn)
-        ax.set_yscale("log")
-        top = max([float(np.nanmax(a)) for a in drawn if np.isfinite(a).any()] + [floor * 10])
-        ax.set_ylim(floor / 1.5, top * 2.0)
+        _log_axis(ax, floor, drawn)
         ax.axvline(0, color="#000000", lw=0.8, label="CAR-T infusion (day 0)")
         handles, labels = ax.get_legend_handles_labels()
         if not by_patient:
