@@ -535,7 +535,8 @@ def plot_kaplan_meier(samples: pd.DataFrame, kinetics: pd.DataFrame) -> Figure:
         ax.set_xlim(left=0)
         ax.set_xlabel("days after CAR-T infusion")
         ax.set_ylabel("proportion in B-cell aplasia")
-        ax.legend(loc="upper right", frameon=False)
+        # A decreasing curve leaves the lower left empty.
+        ax.legend(loc="lower left", frameon=False)
         if left_out:
             ax.text(0.0, -0.02, f"{left_out} patient(s) without depletion left out",
                     transform=fig.transFigure, fontsize=7, va="bottom", color="#444444")
