@@ -204,9 +204,16 @@ def scatter_gate_flags(fsc: np.ndarray, ssc: np.ndarray, *, fit_mask: np.ndarray
 
 
 def time_anomaly_flags(time: np.ndarray, signals: np.ndarray, *, fit_mask: np.ndarray,
-                       bins: int, mad_cutoff: float, min_events_per_bin: int = 10
-                       ) -> tuple[np.ndarray, dict]:
-    """Flag events in time bins with an abnormal event rate or median signal."""
+                       bins: int, mad_cutoff: float, min_shift: float = 0.3,
+                       min_events_per_bin: int = 10) -> tuple[np.ndarray, dict]:
+    """Flag events in time bins with an abnormal event rate or mean signal.
+
+    The signal check compares per-bin means, not medians: a marker whose events are about
+    half positive has a bimodal distribution, and its per-bin median jumps between the two
+    modes by chance, while the mean moves smoothly with composition. A bin is flagged on
+    signal only when its mean is both ``mad_cutoff`` robust SDs and ``min_shift``
+    transformed units away from the typical bin, so tiny but consistent bins are kept.
+    """
     fit_time = time[fit_mask]
     if fit_time.size < bins * min_events_per_bin // 2 or np.ptp(fit_time) <= 0:
         return np.zeros(time.shape, dtype=bool), {
@@ -216,11 +223,11 @@ def time_anomaly_flags(time: np.ndarray, signals: np.ndarray, *, fit_mask: np.nd
     counts = np.bincount(fit_bin, minlength=bins).astype(float)
     bad = np.zeros(bins, dtype=bool)
 
-    def _outlying(values: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    def _outlying(values: np.ndarray, usable: np.ndarray, floor: float = 0.0) -> np.ndarray:
         median, scale = _robust_center_scale(values[usable])
         if scale <= 0:
             scale = max(1e-9, 1e-6 * abs(median))
-        return usable & (np.abs(values - median) > mad_cutoff * scale)
+        return usable & (np.abs(values - median) > max(mad_cutoff * scale, floor))
 
     # Bins of zero events hold nothing to remove, so the rate check looks at the others.
     by_rate = _outlying(counts, counts > 0)
@@ -229,14 +236,10 @@ def time_anomaly_flags(time: np.ndarray, signals: np.ndarray, *, fit_mask: np.nd
     by_signal = np.zeros(bins, dtype=bool)
     if signals.shape[1] and enough.sum() >= 5:
         fit_signals = signals[fit_mask]
-        order = np.argsort(fit_bin, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(np.bincount(fit_bin, minlength=bins))])
-        sorted_signals = fit_signals[order]
-        medians = np.full((bins, signals.shape[1]), np.nan)
-        for b in np.flatnonzero(enough):
-            medians[b] = np.median(sorted_signals[starts[b]:starts[b + 1]], axis=0)
+        safe_counts = np.maximum(counts, 1.0)
         for column in range(signals.shape[1]):
-            by_signal |= _outlying(medians[:, column], enough)
+            means = np.bincount(fit_bin, weights=fit_signals[:, column], minlength=bins)
+            by_signal |= _outlying(means / safe_counts, enough, floor=min_shift)
         bad |= by_signal
     event_bin = np.clip(np.searchsorted(edges, time, side="right") - 1, 0, bins - 1)
     # Events outside the fitted time span (possible only for earlier-flagged ones) stay unflagged.
@@ -337,7 +340,8 @@ def run_qc(
                 flag, info = time_anomaly_flags(
                     X[:, where["Time"]].astype(np.float64), X[:, signal_columns],
                     fit_mask=passed, bins=int(step_settings.get("bins", 100)),
-                    mad_cutoff=float(step_settings.get("mad_cutoff", 6.0)))
+                    mad_cutoff=float(step_settings.get("mad_cutoff", 6.0)),
+                    min_shift=float(step_settings.get("min_shift", 0.3)))
             else:
                 skipped = "no Time channel"
         if skipped is None and "skipped" in info:
