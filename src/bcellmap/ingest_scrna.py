@@ -107,6 +107,7 @@ def read_scrna(path: str | Path, *, sample_id: str | None = None,
     if "feature_types" not in adata.var:
         adata.var["feature_types"] = "Gene Expression"
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.X.eliminate_zeros()  # stored zeros would count as detected genes
     adata.uns["input_normalised"] = False
     if not _is_integer_valued(adata.X):
         if not input_normalised:
@@ -212,8 +213,7 @@ def run_qc(adata, *, config: dict[str, Any], sample_id: str) -> pd.DataFrame:
     adata.var["mito"] = mito
     X = adata.X
     n_counts = np.asarray(X.sum(axis=1)).ravel()
-    n_genes = np.diff(X.indptr) if sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array) \
-        else np.asarray((X > 0).sum(axis=1)).ravel()
+    n_genes = np.diff(X.indptr)  # X is CSR without stored zeros (read_scrna)
     mito_counts = np.asarray(X[:, mito].sum(axis=1)).ravel()
     with np.errstate(invalid="ignore", divide="ignore"):
         pct_mito = np.where(n_counts > 0, 100.0 * mito_counts / n_counts, 0.0)
