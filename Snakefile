@@ -17,6 +17,9 @@ BCELLMAP_ROOT = workflow.basedir
 configfile: workflow.source_path("config/config.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/cluster.smk"

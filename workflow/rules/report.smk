@@ -18,22 +18,18 @@ _FIGURES = {
 
 def _report_outputs() -> list:
     """PNG figures registered in the report; SVG copies are plain outputs."""
-    outputs = [
-        report(
-            f"results/report/patient_{patient}.png",
-            caption="../report/patient.rst",
-            category="Patients",
-            labels={"patient": patient},
-        )
-        for patient in PATIENTS
-    ]
+    # (`report` may not begin a line here: the parser would take it for the directive.)
+    outputs = []
+    for patient in PATIENTS:
+        figure = report(f"results/report/patient_{patient}.png", caption="../report/patient.rst",
+                        category="Patients", labels={"patient": patient})
+        outputs.append(figure)
     for stem, (category, caption) in _FIGURES.items():
         path = f"results/report/{stem}.png"
         if path in report_figures():
-            outputs.append(
-                report(path, caption=f"../report/{caption}", category=category,
-                       labels={"figure": stem.replace("_", " ")})
-            )
+            figure = report(path, caption=f"../report/{caption}", category=category,
+                            labels={"figure": stem.replace("_", " ")})
+            outputs.append(figure)
     outputs += [path for path in report_figures() if path.endswith(".svg")]
     return outputs
 
