@@ -23,7 +23,8 @@ def _sheet(tmp_path, rows: list[str], header: str = HEADER):
 
 
 def test_valid_sheet_resolves_paths_against_its_folder(tmp_path, monkeypatch):
-    path = _sheet(tmp_path, ["s1\tP1\t-5\tflow\tdata/a.fcs\t1200", "s2\tP1\t30\tflow\tdata/b.fcs\t"])
+    path = _sheet(tmp_path, ["s1\tP1\t-5\tflow\tdata/a.fcs\t1200",
+                             "s2\tP1\t30\tflow\tdata/b.fcs\t"])
     monkeypatch.chdir("/")  # relative paths must not depend on the working directory
     sheet = read_sample_sheet(path)
     assert list(sheet.index) == ["s1", "s2"]

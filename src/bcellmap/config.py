@@ -51,5 +51,7 @@ def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
     if not isinstance(user, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(user).__name__}")
+        raise ConfigError(
+            f"config file {path}: expected a mapping of keys, got {type(user).__name__}"
+        )
     return merge(config, user)

@@ -50,7 +50,9 @@ def read_sample_sheet(
     except FileNotFoundError:
         raise SampleSheetError("file not found", path=path) from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SampleSheetError(f"cannot be read as a tab-separated table ({exc})", path=path) from None
+        raise SampleSheetError(
+            f"cannot be read as a tab-separated table ({exc})", path=path
+        ) from None
     sheet.columns = [c.strip() for c in sheet.columns]
     for column in REQUIRED_COLUMNS:
         if column not in sheet.columns:
@@ -94,7 +96,8 @@ def read_sample_sheet(
             ) from None
         if record["modality"] not in MODALITIES:
             raise SampleSheetError(
-                f"unknown modality {record['modality']!r} (expected one of {', '.join(MODALITIES)})",
+                f"unknown modality {record['modality']!r} "
+                f"(expected one of {', '.join(MODALITIES)})",
                 path=path, row=line, column="modality",
             )
         data_path = Path(record["path"])
