@@ -10,7 +10,7 @@ rule ingest_flow:
     params:
         config=CONFIG_FILE,
         sheet=SAMPLE_SHEET,
-        settings=lambda wildcards: [config["ingest"], config["panels"]],
+        settings=lambda wildcards: [config["ingest"], config["panels"], config["seed"]],
     wildcard_constraints:
         sample_id=FLOW_SAMPLE,
     log:

@@ -12,6 +12,7 @@ rule report:
         report_outputs(),
     params:
         config=CONFIG_FILE,
+        settings=lambda wildcards: [config["report"], config["seed"]],
     log:
         "logs/report.log",
     conda:
