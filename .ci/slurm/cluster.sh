@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# A throw-away one-node SLURM cluster on 127.0.0.1 for CI, with a fake GPU.
+# A throw-away one-node SLURM cluster on 127.0.0.1 for CI, with two fake GPUs.
 #
 # Source this file, then:
 #   slurm_install               install Debian's slurmctld slurmd slurm-client munge (root)
@@ -30,14 +30,14 @@ slurm_install() {
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
     if [ "${#missing[@]}" -eq 0 ]; then
-        _slurm_log "SLURM and munge already installed: $(sbatch --version)"
+        _slurm_log "SLURM and munge already installed: $(sbatch --version 2>&1)"
         return 0
     fi
     _slurm_log "installing slurmctld slurmd slurm-client munge (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-    _slurm_log "installed: $(sbatch --version)"
+    _slurm_log "installed: $(sbatch --version 2>&1)"
 }
 
 # The node line of slurm.conf, from what slurmd detects on this machine (CPUs, sockets, memory).
@@ -92,13 +92,15 @@ ReturnToService=2
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-# A fake GPU: gres.conf maps it to /dev/null, enough for --gres=gpu:1 / --gpus=1 requests.
+# Fake GPUs: gres.conf maps them to /dev/null and /dev/zero, enough for --gres=gpu:1 /
+# --gpus=1 requests. Two, so that two 1-GPU jobs run at once on the 2 cores.
 GresTypes=gpu
-NodeName=${node} NodeHostname=${host} NodeAddr=127.0.0.1 ${hardware} Gres=gpu:1 State=UNKNOWN
+NodeName=${node} NodeHostname=${host} NodeAddr=127.0.0.1 ${hardware} Gres=gpu:2 State=UNKNOWN
 PartitionName=${BCELLMAP_SLURM_PARTITION} Nodes=${node} Default=YES MaxTime=INFINITE State=UP
 EOF
     cat >"$etc/gres.conf" <<EOF
 NodeName=${node} Name=gpu File=/dev/null
+NodeName=${node} Name=gpu File=/dev/zero
 EOF
 }
 
@@ -165,7 +167,7 @@ slurm_start() {
     _slurm_write_config "$state" "$node" "$hardware"
     _slurm_link_default_config "$state"
     export SLURM_CONF="$state/etc/slurm.conf"
-    _slurm_log "node ${node}: ${hardware}Gres=gpu:1 (fake, /dev/null)"
+    _slurm_log "node ${node}: ${hardware}Gres=gpu:2 (fake: /dev/null, /dev/zero)"
 
     # -i: ignore state left by an earlier cluster (there is none in a fresh STATE_DIR).
     slurmctld -i -f "$SLURM_CONF"

@@ -5,6 +5,7 @@
 #      that had finished (their results/flow/*.h5ad keep their mtimes; one ingest job runs);
 #   3. the GPU rules reached SLURM with a GPU request;
 #   4. results/tables/samples.tsv and kinetics.tsv equal those of a local run, byte for byte.
+# The SLURM run works on a copy of the simulated cohort, so the local run's input stays intact.
 #
 # Run as root (it installs Debian's slurmctld slurmd slurm-client munge when missing):
 #   BCELLMAP_VENV=/path/to/venv .ci/slurm/run_e2e.sh
@@ -13,12 +14,17 @@
 #   --export=ALL, the plugin's default).
 # BCELLMAP_SLURM_TIMEOUT: seconds allowed per snakemake run (default 900), so a scheduler
 #   fault fails the check instead of hanging it.
+# BCELLMAP_SLURM_PATIENTS / BCELLMAP_SLURM_EVENTS: the demo cohort is simulated with this
+#   many events per FCS file (default 5000) and cut to its first patients (default 2, all
+#   their visits), so that its ~70 SLURM jobs fit the CI budget on 2 cores.
 # BCELLMAP_SLURM_KEEP=1 keeps the temp folder (runs, cluster logs) for inspection.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENV=${BCELLMAP_VENV:-${VIRTUAL_ENV:-}}
 RUN_TIMEOUT=${BCELLMAP_SLURM_TIMEOUT:-900}
+PATIENTS=${BCELLMAP_SLURM_PATIENTS:-2}
+EVENTS=${BCELLMAP_SLURM_EVENTS:-5000}
 
 log() { echo "[slurm-e2e] $*" >&2; }
 fail() { log "FAILED: $*"; exit 1; }
@@ -94,34 +100,53 @@ sbatch --wait --parsable --gres=gpu:1 -o "$WORK/preflight-gpu.out" \
 grep -q '^gpus_on_node=1$' "$WORK/preflight-gpu.out" || fail "GPU job got no GPU"
 log "preflight passed (after $((SECONDS - START)) s)"
 
-# --- local reference run of the demo cohort -------------------------------------------------
-LOCAL="$WORK/local"
-mkdir -p "$LOCAL"
-log "local run of the demo cohort"
-T0=$SECONDS
-_snakemake "$LOCAL" "$WORK/local.log" --cores 2 || fail "local run failed"
-log "local run took $((SECONDS - T0)) s"
-
-# --- SLURM run 1: the demo cohort copied, one FCS file truncated ----------------------------
-RUN="$WORK/slurm-run"
-mkdir -p "$RUN/resources"
-cp -r "$LOCAL/resources/demo" "$RUN/resources/demo"
-# The first flow sample of the sheet, and its file (paths are relative to the sheet's folder).
-read -r VICTIM VICTIM_FILE < <("$VENV/bin/python" - "$RUN/resources/demo/samples.tsv" <<'EOF'
-import csv, sys
+# --- the demo cohort, cut to its first patients ---------------------------------------------
+COHORT="$WORK/cohort"
+log "simulating the demo cohort ($EVENTS events per file; first $PATIENTS patients)"
+bcellmap simulate --out "$COHORT" --preset fixture --events "$EVENTS" >/dev/null
+# The cut sheet sits beside the full one, so its relative paths still resolve. Prints the
+# first flow sample of the cut sheet and its file: the one the SLURM run will see corrupted.
+read -r VICTIM VICTIM_NAME < <("$VENV/bin/python" - "$COHORT" "$PATIENTS" <<'EOF'
+import csv
+import sys
 from pathlib import Path
-sheet = Path(sys.argv[1])
-with sheet.open(newline="") as handle:
-    for row in csv.DictReader(handle, delimiter="\t"):
-        if row["modality"] == "flow":
-            print(row["sample_id"], (sheet.parent / row["path"]).resolve())
-            break
+
+cohort, n_patients = Path(sys.argv[1]), int(sys.argv[2])
+with (cohort / "samples.tsv").open(newline="") as handle:
+    reader = csv.DictReader(handle, delimiter="\t")
+    rows, columns = list(reader), reader.fieldnames
+keep = sorted({row["patient_id"] for row in rows})[:n_patients]
+rows = [row for row in rows if row["patient_id"] in keep]
+with (cohort / "ci_samples.tsv").open("w", newline="") as handle:
+    writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+victim = next(row for row in rows if row["modality"] == "flow")
+print(victim["sample_id"], victim["path"])
 EOF
 )
-[ -n "${VICTIM:-}" ] && [ -f "$VICTIM_FILE" ] || fail "no flow sample in the demo sheet"
+[ -n "${VICTIM:-}" ] || fail "no flow sample in the demo sheet"
+log "cohort: $(($(wc -l <"$COHORT/ci_samples.tsv") - 1)) samples"
+
+# --- local reference run ---------------------------------------------------------------------
+LOCAL="$WORK/local"
+mkdir -p "$LOCAL"
+log "local run"
+T0=$SECONDS
+_snakemake "$LOCAL" "$WORK/local.log" --cores 2 --config samples="$COHORT/ci_samples.tsv" \
+    || fail "local run failed"
+log "local run took $((SECONDS - T0)) s"
+
+# --- SLURM run 1: the cohort copied, one FCS file truncated ----------------------------------
+RUN="$WORK/slurm-run"
+mkdir -p "$RUN"
+cp -r "$COHORT" "$RUN/cohort"
+VICTIM_FILE="$RUN/cohort/$VICTIM_NAME"
+[ -f "$VICTIM_FILE" ] || fail "no file $VICTIM_FILE for sample $VICTIM"
 cp "$VICTIM_FILE" "$WORK/victim.fcs"
 truncate -s "$(($(stat -c %s "$VICTIM_FILE") / 2))" "$VICTIM_FILE"
 log "truncated $VICTIM_FILE (sample $VICTIM) to half its size"
+SLURM_ARGS+=(--config samples="$RUN/cohort/ci_samples.tsv")
 
 log "SLURM run 1 (must fail on sample $VICTIM)"
 T0=$SECONDS
@@ -133,8 +158,13 @@ grep -q 'has been submitted with SLURM jobid' "$WORK/slurm-fail.log" \
     || fail "no SLURM submissions in the log"
 grep -q '^Error in rule ingest_flow:' "$WORK/slurm-fail.log" \
     || fail "the log shows no failed ingest_flow job"
-grep -Eq "wildcards: sample_id=${VICTIM}\$" "$WORK/slurm-fail.log" \
-    || fail "the log does not name the failed sample $VICTIM"
+# The error block names the sample's outputs, and the rule log shown under it (show-failed-logs)
+# carries bcellmap's message "sample '<id>', file ...: not a readable FCS file ...".
+grep -A 4 '^Error in rule ingest_flow:' "$WORK/slurm-fail.log" \
+    | grep -q "output: results/flow/$VICTIM.h5ad" \
+    || fail "the error block does not name the failed sample $VICTIM"
+grep -Fq "error: sample '$VICTIM'" "$WORK/slurm-fail.log" \
+    || fail "the log does not show bcellmap's error for sample $VICTIM"
 grep -q "$VICTIM" "$RUN/logs/ingest_flow/$VICTIM.log" \
     || fail "the ingest log does not name sample $VICTIM"
 [ ! -e "$RUN/results/flow/$VICTIM.h5ad" ] || fail "the failed job left results/flow/$VICTIM.h5ad"
