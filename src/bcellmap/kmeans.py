@@ -44,9 +44,14 @@ class Assignment:
     counts: Any = None
 
 
-def _compute_dtype(data: Any) -> Any:
-    # float32 input stays float32 (flow data; twice the matmul speed); anything else in float64.
-    return np.float32 if np.dtype(data.dtype) == np.float32 else np.float64
+def _compute_dtype(data: Any, backend: Backend) -> Any:
+    # On the CPU, float32 input stays float32 (flow data; twice the matmul speed). On the GPU,
+    # cuBLAS picks its algorithm by matrix shape, so float32 distances of one row can differ
+    # between chunk sizes and flip near-ties: float64 keeps results independent of the memory
+    # budget, and the GPU has the arithmetic to spare.
+    if backend.is_gpu or np.dtype(data.dtype) != np.float32:
+        return np.float64
+    return np.float32
 
 
 def assign_nearest(
@@ -76,7 +81,7 @@ def assign_nearest(
     """
     xp = backend.xp
     n, n_features = data.shape
-    dtype = _compute_dtype(data)
+    dtype = _compute_dtype(data, backend)
     centres_dev = backend.asarray(centres, dtype=dtype)
     n_centres = centres_dev.shape[0]
     centre_sq = (centres_dev.astype(np.float64) ** 2).sum(axis=1).astype(dtype)
@@ -154,7 +159,7 @@ def kmeans_plusplus(
         candidate_rows = backend.to_host(data_dev[candidates]).astype(np.float64)
         # Distances of every row to each candidate, chunked: candidates act as centres.
         trial = xp.empty((n, n_local_trials), dtype=np.float64)
-        cand_dev = backend.asarray(candidate_rows, dtype=_compute_dtype(data_dev))
+        cand_dev = backend.asarray(candidate_rows, dtype=_compute_dtype(data_dev, backend))
         cand_sq = (cand_dev.astype(np.float64) ** 2).sum(axis=1)
         for rows in backend.chunks(n, bytes_per_row=4 * n_local_trials * 8 + data.shape[1] * 8):
             chunk = data_dev[rows]
