@@ -27,7 +27,8 @@ LYMPHOCYTE_CATEGORIES = ("t_cells", "nk_cells", "b_cells")
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("qc") / "demo"
-    simulate.simulate_cohort(folder, preset="fixture", seed=simulate.DEFAULT_SEED)
+    simulate.simulate_cohort(folder, preset="fixture", seed=simulate.DEFAULT_SEED,
+                              scrna=False)
     return folder
 
 

@@ -64,8 +64,15 @@ def test_sample_sheet_follows_the_contract(cohort):
     raw = pd.read_csv(cohort / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert list(raw.columns) == ["sample_id", "patient_id", "day", "modality", "path",
                                  "lymphocytes_per_ul", "disease", "batch", "panel"]
-    assert (raw["modality"] == "flow").all() and (raw["panel"] == "").all()
+    assert set(raw["modality"]) == {"flow", "scrna"} and (raw["panel"] == "").all()
     assert all(not Path(p).is_absolute() and (cohort / p).is_file() for p in raw["path"])
+    # scRNA: four visits of P01 and P03, each on a flow visit's day with its clinical count.
+    scrna = sheet[sheet["modality"] == "scrna"]
+    assert scrna.groupby("patient_id").size().to_dict() == {"P01": 4, "P03": 4}
+    sheet = sheet[sheet["modality"] == "flow"]
+    paired = scrna.merge(sheet, on=["patient_id", "day"], suffixes=("_scrna", "_flow"))
+    assert len(paired) == 4 * 2
+    assert (paired["lymphocytes_per_ul_scrna"] == paired["lymphocytes_per_ul_flow"]).all()
     assert sheet["patient_id"].nunique() == 5
     diseases = sheet.groupby("patient_id")["disease"].first().value_counts().to_dict()
     assert diseases == {"SLE": 3, "systemic sclerosis": 1, "myositis": 1}
@@ -259,9 +266,9 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
         return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    simulate.simulate_cohort(tmp_path / "a", seed=11, events_per_file=1000)
-    simulate.simulate_cohort(tmp_path / "b", seed=11, events_per_file=1000)
-    simulate.simulate_cohort(tmp_path / "c", seed=12, events_per_file=1000)
+    simulate.simulate_cohort(tmp_path / "a", seed=11, events_per_file=1000, scrna=False)
+    simulate.simulate_cohort(tmp_path / "b", seed=11, events_per_file=1000, scrna=False)
+    simulate.simulate_cohort(tmp_path / "c", seed=12, events_per_file=1000, scrna=False)
     first, second, third = (digests(tmp_path / name) for name in "abc")
     assert first == second
     assert len(first) == 55 * 2 + 4
@@ -294,25 +301,25 @@ def test_interrupted_run_leaves_no_cohort(tmp_path, monkeypatch):
 
     monkeypatch.setattr(simulate, "_write_fcs", failing_write)
     with pytest.raises(OSError):
-        simulate.simulate_cohort(tmp_path / "new", events_per_file=1000)
+        simulate.simulate_cohort(tmp_path / "new", events_per_file=1000, scrna=False)
     assert list(tmp_path.iterdir()) == []
 
     monkeypatch.setattr(simulate, "_write_fcs", real_write)
-    simulate.simulate_cohort(tmp_path / "old", seed=1, events_per_file=1000)
+    simulate.simulate_cohort(tmp_path / "old", seed=1, events_per_file=1000, scrna=False)
     before = (tmp_path / "old" / "samples.tsv").read_bytes()
     calls.clear()
     monkeypatch.setattr(simulate, "_write_fcs", failing_write)
     with pytest.raises(OSError):
-        simulate.simulate_cohort(tmp_path / "old", seed=2, events_per_file=1000)
+        simulate.simulate_cohort(tmp_path / "old", seed=2, events_per_file=1000, scrna=False)
     assert (tmp_path / "old" / "samples.tsv").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["old"]     # no staging folder left
 
 
 def test_cli_writes_the_cohort_and_rejects_bad_sizes(tmp_path, capsys):
     assert main(["simulate", "--out", str(tmp_path / "demo"), "--events", "1000",
-                 "--seed", "5"]) == 0
+                 "--seed", "5", "--no-scrna"]) == 0
     sheet = read_sample_sheet(tmp_path / "demo" / "samples.tsv")
-    assert len(sheet) == 55
+    assert len(sheet) == 55 and set(sheet["modality"]) == {"flow"}
     assert main(["simulate", "--out", str(tmp_path / "small"), "--events", "10"]) == 1
     assert "at least" in capsys.readouterr().err
     assert not (tmp_path / "small").exists()

@@ -34,6 +34,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                  "per-sample counts and frequencies -> results/tables/samples.tsv"),
     "kinetics": ("bcellmap.kinetics", "cli_kinetics",
                  "per-patient depletion and reconstitution, cohort summary"),
+    "concordance": ("bcellmap.concordance", "cli_concordance",
+                    "flow vs scRNA B-cell frequencies at visits measured both ways"),
     "report": ("bcellmap.figures", "cli_report", "figures for the Snakemake report"),
     "ingest-scrna": ("bcellmap.ingest_scrna", "cli_ingest_scrna",
                      "read one scRNA sample (10x .h5, mtx folder, .h5ad): QC, normalise -> h5ad"),
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=20241121)
     s.add_argument("--events", type=int, default=None,
                    help="events per FCS file (overrides the preset)")
+    s.add_argument("--no-scrna", action="store_true", help="flow cytometry files only")
 
     s = p["check-samples"]
     _add_common(s)
@@ -125,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table", required=True, metavar="TSV", help="results/tables/samples.tsv")
     s.add_argument("--out", required=True, metavar="TSV")
     s.add_argument("--cohort", required=True, metavar="TSV")
+
+    s = p["concordance"]
+    s.add_argument("--table", required=True, metavar="TSV", help="results/tables/samples.tsv")
+    s.add_argument("--out", required=True, metavar="TSV")
 
     s = p["report"]
     _add_common(s)

@@ -697,7 +697,47 @@ def _write_fcs(path: Path, visit: _Visit, simulated: _SimulatedFile) -> None:
                           opt_channel_names=list(CHANNEL_MARKERS), metadata_dict=metadata)
 
 
-def _write_cohort(folder: Path, *, seed: int, events_per_file: int) -> None:
+# scRNA visits of two patients: baseline, aplasia (day 28), and the first two visits after
+# B cells returned in flow, so that the scRNA kinetics can confirm reconstitution too.
+SCRNA_PATIENTS = ("P01", "P03")
+PRESET_SCRNA_CELLS: dict[str, int] = {"fixture": 2_000, "full": 8_000}
+
+
+def _write_scrna_visits(folder: Path, truth: pd.DataFrame, *, seed: int,
+                        cells: int) -> list[dict[str, object]]:
+    """Simulate scRNA count files for some flow visits; return their sample-sheet rows."""
+    from .simulate_scrna import simulate_scrna_visits
+
+    patients = _truth_patients(truth).set_index("patient_id")
+    rows: list[dict[str, object]] = []
+    summaries = []
+    for number, patient in enumerate(SCRNA_PATIENTS):
+        visits = truth[truth["patient_id"] == patient].sort_values("day")
+        returned = int(patients.loc[patient, "reconstitution_day"])
+        after = visits.loc[visits["day"] >= returned, "day"].tolist()[:2]
+        days = [int(visits["day"].iloc[0]), 28, *after]
+        subfolder = folder / "scrna" / patient
+        for row in simulate_scrna_visits(
+            subfolder, patients=(patient,), seed=seed + 7919 * (number + 1),
+            cells_per_sample=cells, days=days, reconstitution_days={patient: returned},
+            write_10x_h5=number == 0,
+            b_share_of_lymphocytes={
+                (patient, int(day)): share / 100 for day, share
+                in zip(visits["day"], visits["b_pct_lymphocytes"], strict=True)},
+        ):
+            flow_visit = visits[visits["day"] == row["day"]].iloc[0]
+            row["path"] = f"scrna/{patient}/{row['path']}"
+            # The clinical count is one per visit, shared by both modalities.
+            row["lymphocytes_per_ul"] = flow_visit["lymphocytes_per_ul"]
+            row.update(disease=patients.loc[patient, "disease"], batch="", panel="")
+            rows.append(row)
+        summaries.append(pd.read_csv(subfolder / "truth_scrna_samples.tsv", sep="\t"))
+    pd.concat(summaries).to_csv(folder / "truth_scrna_samples.tsv", sep="\t", index=False)
+    return rows
+
+
+def _write_cohort(folder: Path, *, seed: int, events_per_file: int,
+                  scrna_cells: int = 0) -> None:
     visits = _design(seed)
     (folder / "truth_events").mkdir()
     sheet_rows, truth_rows = [], []
@@ -716,6 +756,8 @@ def _write_cohort(folder: Path, *, seed: int, events_per_file: int) -> None:
             "disease": visit.patient.disease, "batch": _batch(visit.day), "panel": "",
         })
     truth = pd.DataFrame(truth_rows)
+    if scrna_cells:
+        sheet_rows += _write_scrna_visits(folder, truth, seed=seed, cells=scrna_cells)
     codes_table().to_csv(folder / "truth_codes.tsv", sep="\t", index=False)
     truth.to_csv(folder / "truth_samples.tsv", sep="\t", index=False)
     _truth_patients(truth).to_csv(folder / "truth_patients.tsv", sep="\t", index=False)
@@ -724,7 +766,8 @@ def _write_cohort(folder: Path, *, seed: int, events_per_file: int) -> None:
 
 
 def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
-                    seed: int = DEFAULT_SEED, events_per_file: int | None = None) -> Path:
+                    seed: int = DEFAULT_SEED, events_per_file: int | None = None,
+                    scrna: bool = True) -> Path:
     """Write the simulated demo cohort into ``outdir``.
 
     The cohort is written into a temporary folder beside ``outdir`` first. When ``outdir``
@@ -743,6 +786,10 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
         Seed of every random draw; the same seed writes byte-identical files.
     events_per_file
         Events per FCS file, overriding the preset (at least 1,000).
+    scrna
+        Also write scRNA count files (10x ``.h5`` with CITE-seq for the first, ``.h5ad`` for
+        the rest) for four visits each of patients P01 and P03, with per-cell truth
+        (``scrna/{patient}/*.truth.tsv``, ``truth_scrna_samples.tsv``).
 
     Returns
     -------
@@ -765,7 +812,8 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=parent))
     try:
-        _write_cohort(staging, seed=seed, events_per_file=n_events)
+        _write_cohort(staging, seed=seed, events_per_file=n_events,
+                      scrna_cells=PRESET_SCRNA_CELLS[preset] if scrna else 0)
         if outdir.is_dir() and not any(outdir.iterdir()):
             outdir.rmdir()
         if not outdir.exists():
@@ -786,6 +834,6 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
 
 def cli_simulate(args: argparse.Namespace) -> None:
     """``bcellmap simulate --out DIR [--preset P] [--seed S] [--events N]``."""
-    sheet = simulate_cohort(args.out, preset=args.preset, seed=args.seed,
+    sheet = simulate_cohort(args.out, preset=args.preset, seed=args.seed, scrna=not args.no_scrna,
                             events_per_file=args.events)
     print(f"{sheet}: demo cohort written")

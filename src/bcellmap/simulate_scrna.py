@@ -143,10 +143,25 @@ def _barcodes(n: int, rng: np.random.Generator) -> list[str]:
     return out
 
 
+def _composition(phase: str, b_share: float | None) -> dict[str, float]:
+    """Shares of all cells; with ``b_share``, B cells are that share of T + NK + B."""
+    composition = dict(_COMPOSITION[phase])
+    if b_share is None:
+        return composition
+    lymphocytes = composition["T"] + composition["NK"] + composition["B"]
+    t_nk = composition["T"] + composition["NK"]
+    scale = (1.0 - b_share) * lymphocytes / t_nk
+    composition["T"] *= scale
+    composition["NK"] *= scale
+    composition["B"] = b_share * lymphocytes
+    return composition
+
+
 def _simulate_visit(phase: str, n_cells: int, genes: list[str], profiles: dict[str, np.ndarray],
-                    rng: np.random.Generator) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray]:
+                    rng: np.random.Generator, b_share: float | None = None
+                    ) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray]:
     """Counts (cells x genes) and per-cell truth for one visit; also the population keys."""
-    composition = _COMPOSITION[phase]
+    composition = _composition(phase, b_share)
     types = rng.choice(list(composition), size=n_cells, p=list(composition.values()))
     keys = types.astype(object)
     subsets = np.full(n_cells, "", dtype=object)
@@ -245,6 +260,7 @@ def simulate_scrna_visits(
     car_feature: str | None = "CAR_FMC63",
     write_10x_h5: bool = True,
     cite_seq: bool = True,
+    b_share_of_lymphocytes: Mapping[tuple[str, int], float] | None = None,
 ) -> list[dict[str, Any]]:
     """Write simulated scRNA visits of demo patients and return their sample-sheet rows.
 
@@ -271,6 +287,9 @@ def simulate_scrna_visits(
         Write the first visit as a Cell Ranger v3 ``.h5`` instead of ``.h5ad``.
     cite_seq
         Add antibody-capture features (CD3, CD19, CD20, CD27, IgD, CD38, CD24) to that ``.h5``.
+    b_share_of_lymphocytes
+        ``(patient, day)`` -> expected share of B cells among T, NK and B cells, so that a
+        visit matches another modality's (the demo's flow data); by default the phase's share.
 
     Returns
     -------
@@ -290,8 +309,11 @@ def simulate_scrna_visits(
         for d_index, day in enumerate(days):
             visit_rng = np.random.default_rng([seed, p_index, d_index])
             phase = _phase(int(day), recon.get(patient, 110))
+            b_share = (b_share_of_lymphocytes or {}).get((patient, int(day)))
+            if phase == "aplasia":
+                b_share = None  # no B cells at all
             counts, truth, keys = _simulate_visit(phase, cells_per_sample, genes, profiles,
-                                                  visit_rng)
+                                                  visit_rng, b_share)
             sample_id = f"{patient}_d{int(day)}_scrna"
             barcodes = _barcodes(cells_per_sample, visit_rng)
             truth.insert(0, "barcode", barcodes)

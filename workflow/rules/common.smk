@@ -110,6 +110,8 @@ def all_targets() -> list[str]:
         "results/tables/qc.tsv",
     ]
     targets += [f"results/annotated/{sample_id}.h5ad" for sample_id in samples["sample_id"]]
+    if FLOW_SAMPLES and SCRNA_SAMPLES:
+        targets.append("results/tables/concordance.tsv")
     if config["report"]["enabled"]:
         targets += report_figures()
     return targets

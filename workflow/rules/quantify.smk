@@ -35,3 +35,16 @@ rule kinetics:
     shell:
         "bcellmap kinetics --config {params.config} --table {input}"
         " --out {output.kinetics} --cohort {output.cohort} 2> {log}"
+
+
+rule concordance:
+    input:
+        "results/tables/samples.tsv",
+    output:
+        "results/tables/concordance.tsv",
+    log:
+        "logs/concordance.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "bcellmap concordance --table {input} --out {output} 2> {log}"

@@ -1,0 +1,43 @@
+"""Flow vs scRNA concordance pairs visits by patient and day, hand-checked."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from bcellmap.concordance import concordance
+
+
+def _row(sample_id, patient, day, modality, lymphocytes, b, cd19, cd20):
+    return {"sample_id": sample_id, "patient_id": patient, "day": day, "modality": modality,
+            "lymphocytes": lymphocytes, "b_cells": b, "cd19_pos": cd19, "cd20_pos": cd20,
+            "b_pct_lymphocytes": 100 * b / lymphocytes,
+            "cd19_pct_lymphocytes": 100 * cd19 / lymphocytes,
+            "cd20_pct_lymphocytes": 100 * cd20 / lymphocytes}
+
+
+def test_pairs_same_patient_and_day_only():
+    samples = pd.DataFrame([
+        _row("f1", "P1", -5, "flow", 10_000, 1_000, 990, 980),
+        _row("r1", "P1", -5, "scrna", 1_000, 120, 60, 118),
+        _row("f2", "P1", 28, "flow", 10_000, 0, 0, 0),
+        _row("r2", "P1", 28, "scrna", 1_000, 0, 0, 0),
+        _row("f3", "P1", 56, "flow", 10_000, 200, 200, 200),   # no scRNA that day
+        _row("r9", "P2", -5, "scrna", 1_000, 50, 40, 50),      # no flow for P2
+    ])
+    table = concordance(samples)
+    assert len(table) == 2 * 3
+    baseline_b = table[(table["day"] == -5) & (table["measure"] == "b")].iloc[0]
+    assert baseline_b["flow_sample_id"] == "f1" and baseline_b["scrna_sample_id"] == "r1"
+    assert math.isclose(baseline_b["flow_pct_lymphocytes"], 10.0)
+    assert math.isclose(baseline_b["scrna_pct_lymphocytes"], 12.0)
+    assert math.isclose(baseline_b["difference_pct_points"], 2.0)
+    assert math.isclose(baseline_b["ratio"], 1.2)
+    aplasia = table[(table["day"] == 28) & (table["measure"] == "b")].iloc[0]
+    assert math.isnan(aplasia["ratio"]) and aplasia["difference_pct_points"] == 0
+
+
+def test_no_shared_visit_gives_an_empty_table():
+    samples = pd.DataFrame([_row("f1", "P1", 0, "flow", 100, 1, 1, 1)])
+    assert concordance(samples).empty
