@@ -24,9 +24,10 @@ Steps, in order (each flags events in ``obs`` and is counted in the per-sample Q
     lymphocytes). Events further than ``max_mahalanobis`` from every gate component are
     flagged (debris and non-lymphocytes).
 ``time_anomaly``
-    Equal-width time bins; a bin is flagged when its event count or the median of any
-    transformed fluorescence/viability channel lies more than ``mad_cutoff`` robust SDs from
-    the other bins (PeacoQC/flowAI spirit). Uses the events passing the earlier steps.
+    Equal-width time bins; a bin is flagged when its event count, or the mean of any
+    transformed fluorescence/viability channel, lies more than ``mad_cutoff`` robust SDs (and,
+    for a mean, ``min_shift`` transformed units) from the other bins (PeacoQC/flowAI spirit).
+    Uses the events passing the earlier steps.
 
 Every step fits on the events that passed the steps before it and then flags *every* event
 (an event can be flagged by several steps); the QC table counts them sequentially. A step is
