@@ -30,14 +30,14 @@ slurm_install() {
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
     if [ "${#missing[@]}" -eq 0 ]; then
-        _slurm_log "SLURM and munge already installed: $(sbatch --version 2>&1)"
+        _slurm_log "SLURM and munge already installed: slurm $(dpkg-query -W -f '${Version}' slurmctld 2>/dev/null)"
         return 0
     fi
     _slurm_log "installing slurmctld slurmd slurm-client munge (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-    _slurm_log "installed: $(sbatch --version 2>&1)"
+    _slurm_log "installed: slurm $(dpkg-query -W -f '${Version}' slurmctld 2>/dev/null)"
 }
 
 # The node line of slurm.conf, from what slurmd detects on this machine (CPUs, sockets, memory).
