@@ -29,9 +29,11 @@ cannot be called). No pan-B gene at all is an error: B cells could not be called
 Counts (``results/counts/{sample_id}.tsv``, the counts-table contract): ``lymphocytes`` is the
 QC-passed T, B and NK cells, so the scRNA B-cell frequency is relative to lymphocytes, as for
 flow (monocytes, DC and unassigned cells are excluded). ``cd19_pos``/``cd20_pos`` count B cells
-with the CD19/CD20 protein above threshold with CITE-seq, else with at least one CD19/MS4A1 UMI
-(CD19 mRNA drops out in many B cells, so RNA-only ``cd19neg_cd20pos`` is not evidence of CD19
-loss). ``car_t_count``: T cells with at least ``scrna.annotate.car_min_counts`` UMIs of
+with the CD19/CD20 protein above threshold, and are left empty (not measured) without CITE-seq
+protein for that marker: CD19 mRNA drops out in most B cells, so an RNA-only "CD19-negative"
+B cell is no evidence of CD19 loss, and counting it would raise false CD19/CD20 discordance.
+``cd19neg_cd20pos`` needs both proteins. ``obs["cd19_rna"]``/``obs["cd20_rna"]`` keep the
+transcript calls (at least one CD19/MS4A1 UMI) for inspection. ``car_t_count``: T cells with at least ``scrna.annotate.car_min_counts`` UMIs of
 ``scrna.car_feature``; ``car_t_pct_t`` = 100 x car_t_count / t_cells (empty without a CAR
 feature or without T cells).
 """
@@ -254,17 +256,19 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
     adata.obs["cell_type"] = pd.Categorical(cell_type)
     adata.obs["b_subset"] = pd.Categorical(subset)
 
-    def _positive(protein_name: str, gene: str) -> np.ndarray:
-        if protein_name in protein:
-            return protein[protein_name]
+    def _rna_positive(gene: str) -> np.ndarray:
         if gene in adata.var_names:
-            return _counts_of(adata, gene) >= 1
+            return b_cell & (_counts_of(adata, gene) >= 1)
         return np.zeros(n, dtype=bool)
 
-    cd19 = b_cell & _positive("CD19", "CD19")
-    cd20 = b_cell & _positive("CD20", "MS4A1")
-    adata.obs["cd19_pos"] = cd19
-    adata.obs["cd20_pos"] = cd20
+    adata.obs["cd19_rna"] = _rna_positive("CD19")
+    adata.obs["cd20_rna"] = _rna_positive("MS4A1")
+    # Per-marker counts only from protein: None = not measured in this sample.
+    cd19 = b_cell & protein["CD19"] if "CD19" in protein else None
+    cd20 = b_cell & protein["CD20"] if "CD20" in protein else None
+    for column, calls in (("cd19_pos", cd19), ("cd20_pos", cd20)):
+        if calls is not None:
+            adata.obs[column] = calls
 
     t_cells = int((cell_type == "T").sum())
     car_count: int | None = None
@@ -287,8 +291,9 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
         "events_qc_pass": n,
         "lymphocytes": int(np.isin(cell_type, LYMPHOCYTE_TYPES).sum()),
         "t_cells": t_cells, "b_cells": int(b_cell.sum()),
-        "cd19_pos": int(cd19.sum()), "cd20_pos": int(cd20.sum()),
-        "cd19neg_cd20pos": int((cd20 & ~cd19).sum()),
+        "cd19_pos": "" if cd19 is None else int(cd19.sum()),
+        "cd20_pos": "" if cd20 is None else int(cd20.sum()),
+        "cd19neg_cd20pos": "" if cd19 is None or cd20 is None else int((cd20 & ~cd19).sum()),
         **{f"{s}_count": int((subset == s).sum()) for s in SUBSETS},
         "subsets_not_called": ";".join(s for s in SUBSETS if s in not_called),
         "cluster_discordant_events": discordant,

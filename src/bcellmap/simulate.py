@@ -698,9 +698,11 @@ def _write_fcs(path: Path, visit: _Visit, simulated: _SimulatedFile) -> None:
 
 
 # scRNA visits of two patients: baseline, aplasia (day 28), and the first two visits after
-# B cells returned in flow, so that the scRNA kinetics can confirm reconstitution too.
+# B cells returned in flow, so that the scRNA kinetics can confirm reconstitution too. Cells
+# per visit: enough lymphocytes (about 2,900 of 4,000 cells) that three events, the limit of
+# quantification, resolve the 1 cell/µL depletion threshold at the demo's lymphopenia.
 SCRNA_PATIENTS = ("P01", "P03")
-PRESET_SCRNA_CELLS: dict[str, int] = {"fixture": 2_000, "full": 8_000}
+PRESET_SCRNA_CELLS: dict[str, int] = {"fixture": 4_000, "full": 10_000}
 
 
 def _write_scrna_visits(folder: Path, truth: pd.DataFrame, *, seed: int,
