@@ -34,8 +34,8 @@ protein for that marker: CD19 mRNA drops out in most B cells, so an RNA-only "CD
 B cell is no evidence of CD19 loss, and counting it would raise false CD19/CD20 discordance.
 ``cd19neg_cd20pos`` needs both proteins. ``obs["cd19_rna"]``/``obs["cd20_rna"]`` keep the
 transcript calls (at least one CD19/MS4A1 UMI) for inspection. ``car_t_count``: T cells with
-at least ``scrna.annotate.car_min_counts`` UMIs of ``scrna.car_feature``; ``car_t_pct_t`` = 100 x car_t_count / t_cells (empty without a CAR
-feature or without T cells).
+at least ``scrna.annotate.car_min_counts`` UMIs of ``scrna.car_feature``; ``car_t_pct_t`` =
+100 x car_t_count / t_cells (empty without a CAR feature or without T cells).
 """
 
 from __future__ import annotations
