@@ -195,7 +195,15 @@ def test_gpu_run_gives_the_same_tables(demo_run, tmp_path_factory):
     gpu_run = tmp_path_factory.mktemp("demo_gpu")
     shutil.copytree(demo_run / "demo", gpu_run / "demo")
     _run_demo(gpu_run, "gpu")
-    # Clusters may be numbered differently; every count and call must agree.
+    # Clusters may be numbered differently (so may the events whose call differs from their
+    # cluster's); every per-event flow count and call must agree. (scRNA cell types are
+    # cluster-majority calls, so they follow Leiden's partition and are compared by ARI in
+    # the clustering tests instead.)
     for name in ("samples.tsv", "kinetics.tsv"):
         cpu, gpu = _table(demo_run, name), _table(gpu_run, name)
-        pd.testing.assert_frame_equal(cpu, gpu, check_exact=False, rtol=1e-6)
+        cpu = cpu[cpu["modality"] == "flow"].reset_index(drop=True)
+        gpu = gpu[gpu["modality"] == "flow"].reset_index(drop=True)
+        cluster_columns = [c for c in cpu.columns if "cluster" in c]
+        pd.testing.assert_frame_equal(cpu.drop(columns=cluster_columns),
+                                      gpu.drop(columns=cluster_columns),
+                                      check_exact=False, rtol=1e-6)
