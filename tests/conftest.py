@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from bcellmap.backend import gpu_status
+
 REALFCS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfcs"
 
 
@@ -15,3 +17,12 @@ def realfcs_dir() -> Path:
     if not REALFCS_DIR.is_dir():
         pytest.skip(f"real FCS files not present at {REALFCS_DIR}")
     return REALFCS_DIR
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def device(request, monkeypatch):
+    """Run a test on NumPy and, where CuPy sees a GPU, on CuPy (marked ``gpu``)."""
+    monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
+    if request.param == "gpu" and not gpu_status()[0]:
+        pytest.skip(gpu_status()[1])
+    return request.param

@@ -13,21 +13,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.backend import get_backend, gpu_status
+from bcellmap.backend import get_backend
 from bcellmap.metacluster import consensus_metaclusters
 from bcellmap.som import map_to_nodes, train_som
 
 fs = pytest.importorskip("flowsom")
 
 REALFCS = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfcs"
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def device(request, monkeypatch):
-    monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
-    if request.param == "gpu" and not gpu_status()[0]:
-        pytest.skip(gpu_status()[1])
-    return request.param
 
 
 def _bcellmap_labels(data, *, device, n_clusters, seed):

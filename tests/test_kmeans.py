@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from bcellmap.backend import get_backend, gpu_status
+from bcellmap.backend import get_backend
 from bcellmap.kmeans import assign_nearest, kmeans, kmeans_plusplus
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def device(request, monkeypatch):
-    monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
-    if request.param == "gpu" and not gpu_status()[0]:
-        pytest.skip(gpu_status()[1])
-    return request.param
 
 
 def _data(n: int = 4000, d: int = 5, k: int = 8, seed: int = 0) -> np.ndarray:

@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from bcellmap.backend import get_backend, gpu_status
+from bcellmap.backend import get_backend
 from bcellmap.knn import nearest_neighbors
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def device(request, monkeypatch):
-    monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
-    if request.param == "gpu" and not gpu_status()[0]:
-        pytest.skip(gpu_status()[1])
-    return request.param
 
 
 def _same_sets(ours: np.ndarray, reference: np.ndarray, ref_dist: np.ndarray) -> float:

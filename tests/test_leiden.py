@@ -7,16 +7,8 @@ import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.backend import get_backend, gpu_status
+from bcellmap.backend import get_backend
 from bcellmap.leiden import cluster_leiden, knn_graph, leiden_partition
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def device(request, monkeypatch):
-    monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
-    if request.param == "gpu" and not gpu_status()[0]:
-        pytest.skip(gpu_status()[1])
-    return request.param
 
 
 @pytest.mark.parametrize("weighting", ["umap", "binary"])

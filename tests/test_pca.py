@@ -7,16 +7,8 @@ import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from bcellmap.backend import get_backend, gpu_status
+from bcellmap.backend import get_backend
 from bcellmap.pca import pca
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def device(request, monkeypatch):
-    monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
-    if request.param == "gpu" and not gpu_status()[0]:
-        pytest.skip(gpu_status()[1])
-    return request.param
 
 
 def _counts(n: int = 800, d: int = 60, seed: int = 0) -> sp.csr_matrix:

@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.backend import get_backend, gpu_status
+from bcellmap.backend import get_backend
 from bcellmap.metacluster import consensus_metaclusters
 from bcellmap.som import default_radius, grid_distances, map_to_nodes, train_som
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def device(request, monkeypatch):
-    monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
-    if request.param == "gpu" and not gpu_status()[0]:
-        pytest.skip(gpu_status()[1])
-    return request.param
 
 
 def _mixture(n: int = 6000, d: int = 6, k: int = 6, seed: int = 0):
