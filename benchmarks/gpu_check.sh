@@ -19,7 +19,7 @@ if ! "$PYTHON" -c "import cupy; print('cupy', cupy.__version__, 'devices', cupy.
   exit 0
 fi
 # The package from this checkout, without installing it. Wheels carried in .whl/ (anndata,
-# igraph, leidenalg and their pure-Python needs) go to a scratch site folder.
+# igraph and its pure-Python needs) go to a scratch site folder.
 SITE=""
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
