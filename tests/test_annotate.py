@@ -208,3 +208,17 @@ def test_empty_sample_is_valid():
                                         sample_id="e")
     assert annotated.n_obs == 0
     assert counts.iloc[0]["b_cells"] == 0 and counts.iloc[0]["lymphocytes"] == 0
+
+
+def test_a_marker_without_a_threshold_is_not_measured_rather_than_zero(learned):
+    # CD19 on the panel but no usable threshold (too few events to learn one): B cells are
+    # still called from CD20, and CD19 counts are empty, never a false "all CD19-negative"
+    # that would fake CD19 loss.
+    thresholds, rules, sample = learned
+    without_cd19 = {m: dict(levels) for m, levels in thresholds.items()}
+    without_cd19["CD19"]["pos"] = float("nan")
+    _, counts = annotate_sample(sample, without_cd19, rules, sample_id="x")
+    row = counts.iloc[0]
+    assert row["b_cells"] > 0
+    assert pd.isna(row["cd19_pos"]) and pd.isna(row["cd19neg_cd20pos"])
+    assert row["cd20_pos"] > 0

@@ -131,3 +131,16 @@ def test_cli_thresholds_per_batch(tmp_path):
     cd19 = table[(table["marker"] == "CD19") & (table["level"] == "pos")].set_index("group")
     assert set(cd19.index) == {"b0", "b1"}
     assert 0.5 < cd19.loc["b1", "threshold"] - cd19.loc["b0", "threshold"] < 1.5
+
+
+def test_tied_pool_puts_the_threshold_above_the_tie():
+    # An instrument that floors negative values at 0: almost every event sits exactly at 0.
+    # "pos" means ">=", so a threshold on the tie would call every event positive.
+    rng = np.random.default_rng(3)
+    values = np.r_[np.zeros(9_990), rng.normal(3.0, 0.1, 10)]
+    fit = learn_marker_threshold(values)
+    assert fit.threshold > 0
+    assert (values >= fit.threshold).sum() <= 10
+    mostly_tied = np.r_[np.zeros(6_000), rng.normal(0.5, 0.2, 4_000)]
+    fit = learn_marker_threshold(mostly_tied)
+    assert (mostly_tied[:6_000] >= fit.threshold).sum() == 0

@@ -296,6 +296,8 @@ def annotate_sample(
 
     b_cell = calls["cell_type"].to_numpy() == "B"
     n_events = annotated.n_obs
+    measured = {m for m in ("CD19", "CD20") if m in columns
+                and np.isfinite(thresholds.get(m, {}).get("pos", np.nan))}
     record: dict[str, Any] = {
         "sample_id": sample_id,
         "modality": modality,
@@ -305,13 +307,14 @@ def annotate_sample(
         "lymphocytes": n_events,
         "t_cells": int((calls["cell_type"] == "T").sum()),
         "b_cells": int(b_cell.sum()),
+        # A marker without a usable threshold is not measured: empty, never a false 0.
         "cd19_pos": int((b_cell & calls["cd19_pos"].to_numpy()).sum())
-        if "CD19" in columns else None,
+        if "CD19" in measured else None,
         "cd20_pos": int((b_cell & calls["cd20_pos"].to_numpy()).sum())
-        if "CD20" in columns else None,
+        if "CD20" in measured else None,
         "cd19neg_cd20pos": int((b_cell & ~calls["cd19_pos"].to_numpy()
                                 & calls["cd20_pos"].to_numpy()).sum())
-        if {"CD19", "CD20"} <= set(columns) else None,
+        if {"CD19", "CD20"} <= measured else None,
     }
     subset_values = calls["b_subset"].to_numpy()
     for subset in SUBSETS:

@@ -63,7 +63,9 @@ def cli_concordance(args: argparse.Namespace) -> None:
     from ._io import write_tsv
 
     try:
-        samples = pd.read_csv(args.table, sep="\t")
-    except (OSError, pd.errors.ParserError) as error:
+        # Identifiers stay strings ("007", "NA"), as in the other tables.
+        samples = pd.read_csv(args.table, sep="\t", keep_default_na=False, na_values=[""],
+                              dtype={"patient_id": str, "sample_id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise InputError(f"cannot read the samples table ({error})", path=args.table) from None
     write_tsv(concordance(samples), args.out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -121,7 +122,7 @@ def read_sample_sheet(
                 value = float("nan")
                 ok = False
             else:
-                ok = value >= 0 and value == value
+                ok = value >= 0 and math.isfinite(value)
             if not ok:
                 raise SampleSheetError(
                     f"lymphocytes_per_ul {count!r} is not a non-negative number",

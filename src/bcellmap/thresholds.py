@@ -118,7 +118,9 @@ def learn_marker_threshold(
         return ThresholdFit(float("nan"), "insufficient_events", n)
     lo, hi = np.quantile(values, [0.001, 0.999])
     if not hi > lo:
-        return ThresholdFit(float(lo), "upper_tail", n)
+        # Nearly all values tied (e.g. an instrument floor at 0): "pos" is ">=", so the
+        # threshold sits just above the tie, never on it.
+        return ThresholdFit(float(np.nextafter(lo, np.inf)), "upper_tail", n)
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     centres = 0.5 * (edges[:-1] + edges[1:])
     width = edges[1] - edges[0]
@@ -152,7 +154,10 @@ def learn_marker_threshold(
         if best is not None:
             return ThresholdFit(float(centres[best[1]]), "valley", n)
     median = float(np.median(values))
-    return ThresholdFit(median + fallback_sd * _robust_sd(values), "upper_tail", n)
+    robust_sd = _robust_sd(values)
+    if not robust_sd > 0:  # over half the values tied: stay above the tie
+        return ThresholdFit(float(np.nextafter(median, np.inf)), "upper_tail", n)
+    return ThresholdFit(median + fallback_sd * robust_sd, "upper_tail", n)
 
 
 def _marker_columns(adata: Any, markers: Iterable[str]) -> dict[str, np.ndarray]:

@@ -79,6 +79,13 @@ def sample_path(wildcards) -> str:
     return samples.loc[wildcards.sample_id, "path"]
 
 
+def subset_rules_text(wildcards=None) -> str:
+    """The B-cell subset rule table's text: as a param, editing it reruns the annotation."""
+    from bcellmap.annotate import resolve_subsets_path
+
+    return resolve_subsets_path(config).read_text()
+
+
 def counts_tables(wildcards=None) -> list[str]:
     """Per-sample counts tables of every sample, both modalities."""
     return [f"results/counts/{sample_id}.tsv" for sample_id in samples["sample_id"]]
