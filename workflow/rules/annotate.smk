@@ -29,7 +29,7 @@ rule annotate:
     params:
         config=CONFIG_FILE,
         sheet=SAMPLE_SHEET,
-        rules=subset_rules_text,
+        subset_rules=lambda wildcards: subset_rules_text(),
     wildcard_constraints:
         sample_id=FLOW_SAMPLE,
     log:

@@ -79,8 +79,8 @@ def sample_path(wildcards) -> str:
     return samples.loc[wildcards.sample_id, "path"]
 
 
-def subset_rules_text(wildcards=None) -> str:
-    """The B-cell subset rule table's text: as a param, editing it reruns the annotation."""
+def subset_rules_text() -> str:
+    """Text of the B-cell subset table; as a param, editing the table reruns annotation."""
     from bcellmap.annotate import resolve_subsets_path
 
     return resolve_subsets_path(config).read_text()
