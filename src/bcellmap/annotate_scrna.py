@@ -294,7 +294,10 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
         "cd19_pos": "" if cd19 is None else int(cd19.sum()),
         "cd20_pos": "" if cd20 is None else int(cd20.sum()),
         "cd19neg_cd20pos": "" if cd19 is None or cd20 is None else int((cd20 & ~cd19).sum()),
-        **{f"{s}_count": int((subset == s).sum()) for s in SUBSETS},
+        # A subset this sample cannot resolve is empty (not measured), as in flow, so that
+        # its cells are not reported as a measured zero.
+        **{f"{s}_count": "" if s in not_called else int((subset == s).sum())
+           for s in SUBSETS},
         "subsets_not_called": ";".join(s for s in SUBSETS if s in not_called),
         "cluster_discordant_events": discordant,
         "car_t_count": "" if car_count is None else car_count,
