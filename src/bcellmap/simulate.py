@@ -5,40 +5,69 @@
 - ``{sample_id}.fcs``: one FCS 3.1 file per visit (float32 list mode, ``$PnR`` 262144,
   ``$SPILLOVER``, ``$CYT``, ``$DATE``, ``$TIMESTEP``), uncompensated linear values;
 - ``samples.tsv``: the sample sheet (DESIGN.md contract; ``path`` relative to the folder);
-- ``truth_samples.tsv``: per visit, the events planted in the file, counted by category;
+- ``truth_samples.tsv``: per visit, the events planted in the file, counted by category
+  (also ``monocytes``, ``granulocytes``, ``lymphopenic`` and ``near_threshold``, the
+  threshold a near-threshold visit was planted next to: ``1/uL`` or ``10/uL``);
 - ``truth_patients.tsv``: per patient, the depletion and reconstitution days that follow
   from the true B cells/µL (also for CD19+ and CD20+ B cells);
+- ``truth_drift.tsv``: per visit and marker, the staining factor and the gain of the
+  marker's detector (sample_id, marker, detector, staining_factor, detector_gain);
 - ``truth_events/{sample_id}.npy``: one int8 code per event (file order) and
   ``truth_codes.tsv`` naming the codes, for per-event accuracy of QC and annotation.
 
 Cohort
 ------
 Five patients (three SLE, one systemic sclerosis, one myositis), a baseline visit a few
-days before infusion and ten visits up to about day 365. All are aplastic within a week
-(P03 still carries B cells on day 3 and is depleted on day 7); B cells return on day 84
-(P02), 112 (P01), 56 (P03) and 150 (P04); P05 is not reconstituted by its last visit
-(censored). P02 shows CD19 masking: on its first three visits with returning B cells,
-60%, 50% and 45% of its CD20+ B cells are CD19-negative; no other B cell in the cohort is.
-Returning B cells are transitional/naive (first return visit: ~26% transitional, ~67%
-naive, ~4% memory), baselines are those of autoimmune patients (naive ~55-70%, memory
-~25-35%, transitional 2-5%, plasmablasts 1-3%, double negative 3-8%). During aplasia the
-only B-lineage events are plasmablasts (CD19-CAR-T-resistant), planted at
-``floor(1e-4 * lymphocytes)`` events per file: none at 1,000-9,999 lymphocytes, one at the
-fixture size. The design keeps every visit's true B cells/µL (and CD19+, CD20+ B cells/µL)
-below 0.3 or above 25, and its % of lymphocytes below 0.03 or above 2.5, so that the
-kinetics thresholds (1 and 10 per µL; 0.1% and 1%) are never in doubt; the simulator
-checks this after planting and fails loudly otherwise.
+days before infusion and ten visits up to about day 365. All are depleted (below 1 B
+cell/µL) within a week: P04 on day 2 with 0.5-0.7 residual B cells/µL, P03 still carries
+1.4-2.0/µL on day 3 and is depleted on day 7, the others are aplastic from day 3. B cells
+return on day 84 (P02), 112 (P01), 56 (P03) and 150 (P04, its first return at only
+13.8-16/µL); P05 is not reconstituted by its last visit (censored). Early returns below
+the reconstitution threshold precede it: P02 day 56 at 1.4-2.0/µL, P01 day 84 at
+6.0-7.2/µL, and P05's last visit (day 365) at 6.0-7.2/µL. These six near-threshold visits
+draw their B cells/µL and their lymphocyte count together so that the % of lymphocytes is
+safe as well; their B events are planted to match (at any file size the count is moved to
+the nearest safe count of the same kinetics class, or, when the file is too small to
+resolve it, to the nearest safe count).
+P02 shows CD19 masking: on its first three visits of the ``return`` phase, 60%, 50% and
+45% of its CD20+ B cells are CD19-negative; no other B cell in the cohort is.
+Returning B cells are transitional/naive (first return visit and early returns: ~26%
+transitional, ~67% naive, ~4% memory), baselines and residual visits are those of
+autoimmune patients (naive ~55-70%, memory ~25-35%, transitional 2-5%, plasmablasts 1-3%,
+double negative 3-8%). During aplasia the only B-lineage events are plasmablasts
+(CD19-CAR-T-resistant), planted at ``floor(1e-4 * lymphocytes)`` events per file: none at
+1,000-9,999 lymphocytes, one at the fixture size. No visit's true B cells/µL (nor CD19+,
+CD20+ B cells/µL) may fall in ``FORBIDDEN_PER_UL`` ([0.75, 1.33] and [7.5, 13.3]), nor its
+% of lymphocytes in ``FORBIDDEN_PCT_LYMPHOCYTES`` ([0.075, 0.133] and [0.75, 1.33]):
+within about 25% of the kinetics thresholds (1 and 10 per µL; 0.1% and 1%) the truth
+itself would be in doubt. The simulator checks this after planting and fails loudly.
+
+Specimens: post-infusion visits on days ``LYMPHOPENIC_DAYS`` (7 to 28, inclusive) are
+lysed whole blood after lymphodepletion (switch ``lymphopenic``): lymphocytes 9-14% of all
+events, granulocytes 56-64%, monocytes 8-11%, debris, doublets, dead and margin events
+sharing the rest in their usual proportions; their clinical count is 200-500
+lymphocytes/µL. All other visits are PBMC-like (below). Without the switch the
+lymphopenic visits have the PBMC-like composition and the clinical counts of before
+(300-750/µL on days 7-28).
+
+Drift (switch ``drift``): visits are acquired months apart. Per visit, every marker's true
+signal is multiplied by a staining factor drawn log-uniformly in ``STAINING_DRIFT``
+[0.7, 1.4] and every detector's value by a gain g drawn log-uniformly in
+``DETECTOR_GAIN_DRIFT`` [0.85, 1.18]. The file's ``$SPILLOVER`` is
+``diag(1/g) @ SPILLOVER @ diag(g)`` (row = fluorochrome, column = detector), so that
+compensating with it recovers ``signal * staining * g``. The first baseline drifts too.
+Drift draws from its own random stream: switching it off changes no planted event.
 
 Events
 ------
 Every file has exactly ``events_per_file`` events in random order with increasing Time
-(``$TIMESTEP`` 0.01 s, about 1,500 events/s). Categories and their share of events:
-debris 6-12% (low FSC/SSC), doublets 3-5%, dead cells 3-7%, margin events 0.2-0.4% (each
-share drawn per file),
-myeloid 15-22% (monocytes 75%, granulocytes 25%), lymphocytes the rest (T cells ~78% of
-non-B lymphocytes, 3-5% of them CD20dim; NK cells the rest). A quarter of the files (drawn
-per file) carry an acquisition anomaly: 3% of the events, contiguous in time, arrive five
-times faster with fluorescence at half and scatter at 90% of its level.
+(``$TIMESTEP`` 0.01 s, about 1,500 events/s). Categories and their share of events in a
+PBMC-like file: debris 6-12% (low FSC/SSC), doublets 3-5%, dead cells 3-7%, margin events
+0.2-0.4% (each share drawn per file), myeloid 15-22% (monocytes 75%, granulocytes 25%),
+lymphocytes the rest (T cells ~78% of non-B lymphocytes, 3-5% of them CD20dim; NK cells
+the rest). A quarter of the files (drawn per file) carry an acquisition anomaly: 3% of the
+events, contiguous in time, arrive five times faster with fluorescence at half and
+scatter at 90% of its level.
 
 How the truth counts events (each event once, precedence top to bottom):
 
@@ -51,17 +80,19 @@ How the truth counts events (each event once, precedence top to bottom):
 3. ``dead``: cells of any live type with bright viability dye, 70% of their marker signal
    and lower FSC / higher SSC.
 4. ``debris``.
-5. the live singlet cell types: ``myeloid``, ``t_cells``, ``nk_cells``, ``b_cells`` (by
-   subset). ``lymphocytes`` = t_cells + nk_cells + b_cells; events in an anomaly window
-   keep their category.
+5. the live singlet cell types: ``myeloid`` (``monocyte`` and ``granulocyte`` codes),
+   ``t_cells``, ``nk_cells``, ``b_cells`` (by subset). ``lymphocytes`` = t_cells +
+   nk_cells + b_cells; events in an anomaly window keep their category.
 
 Signals
 -------
-True fluorochrome signals (linear units) per cell are log-normal (sigma 0.35 in ln units)
-around a level's median, or exactly 0 for ``neg``. The detector values are
-``true @ SPILLOVER + autofluorescence + noise`` (noise sd ``sqrt(50^2 + 2 * signal)``), so
-negative populations sit around 0 with a realistic spread and go negative after
-compensation. Levels (median linear signal, then arcsinh(x/150) of it):
+True fluorochrome signals (linear units) per cell are log-normal around a level's median
+(sigma 0.35 in ln units) or around a population's own median and sigma (the B-cell
+continua below), or exactly 0 for ``neg``. The detector values are
+``((true * staining) @ SPILLOVER + autofluorescence) * gain + noise`` (noise sd
+``sqrt(50^2 + 2 * detected)``), so negative populations sit around 0 with a realistic
+spread and go negative after compensation. Levels (median linear signal, then
+arcsinh(x/150) of it):
 
 ====== ======= ===========
 level  linear  arcsinh/150
@@ -75,24 +106,38 @@ hi     22,000  5.7
 vhi    45,000  6.4
 ====== ======= ===========
 
-Phenotypes (Live/Dead, CD3, CD19, CD20, IgD, CD27, CD38, CD24), identical in every file:
+Phenotypes (Live/Dead, CD3, CD19, CD20, IgD, CD27, CD38, CD24), identical in every file
+before drift; ``m/s`` is a log-normal with median m and ln sigma s:
 
 - T cells: neg, pos, neg, neg (dim on the CD20dim T cells), neg, pos (70%) / neg, dim, neg
 - NK cells: neg, neg, neg, neg, neg, dim (30%) / neg, pos, neg
-- transitional B: neg, neg, pos, pos, pos, neg, **hi**, **hi**
-- naive B: neg, neg, pos, pos, pos, neg, int, int
-- unswitched memory B: neg, neg, pos, pos, pos, pos, dim, hi
-- switched memory B: neg, neg, pos, pos, neg, pos, dim, hi
-- double negative B: neg, neg, pos, pos, neg, neg, dim, int
+- transitional B: neg, neg, pos, pos, 7000/0.45, neg, **12000/0.35**, **14000/0.35**
+- naive B: neg, neg, pos, pos, 7000/0.45, neg, 3000/0.40, 3300/0.40
+- unswitched memory B: neg, neg, pos, pos, 3500/0.55, 4000/0.95, 900/0.5, 16000/0.45
+- switched memory B: neg, neg, pos, pos, neg (80%) / 250/0.8 (20%), 4000/0.95, 900/0.5,
+  16000/0.45
+- double negative B: neg, neg, pos, pos, neg (80%) / 250/0.8 (20%), neg, 900/0.5,
+  5000/0.5
 - plasmablasts: neg, neg, lo, neg, neg, **vhi**, **vhi**, neg
 - CD19-masked B cells: their subset's phenotype with CD19 neg
 - monocytes: neg, neg, neg, neg, neg, neg, int, neg; granulocytes: ... CD38 neg, CD24 hi
 - dead cells: viability hi; debris: viability anywhere from neg to hi, markers neg
 
+The B-cell subsets overlap as in real blood: CD24 and CD38 of a B cell share one ln
+deviate (correlation 0.6), so transitional cells (CD24hi CD38hi) are the upper tail of the
+naive CD24int CD38int continuum rather than an island; memory CD38 is dim/low; memory CD27
+runs from dim (its lowest percent only about 4 times the 99th percentile of the
+CD27-negative naive cells) to bright; IgD on IgD- B cells is negative with a dim tail. The
+overlap is sized so that the best axis-aligned gates (the rules of ``config/subsets.yaml``,
+thresholds tuned per visit with the per-event truth on compensated arcsinh(x/150) values)
+get each subset within about 1 percentage point of truth for a visit of about 1,000 B
+cells, while still misclassifying 0.5-2.5% of them.
+
 Scatter medians (FSC-A, SSC-A): lymphocytes 60,000 / 14,000 (NK SSC 18,000, B FSC
 62,000, plasmablasts 72,000 / 17,000), monocytes 95,000 / 42,000, granulocytes 105,000 /
-95,000, dead cells 38,000 / 20,000, debris 12,000 / 5,000 (wide). Singlet FSC-H is 0.85
-times FSC-A (sigma 2.5%).
+95,000 with 6% low-SSC (hypogranular) granulocytes at 80,000 / 32,000 (wide, reaching into
+the lymphocyte gate's edge), dead cells 38,000 / 20,000, debris 12,000 / 5,000 (wide).
+Singlet FSC-H is 0.85 times FSC-A (sigma 2.5%).
 """
 
 from __future__ import annotations
@@ -158,9 +203,26 @@ _POSITIVE_SIGMA = 0.35
 LEVELS: dict[str, float] = {"neg": 0.0, "dim": 700.0, "lo": 1_500.0, "int": 3_000.0,
                             "pos": 7_000.0, "hi": 22_000.0, "vhi": 45_000.0}
 
-# Phenotype: marker -> level, or ((level, probability), ...) for a mixed population.
-_Phenotype = Mapping[str, "str | tuple[tuple[str, float], ...]"]
+
+
+@dataclass(frozen=True)
+class _Expr:
+    """A log-normal expression with its own median (linear) and ln sigma."""
+    median: float
+    sigma: float
+
+
+# Phenotype: marker -> level, _Expr, or ((level or _Expr, probability), ...) for a mixed
+# population; markers not named are neg.
+_Phenotype = Mapping[str, "str | _Expr | tuple[tuple[str | _Expr, float], ...]"]
 _B = {"Live/Dead": "neg", "CD3": "neg", "CD19": "pos", "CD20": "pos"}
+# B cells: CD24 and CD38 are continua (one shared ln deviate, correlation _B_CD24_CD38_RHO)
+# on which transitional cells are the upper tail of naive; memory CD27 runs from dim to
+# bright; IgD on IgD- B cells is mostly neg with a dim tail.
+_IGD_NEG_TAIL = (("neg", 0.8), (_Expr(250.0, 0.8), 0.2))
+_MEMORY_CD27 = _Expr(4_000.0, 0.95)
+_MEMORY_CD38 = _Expr(900.0, 0.5)
+_B_CD24_CD38_RHO = 0.6
 _PHENOTYPES: dict[str, _Phenotype] = {
     "monocyte": {"CD38": "int"},
     "granulocyte": {"CD24": "hi"},
@@ -168,15 +230,22 @@ _PHENOTYPES: dict[str, _Phenotype] = {
     "t_cell_cd20dim": {"CD3": "pos", "CD20": "dim", "CD27": (("pos", 0.7), ("neg", 0.3)),
                        "CD38": "dim"},
     "nk_cell": {"CD27": (("dim", 0.3), ("neg", 0.7)), "CD38": "pos"},
-    "b_transitional": {**_B, "IgD": "pos", "CD38": "hi", "CD24": "hi"},
-    "b_naive": {**_B, "IgD": "pos", "CD38": "int", "CD24": "int"},
-    "b_unswitched_memory": {**_B, "IgD": "pos", "CD27": "pos", "CD38": "dim", "CD24": "hi"},
-    "b_switched_memory": {**_B, "CD27": "pos", "CD38": "dim", "CD24": "hi"},
-    "b_double_negative": {**_B, "CD38": "dim", "CD24": "int"},
+    "b_transitional": {**_B, "IgD": _Expr(7_000.0, 0.45), "CD38": _Expr(12_000.0, 0.35),
+                       "CD24": _Expr(14_000.0, 0.35)},
+    "b_naive": {**_B, "IgD": _Expr(7_000.0, 0.45), "CD38": _Expr(3_000.0, 0.40),
+                "CD24": _Expr(3_300.0, 0.40)},
+    "b_unswitched_memory": {**_B, "IgD": _Expr(3_500.0, 0.55), "CD27": _MEMORY_CD27,
+                            "CD38": _MEMORY_CD38, "CD24": _Expr(16_000.0, 0.45)},
+    "b_switched_memory": {**_B, "IgD": _IGD_NEG_TAIL, "CD27": _MEMORY_CD27,
+                          "CD38": _MEMORY_CD38, "CD24": _Expr(16_000.0, 0.45)},
+    "b_double_negative": {**_B, "IgD": _IGD_NEG_TAIL, "CD38": _MEMORY_CD38,
+                          "CD24": _Expr(5_000.0, 0.5)},
     "b_plasmablast": {"CD19": "lo", "CD27": "vhi", "CD38": "vhi"},
 }
 for _subset in B_SUBSETS[:-1]:
     _PHENOTYPES[f"b_{_subset}_cd19neg"] = {**_PHENOTYPES[f"b_{_subset}"], "CD19": "neg"}
+_CORRELATED = {label: ("CD24", "CD38") for label in _PHENOTYPES
+               if label.startswith("b_") and "plasmablast" not in label}
 
 # Scatter per cell type: FSC-A median, its ln sigma, SSC-A median, its ln sigma;
 # autofluorescence median (linear units at weight 1).
@@ -212,9 +281,13 @@ CODES: dict[str, int] = {row[0]: code for code, row in enumerate(_CODE_ROWS)}
 _LIVE_CELL_LABELS = tuple(label for label, category, _, _ in _CODE_ROWS
                           if category in ("myeloid", "t_cells", "nk_cells", "b_cells"))
 
-# Robust-truth design band: no visit's true value may fall inside [low, high].
-_PER_UL_BAND = (0.3, 25.0)
-_PCT_BAND = (0.03, 2.5)
+#: Forbidden bands of the truth: no visit's true B (CD19+, CD20+) cells/µL, nor its % of
+#: lymphocytes, may fall inside any [low, high] (within about 25% of a kinetics threshold).
+FORBIDDEN_PER_UL: tuple[tuple[float, float], ...] = ((0.75, 1.33), (7.5, 13.3))
+FORBIDDEN_PCT_LYMPHOCYTES: tuple[tuple[float, float], ...] = ((0.075, 0.133), (0.75, 1.33))
+#: Drift per visit: staining (per marker, log-uniform) and detector gain (per detector).
+STAINING_DRIFT = (0.7, 1.4)
+DETECTOR_GAIN_DRIFT = (0.85, 1.18)
 _APLASIA_PLASMABLAST_RATE = 1e-4
 _EVENTS_PER_SECOND = 1_500.0
 _TIMESTEP = 0.01
@@ -233,6 +306,15 @@ def codes_table() -> pd.DataFrame:
 
 
 @dataclass(frozen=True)
+class _Near:
+    """A visit planted close to (never within 25% of) a kinetics threshold."""
+    day: int
+    phase: str                            # residual | early_return | return
+    per_ul: tuple[float, float]           # range of the true B cells/µL
+    lymphocytes_per_ul: tuple[float, float]   # range of its clinical lymphocyte count
+
+
+@dataclass(frozen=True)
 class _Patient:
     patient_id: str
     disease: str
@@ -242,18 +324,31 @@ class _Patient:
     residual_until: int | None = None     # post-infusion visits up to this day still carry B
     masking: tuple[float, ...] = ()       # CD19-negative share of CD20+ B, first return visits
     return_b_fraction: tuple[float, ...] = (0.06, 0.09, 0.12, 0.14, 0.15)
+    near: tuple[_Near, ...] = ()          # visits near a threshold (override the above)
 
 
 _STANDARD_DAYS = (3, 7, 14, 28, 56, 84, 112, 150, 240, 365)
+# Near-threshold visits: the per-µL range and the lymphocyte count are chosen together so
+# that the % of lymphocytes stays outside its forbidden bands as well.
 _PATIENTS = (
-    _Patient("P01", "SLE", -5, _STANDARD_DAYS, return_day=112),
+    _Patient("P01", "SLE", -5, _STANDARD_DAYS, return_day=112,
+             near=(_Near(84, "early_return", (6.0, 7.2), (1000, 1150)),)),
     _Patient("P02", "SLE", -6, (3, 7, 14, 28, 56, 84, 112, 150, 240, 360), return_day=84,
-             masking=(0.60, 0.50, 0.45), return_b_fraction=(0.11, 0.13, 0.15, 0.16, 0.16)),
-    _Patient("P03", "systemic sclerosis", -4, _STANDARD_DAYS, return_day=56, residual_until=3),
+             masking=(0.60, 0.50, 0.45), return_b_fraction=(0.11, 0.13, 0.15, 0.16, 0.16),
+             near=(_Near(56, "early_return", (1.4, 2.0), (750, 900)),)),
+    _Patient("P03", "systemic sclerosis", -4, _STANDARD_DAYS, return_day=56, residual_until=3,
+             near=(_Near(3, "residual", (1.4, 2.0), (450, 550)),)),
     _Patient("P04", "myositis", -5, (2, 7, 14, 28, 56, 90, 120, 150, 240, 365),
-             return_day=150),
-    _Patient("P05", "SLE", -7, _STANDARD_DAYS, return_day=None),
+             return_day=150, residual_until=2,
+             near=(_Near(2, "residual", (0.5, 0.7), (260, 330)),
+                   _Near(150, "return", (13.8, 16.0), (800, 950)))),
+    _Patient("P05", "SLE", -7, _STANDARD_DAYS, return_day=None,
+             near=(_Near(365, "early_return", (6.0, 7.2), (1000, 1150)),)),
 )
+#: Post-infusion days (inclusive) whose visits are lysed whole blood after lymphodepletion.
+LYMPHOPENIC_DAYS = (7, 28)
+#: Clinical lymphocyte count (/µL) of a lymphopenic visit.
+LYMPHOPENIC_LYMPHOCYTES_PER_UL = (200.0, 500.0)
 
 # B-cell subset composition (fractions of B cells, order of B_SUBSETS).
 _BASELINE_SUBSETS = {
@@ -274,12 +369,14 @@ class _Visit:
     patient: _Patient
     visit: int
     day: int
-    phase: str                     # baseline | residual | aplasia | return
+    phase: str                     # baseline | residual | aplasia | early_return | return
     return_index: int              # 0 for the first visit with returning B cells
     lymphocytes_per_ul: float
     b_fraction: float              # of lymphocytes (aplasia: plasmablasts only, see below)
     subset_fractions: tuple[float, ...]
     masking: float                 # CD19-negative share of CD20+ B cells
+    lymphopenic: bool = False      # lysed whole blood after lymphodepletion
+    near_threshold: str = ""       # "1/uL" or "10/uL": planted close to that threshold
 
 
 def _sample_id(patient_id: str, visit: int, day: int) -> str:
@@ -287,15 +384,23 @@ def _sample_id(patient_id: str, visit: int, day: int) -> str:
     return f"{patient_id}_v{visit:02d}_d{day_text}"
 
 
-def _lymphocytes_per_ul(day: int, baseline: float, rng: np.random.Generator) -> float:
-    """Clinical lymphocyte count: lymphopenia after lymphodepletion, then recovery."""
+def _lymphocytes_per_ul(day: int, baseline: float, rng: np.random.Generator,
+                        lymphopenic: bool = False) -> float:
+    """Clinical lymphocyte count: lymphopenia after lymphodepletion, then recovery.
+
+    A lymphopenic visit maps the same uniform draw onto ``LYMPHOPENIC_LYMPHOCYTES_PER_UL``,
+    so the switch changes no other draw of the design.
+    """
     if day < 0:
         return baseline
-    for last_day, (low, high) in ((3, (250, 450)), (7, (300, 500)), (14, (400, 600)),
-                                  (28, (550, 750)), (56, (750, 900))):
-        if day <= last_day:
-            return float(round(rng.uniform(low, high)))
-    return float(round(rng.uniform(850, 1150)))
+    ranges = ((3, (250, 450)), (7, (300, 500)), (14, (400, 600)), (28, (550, 750)),
+              (56, (750, 900)))
+    low, high = next((r for last_day, r in ranges if day <= last_day), (850, 1150))
+    value = float(rng.uniform(low, high))
+    if lymphopenic:
+        floor, ceiling = LYMPHOPENIC_LYMPHOCYTES_PER_UL
+        value = floor + (value - low) / (high - low) * (ceiling - floor)
+    return float(round(value))
 
 
 def _jittered(fractions: Sequence[float], rng: np.random.Generator,
@@ -304,7 +409,19 @@ def _jittered(fractions: Sequence[float], rng: np.random.Generator,
     return tuple(float(v) for v in values / values.sum())
 
 
-def _design(seed: int) -> list[_Visit]:
+def _return_subsets(k: int, rng: np.random.Generator) -> tuple[float, ...]:
+    k = min(k, len(_RETURN_TRANSITIONAL) - 1)
+    others = (_RETURN_TRANSITIONAL[k], _RETURN_UNSWITCHED[k], _RETURN_SWITCHED[k],
+              _RETURN_DOUBLE_NEGATIVE[k], _RETURN_PLASMABLAST[k])
+    naive = 1.0 - sum(others)
+    return _jittered((others[0], naive, *others[1:]), rng, spread=0.05)
+
+
+def _is_lymphopenic_day(day: int) -> bool:
+    return LYMPHOPENIC_DAYS[0] <= day <= LYMPHOPENIC_DAYS[1]
+
+
+def _design(seed: int, lymphopenic: bool = True) -> list[_Visit]:
     """Plan every visit of the cohort (deterministic for ``seed``)."""
     visits = []
     for number, patient in enumerate(_PATIENTS):
@@ -313,11 +430,28 @@ def _design(seed: int) -> list[_Visit]:
         baseline_b = float(rng.uniform(0.07, 0.12))
         kind = "SLE" if patient.disease == "SLE" else "other"
         baseline_subsets = _jittered(_BASELINE_SUBSETS[kind], rng, spread=0.05)
+        near_by_day = {near.day: near for near in patient.near}
         return_index = -1
         for visit, day in enumerate((patient.baseline_day, *patient.days)):
-            lymph = _lymphocytes_per_ul(day, baseline_lymph, rng)
+            lysed = lymphopenic and day > 0 and _is_lymphopenic_day(day)
+            lymph = _lymphocytes_per_ul(day, baseline_lymph, rng, lymphopenic=lysed)
             masking = 0.0
-            if day < 0:
+            near = near_by_day.get(day)
+            if near is not None:
+                # Planted near a threshold: the B cells/µL and the lymphocyte count together.
+                lymph = float(round(rng.uniform(*near.lymphocytes_per_ul)))
+                per_ul = float(rng.uniform(*near.per_ul))
+                phase, b_fraction = near.phase, per_ul / lymph
+                if phase == "residual":
+                    subsets = baseline_subsets
+                elif phase == "early_return":
+                    subsets = _return_subsets(0, rng)
+                else:
+                    return_index += 1
+                    subsets = _return_subsets(return_index, rng)
+                    if return_index < len(patient.masking):
+                        masking = patient.masking[return_index]
+            elif day < 0:
                 phase, b_fraction, subsets = "baseline", baseline_b, baseline_subsets
             elif patient.residual_until is not None and day <= patient.residual_until:
                 # Not yet depleted: lymphodepletion took lymphocytes of every kind alike.
@@ -328,14 +462,10 @@ def _design(seed: int) -> list[_Visit]:
             else:
                 phase = "return"
                 return_index += 1
-                k = min(return_index, len(_RETURN_TRANSITIONAL) - 1)
                 b_fraction = patient.return_b_fraction[
                     min(return_index, len(patient.return_b_fraction) - 1)]
                 b_fraction *= float(rng.uniform(0.95, 1.05))
-                others = (_RETURN_TRANSITIONAL[k], _RETURN_UNSWITCHED[k], _RETURN_SWITCHED[k],
-                          _RETURN_DOUBLE_NEGATIVE[k], _RETURN_PLASMABLAST[k])
-                naive = 1.0 - sum(others)
-                subsets = _jittered((others[0], naive, *others[1:]), rng, spread=0.05)
+                subsets = _return_subsets(return_index, rng)
                 if return_index < len(patient.masking):
                     masking = patient.masking[return_index]
             visits.append(_Visit(
@@ -344,6 +474,9 @@ def _design(seed: int) -> list[_Visit]:
                 return_index=return_index if phase == "return" else -1,
                 lymphocytes_per_ul=lymph, b_fraction=b_fraction,
                 subset_fractions=tuple(subsets), masking=masking,
+                lymphopenic=lysed,
+                near_threshold=("" if near is None else
+                                "1/uL" if b_fraction * lymph < np.sqrt(10.0) else "10/uL"),
             ))
     return visits
 
@@ -370,39 +503,95 @@ def _largest_remainder(total: int, fractions: Sequence[float]) -> np.ndarray:
     return counts
 
 
+def _in_band(value: float, bands: Sequence[tuple[float, float]]) -> bool:
+    return any(low <= value <= high for low, high in bands)
+
+
+def _kinetics_class(per_ul: float) -> int:
+    return 0 if per_ul < 1.0 else (1 if per_ul < 10.0 else 2)
+
+
+def _b_split(visit: _Visit, n_b: int) -> tuple[np.ndarray, int]:
+    """B events per subset (rounded, not sampled) and how many CD20+ B cells lose CD19."""
+    subsets = _largest_remainder(n_b, visit.subset_fractions)
+    return subsets, int(round(visit.masking * (n_b - int(subsets[-1]))))
+
+
+def _safe_b_count(visit: _Visit, target: float, n_lymph: int) -> int:
+    """The B event count nearest ``target`` whose truth avoids every forbidden band.
+
+    Counts of the target's kinetics class (below 1, 1-10, at least 10 /µL) come first; a
+    file too small to resolve that class falls back to the nearest safe count (0 is).
+    """
+    def safe(n_b: int) -> bool:
+        subsets, masked = _b_split(visit, n_b)
+        for n in (n_b, n_b - masked, n_b - int(subsets[-1])):
+            pct = 100.0 * n / n_lymph
+            if (_in_band(pct, FORBIDDEN_PCT_LYMPHOCYTES)
+                    or _in_band(pct / 100.0 * visit.lymphocytes_per_ul, FORBIDDEN_PER_UL)):
+                return False
+        return True
+
+    if n_lymph == 0:
+        return 0
+    start = min(int(round(target)), n_lymph)
+    wanted = _kinetics_class(target / n_lymph * visit.lymphocytes_per_ul) if n_lymph else 0
+    candidates = sorted(range(n_lymph + 1), key=lambda n: (abs(n - start), n))
+    fallback = None
+    for n_b in candidates:
+        if not safe(n_b):
+            continue
+        if _kinetics_class(n_b / n_lymph * visit.lymphocytes_per_ul) == wanted:
+            return n_b
+        if fallback is None:
+            fallback = n_b
+        if abs(n_b - start) > max(10, start):
+            break
+    return fallback if fallback is not None else 0
+
+
 def _plant_labels(visit: _Visit, n_events: int, rng: np.random.Generator) -> dict[str, int]:
     """Number of events of every label for one file."""
-    shares = {
+    artefacts = {
         "debris": rng.uniform(0.06, 0.12),
         "doublet": rng.uniform(0.03, 0.05),
         "dead": rng.uniform(0.03, 0.07),
         "margin": rng.uniform(0.002, 0.004),
-        "myeloid": rng.uniform(0.15, 0.22),
-        "lymphocytes": 0.0,
     }
-    counts = _allocate(n_events, shares)
-    myeloid = counts.pop("myeloid")
-    counts["monocyte"] = int(round(0.75 * myeloid))
-    counts["granulocyte"] = myeloid - counts["monocyte"]
+    if visit.lymphopenic:
+        # Lysed whole blood after lymphodepletion: granulocytes dominate, few lymphocytes;
+        # the artefacts share what is left in their usual proportions.
+        granulocytes = rng.uniform(0.56, 0.64)
+        monocytes = rng.uniform(0.08, 0.11)
+        lymphocytes = rng.uniform(0.09, 0.14)
+        rest = 1.0 - granulocytes - monocytes - lymphocytes
+        total = sum(artefacts.values())
+        shares = {key: rest * value / total for key, value in artefacts.items()}
+        counts = _allocate(n_events, {**shares, "granulocyte": granulocytes,
+                                      "monocyte": monocytes, "lymphocytes": lymphocytes})
+    else:
+        counts = _allocate(n_events, {**artefacts, "myeloid": rng.uniform(0.15, 0.22),
+                                      "lymphocytes": 0.0})
+        myeloid = counts.pop("myeloid")
+        counts["monocyte"] = int(round(0.75 * myeloid))
+        counts["granulocyte"] = myeloid - counts["monocyte"]
     n_lymph = counts.pop("lymphocytes")
 
     if visit.phase == "aplasia":
         # Long-lived plasma cells/plasmablasts escape CD19 CAR-T; keep them a handful.
         n_b = int(np.floor(_APLASIA_PLASMABLAST_RATE * n_lymph))
     else:
-        n_b = int(round(visit.b_fraction * n_lymph))
+        n_b = _safe_b_count(visit, visit.b_fraction * n_lymph, n_lymph)
     n_t = int(round(rng.uniform(0.76, 0.80) * (n_lymph - n_b)))
     counts["nk_cell"] = n_lymph - n_b - n_t
     counts["t_cell_cd20dim"] = int(round(rng.uniform(0.03, 0.05) * n_t))
     counts["t_cell"] = n_t - counts["t_cell_cd20dim"]
 
     # Rounded, not sampled: the planted composition is the design's even for small files.
-    subsets = _largest_remainder(n_b, visit.subset_fractions)
+    subsets, n_masked = _b_split(visit, n_b)
     for subset, n in zip(B_SUBSETS, subsets, strict=True):
         counts[f"b_{subset}"] = int(n)
     # CD19 masking: a share of the CD20+ B cells (not plasmablasts) lose CD19.
-    n_cd20 = n_b - int(subsets[-1])
-    n_masked = int(round(visit.masking * n_cd20))
     masked = np.bincount(rng.choice(np.repeat(np.arange(5), subsets[:-1]), n_masked,
                                     replace=False), minlength=5) if n_masked else np.zeros(5)
     for subset, n in zip(B_SUBSETS[:-1], masked, strict=True):
@@ -411,10 +600,22 @@ def _plant_labels(visit: _Visit, n_events: int, rng: np.random.Generator) -> dic
     return counts
 
 
-def _draw_level(level: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    if level == "neg":
+def _draw_level(level: str | _Expr, n: int, rng: np.random.Generator,
+                deviate: np.ndarray | None = None) -> np.ndarray:
+    """Linear signals of ``n`` cells at ``level``; ``deviate``: their standard normals."""
+    if isinstance(level, str) and level == "neg":
         return np.zeros(n)
-    return LEVELS[level] * rng.lognormal(0.0, _POSITIVE_SIGMA, n)
+    median, sigma = ((level.median, level.sigma) if isinstance(level, _Expr)
+                     else (LEVELS[level], _POSITIVE_SIGMA))
+    if deviate is None:
+        return median * rng.lognormal(0.0, sigma, n)
+    return median * np.exp(sigma * deviate)
+
+
+# Low-SSC granulocytes (hypogranular, left-shifted after lymphodepletion and G-CSF): a small
+# share whose scatter reaches into the lymphocyte gate's edge.
+_LOW_SSC_GRANULOCYTE_SHARE = 0.06
+_LOW_SSC_GRANULOCYTE_SCATTER = (80_000.0, 0.12, 32_000.0, 0.35, 300.0)
 
 
 def _cells(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -426,20 +627,28 @@ def _cells(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ..
     autofluorescence = np.empty(n)
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
+        correlated = _CORRELATED.get(str(label), ())
+        shared = rng.standard_normal(len(rows)) if correlated else None
         for marker, level in _PHENOTYPES[label].items():
             column = _MARKER_INDEX[marker]
-            if isinstance(level, str):
-                signal[rows, column] = _draw_level(level, len(rows), rng)
+            if not isinstance(level, tuple):
+                deviate = None
+                if marker in correlated:
+                    deviate = (np.sqrt(_B_CD24_CD38_RHO) * shared
+                               + np.sqrt(1 - _B_CD24_CD38_RHO)
+                               * rng.standard_normal(len(rows)))
+                signal[rows, column] = _draw_level(level, len(rows), rng, deviate)
                 continue
-            names = [name for name, _ in level]
-            choice = rng.choice(len(names), len(rows), p=[p for _, p in level])
-            for i, name in enumerate(names):
+            choice = rng.choice(len(level), len(rows), p=[p for _, p in level])
+            for i, (name, _) in enumerate(level):
                 signal[rows[choice == i], column] = _draw_level(name, int((choice == i).sum()),
                                                                 rng)
-        fsc_median, fsc_sigma, ssc_median, ssc_sigma, af = _SCATTER.get(label, _B_SCATTER)
-        fsc[rows] = fsc_median * rng.lognormal(0.0, fsc_sigma, len(rows))
-        ssc[rows] = ssc_median * rng.lognormal(0.0, ssc_sigma, len(rows))
-        autofluorescence[rows] = af * rng.lognormal(0.0, 0.3, len(rows))
+        params = _SCATTER.get(label, _B_SCATTER)
+        fsc[rows], ssc[rows], autofluorescence[rows] = _scatter(params, len(rows), rng)
+        if label == "granulocyte":
+            low = rows[rng.random(len(rows)) < _LOW_SSC_GRANULOCYTE_SHARE]
+            fsc[low], ssc[low], autofluorescence[low] = _scatter(
+                _LOW_SSC_GRANULOCYTE_SCATTER, len(low), rng)
     return signal, fsc, ssc, autofluorescence
 
 
@@ -457,10 +666,32 @@ class _SimulatedFile:
     codes: np.ndarray              # int8 per event
     anomaly_events: int
     anomaly_time: tuple[float, float] | None
+    staining: np.ndarray           # per marker (detector order): factor on the true signal
+    gain: np.ndarray               # per detector: factor on the detected value
+    spillover: np.ndarray          # the file's $SPILLOVER: diag(1/gain) @ SPILLOVER @ diag(gain)
 
 
-def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator) -> _SimulatedFile:
-    """All events of one file, in acquisition order, with their truth codes."""
+def _drift(seed: int, number: int, enabled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Staining factors (per marker) and detector gains of one visit, log-uniform."""
+    n = len(_DETECTORS)
+    if not enabled:
+        return np.ones(n), np.ones(n)
+    rng = np.random.default_rng([seed, 3000 + number])
+    staining = np.exp(rng.uniform(*np.log(STAINING_DRIFT), n))
+    gain = np.exp(rng.uniform(*np.log(DETECTOR_GAIN_DRIFT), n))
+    return staining, gain
+
+
+def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator,
+                     staining: np.ndarray | None = None,
+                     gain: np.ndarray | None = None) -> _SimulatedFile:
+    """All events of one file, in acquisition order, with their truth codes.
+
+    ``staining`` multiplies every event's true fluorochrome signal (per marker) and ``gain``
+    every detected value (per detector); both default to no drift.
+    """
+    staining = np.ones(len(_DETECTORS)) if staining is None else np.asarray(staining, float)
+    gain = np.ones(len(_DETECTORS)) if gain is None else np.asarray(gain, float)
     counts = _plant_labels(visit, n_events, rng)
     live_labels = np.repeat(np.array(_LIVE_CELL_LABELS),
                             [counts.get(label, 0) for label in _LIVE_CELL_LABELS])
@@ -509,8 +740,12 @@ def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator) -> 
                                                                  autofl, codes))
     n = len(codes)
 
-    # Detector model: spillover, autofluorescence, then photon and electronic noise.
-    detected = signal @ SPILLOVER + autofl[:, None] * _AUTOFLUORESCENCE_WEIGHTS
+    # Detector model: staining drift, spillover, autofluorescence, the detectors' gain, then
+    # photon and electronic noise. With gain g the detected value is (signal @ S) * g =
+    # signal @ S @ diag(g), so the file's matrix diag(1/g) @ S @ diag(g) compensates it to
+    # signal * g.
+    detected = ((signal * staining) @ SPILLOVER
+                + autofl[:, None] * _AUTOFLUORESCENCE_WEIGHTS) * gain
     noise_sd = np.sqrt(_NOISE_BASE_SD ** 2 + _NOISE_PER_SIGNAL * np.maximum(detected, 0.0))
     detected = detected + rng.normal(0.0, 1.0, detected.shape) * noise_sd
 
@@ -549,7 +784,8 @@ def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator) -> 
         anomaly_time = (float(data[anomaly_window.start, -1]),
                         float(data[anomaly_window.stop - 1, -1]))
     return _SimulatedFile(data=data, codes=codes, anomaly_events=anomaly_events,
-                          anomaly_time=anomaly_time)
+                          anomaly_time=anomaly_time, staining=staining, gain=gain,
+                          spillover=np.diag(1.0 / gain) @ SPILLOVER @ np.diag(gain))
 
 
 # --------------------------------------------------------------------------- truth
@@ -592,20 +828,25 @@ def _truth_row(visit: _Visit, simulated: _SimulatedFile) -> dict[str, object]:
     row["anomaly_events"] = simulated.anomaly_events
     row["anomaly_time_start"] = simulated.anomaly_time[0] if simulated.anomaly_time else None
     row["anomaly_time_end"] = simulated.anomaly_time[1] if simulated.anomaly_time else None
+    row["monocytes"] = int(counts[CODES["monocyte"]])
+    row["granulocytes"] = int(counts[CODES["granulocyte"]])
+    row["lymphopenic"] = visit.lymphopenic
+    row["near_threshold"] = visit.near_threshold
     return row
 
 
 def _check_robust(row: Mapping[str, object]) -> None:
     """Fail when a visit's truth lands near a kinetics threshold (a design error)."""
     for measure in ("b", "cd19", "cd20"):
-        for value, (low, high), unit in (
-            (row[f"{measure}_per_ul"], _PER_UL_BAND, "/uL"),
-            (row[f"{measure}_pct_lymphocytes"], _PCT_BAND, "% of lymphocytes"),
+        for value, bands, unit in (
+            (row[f"{measure}_per_ul"], FORBIDDEN_PER_UL, "/uL"),
+            (row[f"{measure}_pct_lymphocytes"], FORBIDDEN_PCT_LYMPHOCYTES, "% of lymphocytes"),
         ):
-            if low <= float(value) <= high:
-                raise RuntimeError(
-                    f"simulator design error: {row['sample_id']} has {measure} = {value:.3g}"
-                    f"{unit}, inside the ambiguous band [{low}, {high}]")
+            for low, high in bands:
+                if low <= float(value) <= high:
+                    raise RuntimeError(
+                        f"simulator design error: {row['sample_id']} has {measure} = "
+                        f"{value:.3g}{unit}, inside the forbidden band [{low}, {high}]")
 
 
 def kinetics_days(days: Sequence[int], per_ul: Sequence[float], *, depleted_below: float = 1.0,
@@ -677,7 +918,7 @@ def _write_fcs(path: Path, visit: _Visit, simulated: _SimulatedFile) -> None:
     seconds = float(simulated.data[-1, -1]) * _TIMESTEP
     begin = _dt.datetime.combine(date, _dt.time(10, 0, 0))
     end = begin + _dt.timedelta(seconds=round(seconds))
-    spill_values = ",".join(f"{v:g}" for v in SPILLOVER.ravel())
+    spill_values = ",".join(f"{v:.6g}" for v in simulated.spillover.ravel())
     metadata = {
         "$CYT": "LSRFortessa (bcellmap simulator)",
         "$DATE": date.strftime("%d-%b-%Y").upper(),
@@ -723,6 +964,9 @@ def _write_scrna_visits(folder: Path, truth: pd.DataFrame, *, seed: int,
             subfolder, patients=(patient,), seed=seed + 7919 * (number + 1),
             cells_per_sample=cells, days=days, reconstitution_days={patient: returned},
             write_10x_h5=number == 0,
+            # Real CITE-seq panels carry more antibodies than the B-cell ones ingest keeps;
+            # they matter for the per-cell CLR that the cohort protein gates work on.
+            extended_adt_panel=True,
             b_share_of_lymphocytes={
                 (patient, int(day)): share / 100 for day, share
                 in zip(visits["day"], visits["b_pct_lymphocytes"], strict=True)},
@@ -739,18 +983,23 @@ def _write_scrna_visits(folder: Path, truth: pd.DataFrame, *, seed: int,
 
 
 def _write_cohort(folder: Path, *, seed: int, events_per_file: int,
-                  scrna_cells: int = 0) -> None:
-    visits = _design(seed)
+                  scrna_cells: int = 0, drift: bool = True, lymphopenic: bool = True) -> None:
+    visits = _design(seed, lymphopenic=lymphopenic)
     (folder / "truth_events").mkdir()
-    sheet_rows, truth_rows = [], []
+    sheet_rows, truth_rows, drift_rows = [], [], []
     for number, visit in enumerate(visits):
         rng = np.random.default_rng([seed, 1000 + number])
-        simulated = _simulate_events(visit, events_per_file, rng)
+        staining, gain = _drift(seed, number, drift)
+        simulated = _simulate_events(visit, events_per_file, rng, staining=staining, gain=gain)
         truth = _truth_row(visit, simulated)
         _check_robust(truth)
         _write_fcs(folder / f"{visit.sample_id}.fcs", visit, simulated)
         np.save(folder / "truth_events" / f"{visit.sample_id}.npy", simulated.codes)
         truth_rows.append(truth)
+        drift_rows += [{"sample_id": visit.sample_id, "marker": marker, "detector": detector,
+                        "staining_factor": float(f), "detector_gain": float(g)}
+                       for marker, detector, f, g in zip(_DETECTOR_MARKERS, _DETECTORS,
+                                                         staining, gain, strict=True)]
         sheet_rows.append({
             "sample_id": visit.sample_id, "patient_id": visit.patient.patient_id,
             "day": visit.day, "modality": "flow", "path": f"{visit.sample_id}.fcs",
@@ -762,6 +1011,7 @@ def _write_cohort(folder: Path, *, seed: int, events_per_file: int,
         sheet_rows += _write_scrna_visits(folder, truth, seed=seed, cells=scrna_cells)
     codes_table().to_csv(folder / "truth_codes.tsv", sep="\t", index=False)
     truth.to_csv(folder / "truth_samples.tsv", sep="\t", index=False)
+    pd.DataFrame(drift_rows).to_csv(folder / "truth_drift.tsv", sep="\t", index=False)
     _truth_patients(truth).to_csv(folder / "truth_patients.tsv", sep="\t", index=False)
     # The sample sheet last: its presence marks a complete cohort.
     pd.DataFrame(sheet_rows).to_csv(folder / "samples.tsv", sep="\t", index=False)
@@ -769,7 +1019,8 @@ def _write_cohort(folder: Path, *, seed: int, events_per_file: int,
 
 def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
                     seed: int = DEFAULT_SEED, events_per_file: int | None = None,
-                    scrna: bool = True) -> Path:
+                    scrna: bool = True, drift: bool = True,
+                    lymphopenic: bool = True) -> Path:
     """Write the simulated demo cohort into ``outdir``.
 
     The cohort is written into a temporary folder beside ``outdir`` first. When ``outdir``
@@ -792,6 +1043,13 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
         Also write scRNA count files (10x ``.h5`` with CITE-seq for the first, ``.h5ad`` for
         the rest) for four visits each of patients P01 and P03, with per-cell truth
         (``scrna/{patient}/*.truth.tsv``, ``truth_scrna_samples.tsv``).
+    drift
+        Per-visit staining and detector-gain drift (``truth_drift.tsv`` records the factors;
+        without drift they are all 1).
+    lymphopenic
+        Post-infusion visits on days ``LYMPHOPENIC_DAYS`` are lysed whole blood after
+        lymphodepletion (few lymphocytes, granulocytes dominating, 200-500 lymphocytes/µL);
+        without it they have the composition of every other visit.
 
     Returns
     -------
@@ -815,7 +1073,8 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=parent))
     try:
         _write_cohort(staging, seed=seed, events_per_file=n_events,
-                      scrna_cells=PRESET_SCRNA_CELLS[preset] if scrna else 0)
+                      scrna_cells=PRESET_SCRNA_CELLS[preset] if scrna else 0,
+                      drift=drift, lymphopenic=lymphopenic)
         if outdir.is_dir() and not any(outdir.iterdir()):
             outdir.rmdir()
         if not outdir.exists():
@@ -835,7 +1094,10 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
 
 
 def cli_simulate(args: argparse.Namespace) -> None:
-    """``bcellmap simulate --out DIR [--preset P] [--seed S] [--events N]``."""
+    """``bcellmap simulate --out DIR [--preset P] [--seed S] [--events N] [--no-drift]
+    [--no-lymphopenic] [--no-scrna]``."""
     sheet = simulate_cohort(args.out, preset=args.preset, seed=args.seed, scrna=not args.no_scrna,
-                            events_per_file=args.events)
+                            events_per_file=args.events,
+                            drift=not getattr(args, "no_drift", False),
+                            lymphopenic=not getattr(args, "no_lymphopenic", False))
     print(f"{sheet}: demo cohort written")
