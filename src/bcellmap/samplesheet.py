@@ -12,9 +12,12 @@ import pandas as pd
 from .errors import SampleSheetError
 
 REQUIRED_COLUMNS = ("sample_id", "patient_id", "day", "modality", "path")
-OPTIONAL_COLUMNS = ("lymphocytes_per_ul", "disease", "batch", "panel")
+OPTIONAL_COLUMNS = ("lymphocytes_per_ul", "disease", "batch", "panel", "reference")
 MODALITIES = ("flow", "scrna")
 _SAMPLE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: Accepted spellings of the ``reference`` column (case-insensitive); empty means false.
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0", "")
 
 
 def read_sample_sheet(
@@ -37,8 +40,8 @@ def read_sample_sheet(
     Returns
     -------
     One row per sample, indexed by ``sample_id``, with ``day`` as int, ``lymphocytes_per_ul``
-    as float (NaN where absent) and ``path`` resolved to an absolute path (relative paths are
-    taken from the sheet's folder).
+    as float (NaN where absent), ``reference`` as bool (False where absent) and ``path``
+    resolved to an absolute path (relative paths are taken from the sheet's folder).
 
     Raises
     ------
@@ -70,6 +73,7 @@ def read_sample_sheet(
     days = []
     resolved = []
     counts = []
+    references = []
     for position, row in enumerate(sheet.itertuples(index=False)):
         line = position + 2  # header is line 1
         record = row._asdict()
@@ -136,10 +140,12 @@ def read_sample_sheet(
                     f"(defined: {', '.join(panels)})",
                     path=path, row=line, column="panel",
                 )
+        references.append(_reference_flag(record, path=path, line=line))
 
     sheet["day"] = days
     sheet["path"] = resolved
     sheet["lymphocytes_per_ul"] = counts
+    sheet["reference"] = references
     for column in ("disease", "batch", "panel"):
         if column not in sheet.columns:
             sheet[column] = ""
@@ -166,3 +172,81 @@ def sample_row(sheet: pd.DataFrame, sample_id: str, *, path: object = "") -> pd.
         raise SampleSheetError(f"sample_id {sample_id!r} is not listed", path=path,
                                column="sample_id")
     return sheet.loc[sample_id]
+
+
+def _reference_flag(record: dict, *, path: Path, line: int) -> bool:
+    """The ``reference`` value of one row: a bool; a reference needs a batch and flow data."""
+    value = str(record.get("reference", "") or "").lower()
+    if value not in _TRUE + _FALSE:
+        raise SampleSheetError(
+            f"reference {record['reference']!r} is not true/false (also yes/no, 1/0, or empty)",
+            path=path, row=line, column="reference",
+        )
+    if value in _FALSE:
+        return False
+    if str(record.get("batch", "") or "") == "":
+        raise SampleSheetError(
+            "a reference sample needs a batch: it stands for the batch it was acquired in",
+            path=path, row=line, column="batch",
+        )
+    if record["modality"] != "flow":
+        raise SampleSheetError(
+            f"reference samples normalise flow cytometry batches; this sample's modality is "
+            f"{record['modality']!r}",
+            path=path, row=line, column="reference",
+        )
+    return True
+
+
+def normalisation_active(sheet: pd.DataFrame, *, method: str, path: object = "") -> bool:
+    """Tell whether reference-sample normalisation runs, and check the sheet supports it.
+
+    Parameters
+    ----------
+    sheet
+        A sheet from :func:`read_sample_sheet`.
+    method
+        ``normalisation.method``: ``none`` (off), ``reference`` (on) or ``auto`` (on when the
+        sheet marks any flow sample as a reference).
+    path
+        The sheet, for messages.
+
+    Returns
+    -------
+    True when the flow samples are to be normalised.
+
+    Raises
+    ------
+    SampleSheetError
+        Normalisation is on and some flow samples have no batch, or a batch has flow samples
+        but no reference; every such batch is named with its samples, in one message.
+    ConfigError
+        An unknown ``method``.
+    """
+    from .errors import ConfigError
+
+    if method not in ("auto", "none", "reference"):
+        raise ConfigError(f"normalisation.method {method!r} must be auto, none or reference")
+    flow = sheet.loc[sheet["modality"] == "flow"]
+    reference = flow["reference"] if "reference" in flow.columns else pd.Series(False, flow.index)
+    if method == "none" or flow.empty or (method == "auto" and not reference.astype(bool).any()):
+        return False
+    batch = flow["batch"].astype(str) if "batch" in flow.columns else pd.Series("", flow.index)
+    problems = []
+    unbatched = flow.loc[batch == "", "sample_id"].tolist()
+    if unbatched:
+        problems.append(f"flow samples without a batch: {', '.join(unbatched)}")
+    for name in sorted(set(batch) - {""}):
+        members = batch == name
+        if not reference[members].astype(bool).any():
+            problems.append(f"batch {name!r} has no reference sample "
+                            f"(samples: {', '.join(flow.loc[members, 'sample_id'])})")
+    if problems:
+        raise SampleSheetError(
+            f"batch normalisation is on (normalisation.method: {method}), but: "
+            + "; ".join(problems)
+            + ". Mark one sample per batch with reference=true (the same control aliquot "
+            "acquired in each batch), or set normalisation.method: none",
+            path=path, column="reference",
+        )
+    return True

@@ -4,7 +4,7 @@
 
 rule train_flow:
     input:
-        expand("results/flow/{sample_id}.h5ad", sample_id=FLOW_SAMPLES),
+        flow_h5ads,
     output:
         model="results/models/flow_som.npz",
         info="results/models/flow_som.json",
@@ -25,7 +25,7 @@ rule train_flow:
 
 rule map_flow:
     input:
-        h5ad="results/flow/{sample_id}.h5ad",
+        h5ad=flow_h5ad,
         model="results/models/flow_som.npz",
     output:
         "results/mapped/{sample_id}.h5ad",
