@@ -1,6 +1,9 @@
-"""scRNA annotation against the simulator's truth: B cells, subsets, CAR-T, bad input."""
+"""scRNA annotation against the simulator's truth: B cells, subsets, CAR-T, protein gates,
+bad input."""
 
 from __future__ import annotations
+
+import logging
 
 import anndata as ad
 import numpy as np
@@ -8,10 +11,16 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from bcellmap.annotate_scrna import COUNT_COLUMNS, annotate_scrna
+from bcellmap.annotate_scrna import (
+    COUNT_COLUMNS,
+    PROTEIN_THRESHOLD_COLUMNS,
+    annotate_scrna,
+    learn_protein_thresholds,
+    read_protein_thresholds,
+)
 from bcellmap.backend import get_backend
 from bcellmap.cli import main
-from bcellmap.cluster_scrna import map_scrna, train_scrna
+from bcellmap.cluster_scrna import learn_scrna_protein_thresholds, map_scrna, train_scrna
 from bcellmap.config import load_config
 from bcellmap.errors import InputError
 from bcellmap.ingest_scrna import ingest_scrna
@@ -22,13 +31,16 @@ CAR = "CAR_FMC63"
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """Simulate one patient (CITE-seq baseline, aplasia, reconstitution), ingest, train, map."""
+    """Simulate one patient (baseline, aplasia, reconstitution; CITE-seq with a full antibody
+    panel at every visit), ingest, train (model and cohort protein gates), map."""
     out = tmp_path_factory.mktemp("scrna_annotate")
     rows = simulate_scrna_visits(out, patients=["P01"], seed=21, cells_per_sample=1500,
-                                 n_genes=700, days=(-7, 28, 150), car_feature=CAR)
+                                 n_genes=700, days=(-7, 28, 150), car_feature=CAR,
+                                 cite_seq_all_visits=True, extended_adt_panel=True)
     config = load_config()
     config["scrna"]["car_feature"] = CAR
     config["scrna"]["cluster"]["cells_per_sample"] = 800
+    config["scrna"]["protein"]["cells_per_sample"] = 1000
     paths, ingested = [], {}
     for row in rows:
         adata, _ = ingest_scrna(out / row["path"], config=config, sample=row)
@@ -40,7 +52,8 @@ def pipeline(tmp_path_factory):
     model, _ = train_scrna(paths, config=config, backend=backend)
     mapped = {sid: map_scrna(a, model, config=config, backend=backend, sample_id=sid)
               for sid, a in ingested.items()}
-    return out, rows, config, mapped, paths
+    gates = learn_scrna_protein_thresholds(paths, config=config)
+    return out, rows, config, mapped, paths, gates
 
 
 def _truth(out, sample_id, adata):
@@ -54,9 +67,10 @@ def _singlets(truth):
 
 @pytest.mark.parametrize("visit", [0, 2])
 def test_b_cell_calls_match_the_truth(pipeline, visit):
-    out, rows, config, mapped, _ = pipeline
+    out, rows, config, mapped, _, gates = pipeline
     sample_id = rows[visit]["sample_id"]
-    annotated, row = annotate_scrna(mapped[sample_id], config=config, sample_id=sample_id)
+    annotated, row = annotate_scrna(mapped[sample_id], config=config, sample_id=sample_id,
+                                    protein_thresholds=gates)
     truth = _truth(out, sample_id, annotated)
     keep = _singlets(truth)
     is_b = truth["cell_type"].to_numpy()[keep] == "B"
@@ -80,7 +94,7 @@ def _naive_memory_f1(annotated, truth) -> float:
 
 
 def test_naive_versus_memory_from_rna(pipeline):
-    out, rows, config, mapped, _ = pipeline
+    out, rows, config, mapped, _, gates = pipeline
     sample_id = rows[0]["sample_id"]
     rna_only = mapped[sample_id].copy()
     del rna_only.obsm["protein"]
@@ -91,9 +105,10 @@ def test_naive_versus_memory_from_rna(pipeline):
 
 
 def test_cite_seq_protein_calls_transitional_and_subsets(pipeline):
-    out, rows, config, mapped, _ = pipeline
+    out, rows, config, mapped, _, gates = pipeline
     sample_id = rows[0]["sample_id"]
-    annotated, row = annotate_scrna(mapped[sample_id], config=config, sample_id=sample_id)
+    annotated, row = annotate_scrna(mapped[sample_id], config=config, sample_id=sample_id,
+                                    protein_thresholds=gates)
     truth = _truth(out, sample_id, annotated)
     assert row["subsets_not_called"] == ""
     assert _naive_memory_f1(annotated, truth) >= 0.8
@@ -104,9 +119,10 @@ def test_cite_seq_protein_calls_transitional_and_subsets(pipeline):
 
 
 def test_aplasia_has_no_b_cells_and_counts_car_t_cells(pipeline):
-    out, rows, config, mapped, _ = pipeline
+    out, rows, config, mapped, _, gates = pipeline
     sample_id = rows[1]["sample_id"]
-    annotated, row = annotate_scrna(mapped[sample_id], config=config, sample_id=sample_id)
+    annotated, row = annotate_scrna(mapped[sample_id], config=config, sample_id=sample_id,
+                                    protein_thresholds=gates)
     truth = _truth(out, sample_id, annotated)
     assert row["b_cells"] <= 2  # truth: none
     true_car = int(truth["car_t"].astype(str).eq("True").sum())
@@ -116,11 +132,12 @@ def test_aplasia_has_no_b_cells_and_counts_car_t_cells(pipeline):
 
 
 def test_missing_marker_genes_score_partially_or_fail_clearly(pipeline):
-    out, rows, config, mapped, _ = pipeline
+    out, rows, config, mapped, _, gates = pipeline
     sample_id = rows[2]["sample_id"]
     adata = mapped[sample_id]
     partial = adata[:, ~adata.var_names.isin(["CD19", "MS4A1", "GNLY"])].copy()
-    annotated, _ = annotate_scrna(partial, config=config, sample_id=sample_id)
+    annotated, _ = annotate_scrna(partial, config=config, sample_id=sample_id,
+                                  protein_thresholds=gates)
     assert annotated.uns["annotation"]["missing_genes"]["B"] == ["MS4A1", "CD19"]
     truth = _truth(out, sample_id, annotated)
     keep = _singlets(truth)
@@ -132,7 +149,7 @@ def test_missing_marker_genes_score_partially_or_fail_clearly(pipeline):
 
 
 def test_cli_on_a_sample_with_no_cell_after_qc(pipeline, tmp_path):
-    out, rows, config, mapped, _ = pipeline
+    out, rows, config, mapped, _, gates = pipeline
     sample_id = rows[2]["sample_id"]
     empty = mapped[sample_id][:0].copy()
     path = tmp_path / "empty.h5ad"
@@ -140,12 +157,166 @@ def test_cli_on_a_sample_with_no_cell_after_qc(pipeline, tmp_path):
     sheet = tmp_path / "samples.tsv"
     pd.DataFrame([{**rows[2], "path": str(out / rows[2]["path"])}]).to_csv(sheet, sep="\t",
                                                                            index=False)
+    table = tmp_path / "gates.tsv"
+    gates.to_csv(table, sep="\t", index=False)
     status = main(["annotate-scrna", "--samples", str(sheet), "--sample-id", sample_id,
                    "--input", str(path), "--out", str(tmp_path / "a.h5ad"),
-                   "--counts", str(tmp_path / "c.tsv")])
+                   "--counts", str(tmp_path / "c.tsv"), "--protein-thresholds", str(table)])
     assert status == 0
     counts = pd.read_csv(tmp_path / "c.tsv", sep="\t")
     assert list(counts.columns) == list(COUNT_COLUMNS)
     assert counts.loc[0, "events_qc_pass"] == 0 and counts.loc[0, "b_cells"] == 0
     assert counts.loc[0, "events_total"] == 1500
+    assert pd.isna(counts.loc[0, "gate_flags"])  # the cohort gates are clean
     assert ad.read_h5ad(tmp_path / "a.h5ad").n_obs == 0
+
+
+# --- CITE-seq protein gates: cohort-pooled, hierarchical, flagged -------------------------
+
+def _old_per_sample_gmm(values: np.ndarray, seed: int) -> float:
+    """The gate annotate_scrna placed before cohort gates: the boundary of a seeded
+    two-component Gaussian mixture fitted to this one sample's values."""
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(n_components=2, random_state=seed).fit(values.reshape(-1, 1))
+    high = int(np.argmax(gmm.means_.ravel()))
+    grid = np.linspace(values.min(), values.max(), 512)
+    above = np.flatnonzero(gmm.predict_proba(grid.reshape(-1, 1))[:, high] >= 0.5)
+    above = above[grid[above] > gmm.means_.ravel()[1 - high]]
+    return float(grid[above[0]])
+
+
+def _protein(adata) -> dict[str, np.ndarray]:
+    return {name: np.asarray(adata.obsm["protein"][:, j], dtype=float)
+            for j, name in enumerate(adata.uns["protein_names"])}
+
+
+def test_cohort_gates_are_pooled_equally_and_learned_inside_their_parents(pipeline):
+    _, rows, config, _, _, gates = pipeline
+    assert list(gates.columns) == list(PROTEIN_THRESHOLD_COLUMNS)
+    table = gates.set_index("marker")
+    assert table.loc["CD3", "parent"] == "all"
+    assert table.loc["CD19", "parent"] == table.loc["CD20", "parent"] == "CD3-"
+    for marker in ("IgD", "CD27", "CD38", "CD24"):
+        assert table.loc[marker, "parent"] == "CD20+ B"
+    assert set(table["pool"]) == {"cohort"}
+    # An equal-sized subsample of every sample (each has more QC-passed cells than that).
+    per_sample = config["scrna"]["protein"]["cells_per_sample"]
+    assert table.loc["CD3", "n_samples"] == len(rows)
+    assert table.loc["CD3", "n_events"] == per_sample * len(rows)
+    # Each child pool is a subset of its parent's: CD3- cells, then B cells (not aplasia's).
+    assert table.loc["CD19", "n_events"] < table.loc["CD3", "n_events"]
+    assert table.loc["CD27", "n_events"] < table.loc["CD19", "n_events"]
+    # The simulated panel separates every population: all gates sit in a density valley.
+    assert (table["method"] == "valley").all() and not table["flag"].astype(bool).any()
+
+
+def test_aplastic_visit_gains_no_b_cells_from_its_own_negative_peak(pipeline):
+    out, rows, config, mapped, _, gates = pipeline
+    baseline_id, aplasia_id = rows[0]["sample_id"], rows[1]["sample_id"]
+    aplasia = mapped[aplasia_id]
+    truth = _truth(out, aplasia_id, aplasia)
+    assert not (truth["cell_type"] == "B").any()  # the simulated visit has no B cell at all
+
+    # The old per-sample two-component mixture splits the aplastic visit's negative peak.
+    protein = _protein(aplasia)
+    cut = {m: _old_per_sample_gmm(protein[m], seed=int(config["seed"]))
+           for m in ("CD3", "CD19", "CD20")}
+    old_b = (protein["CD3"] < cut["CD3"]) & ((protein["CD19"] >= cut["CD19"])
+                                             | (protein["CD20"] >= cut["CD20"]))
+    assert old_b.sum() > 0.05 * aplasia.n_obs
+
+    # Cohort gates: the aplastic visit keeps no protein-defined B cell.
+    annotated, row = annotate_scrna(aplasia, config=config, sample_id=aplasia_id,
+                                    protein_thresholds=gates)
+    b_protein = annotated.obs["b_protein"].to_numpy()
+    assert b_protein.sum() <= 3
+    assert annotated.uns["annotation"]["b_cells_protein"] == b_protein.sum()
+    assert row["cd19_pos"] <= 2 and row["cd20_pos"] <= 2
+    assert row["gate_flags"] == ""
+    uns = annotated.uns["protein_thresholds"].set_index("marker")
+    assert uns.loc["CD27", "n_parent"] <= 3  # nearly no CD20+ B cell to gate subsets on
+
+    # ... while the same gates find the B cells of the baseline visit.
+    baseline = mapped[baseline_id]
+    annotated, _ = annotate_scrna(baseline, config=config, sample_id=baseline_id,
+                                  protein_thresholds=gates)
+    truth = _truth(out, baseline_id, annotated)
+    keep = _singlets(truth)
+    assert f1_score(truth["cell_type"].to_numpy()[keep] == "B",
+                    annotated.obs["b_protein"].to_numpy()[keep]) >= 0.9
+
+
+def test_gates_without_a_valley_are_flagged_in_log_uns_and_counts(pipeline, caplog, tmp_path):
+    _, rows, config, mapped, _, gates = pipeline
+    aplasia_id, recon_id = rows[1]["sample_id"], rows[2]["sample_id"]
+    # A "cohort" of the aplastic visit alone has no CD19/CD20 peak and no B cells.
+    only_aplasia = learn_protein_thresholds(
+        [(aplasia_id, _protein(mapped[aplasia_id]), None)], config=config)
+    table = only_aplasia.set_index("marker")
+    assert table.loc["CD20", "method"] == "upper_tail"
+    assert table.loc["CD27", "method"] == "insufficient_events"
+    assert table.loc["CD20", "flag"] == "CD20:upper_tail"
+    expected = {f"{m}:{method}" for m, method in table["method"].items()
+                if method not in ("valley", "fixed")}
+    assert set(table["flag"][table["flag"] != ""]) == expected
+    with caplog.at_level(logging.WARNING, logger="bcellmap.annotate_scrna"):
+        annotated, row = annotate_scrna(mapped[recon_id], config=config, sample_id=recon_id,
+                                        protein_thresholds=only_aplasia)
+    flags = row["gate_flags"].split(";")
+    assert set(flags) == expected
+    assert {"CD20:upper_tail", "CD38:insufficient_events"} <= set(flags)
+    assert any("CD20" in r.message and "upper_tail" in r.message for r in caplog.records)
+    uns = annotated.uns["protein_thresholds"]
+    assert set(uns["flag"][uns["flag"] != ""]) == set(flags)
+    assert row["subsets_not_called"] == "transitional;double_negative"  # no subset gate
+    # The flags survive the h5ad and the counts table.
+    path = tmp_path / "a.h5ad"
+    annotated.write_h5ad(path)
+    assert list(ad.read_h5ad(path).uns["protein_thresholds"]["flag"]) == list(uns["flag"])
+
+
+def test_fixed_protein_gates_override_the_cohort(pipeline):
+    _, rows, config, mapped, _, gates = pipeline
+    sample_id = rows[0]["sample_id"]
+    fixed = {**config, "scrna": {**config["scrna"], "protein": {
+        **config["scrna"]["protein"], "thresholds": {"CD19": 50.0}}}}
+    annotated, row = annotate_scrna(mapped[sample_id], config=fixed, sample_id=sample_id,
+                                    protein_thresholds=gates)
+    uns = annotated.uns["protein_thresholds"].set_index("marker")
+    assert uns.loc["CD19", "method"] == "fixed" and uns.loc["CD19", "threshold"] == 50.0
+    assert uns.loc["CD20", "threshold"] == gates.set_index("marker").loc["CD20", "threshold"]
+    assert row["cd19_pos"] == 0 and row["cd20_pos"] > 100 and row["gate_flags"] == ""
+    # Without a cohort table the gates are learned on the sample alone, with a warning.
+    alone, _ = annotate_scrna(mapped[sample_id], config=config, sample_id=sample_id)
+    assert set(alone.uns["protein_thresholds"]["pool"]) == {"sample"}
+
+
+def test_cli_train_writes_the_gates_and_annotate_applies_them(pipeline, tmp_path):
+    out, rows, _, mapped, paths, gates = pipeline
+    config = tmp_path / "config.yaml"
+    config.write_text(f"device: cpu\nscrna:\n  car_feature: {CAR}\n  cluster:\n"
+                      "    cells_per_sample: 800\n  protein:\n    cells_per_sample: 1000\n")
+    table = tmp_path / "gates.tsv"
+    assert main(["train-scrna", "--config", str(config), "--inputs", *map(str, paths),
+                 "--model", str(tmp_path / "m.npz"), "--info", str(tmp_path / "m.json"),
+                 "--protein-thresholds", str(table)]) == 0
+    written = read_protein_thresholds(table)
+    pd.testing.assert_frame_equal(written[["marker", "parent", "method", "n_events"]],
+                                  gates[["marker", "parent", "method", "n_events"]])
+    np.testing.assert_allclose(written["threshold"], gates["threshold"])
+    sample_id = rows[1]["sample_id"]
+    mapped_path = tmp_path / "mapped.h5ad"
+    mapped[sample_id].write_h5ad(mapped_path)
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame([{**rows[1], "path": str(out / rows[1]["path"])}]).to_csv(sheet, sep="\t",
+                                                                           index=False)
+    assert main(["annotate-scrna", "--config", str(config), "--samples", str(sheet),
+                 "--sample-id", sample_id, "--input", str(mapped_path),
+                 "--out", str(tmp_path / "a.h5ad"), "--counts", str(tmp_path / "c.tsv"),
+                 "--protein-thresholds", str(table)]) == 0
+    counts = pd.read_csv(tmp_path / "c.tsv", sep="\t", keep_default_na=False)
+    assert list(counts.columns) == list(COUNT_COLUMNS) and "gate_flags" in counts.columns
+    assert counts.loc[0, "cd19_pos"] <= 2
+    annotated = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert annotated.obs["b_protein"].sum() <= 3

@@ -1,4 +1,5 @@
-"""scRNA clustering: parity with scanpy on the same data, bounded training, label transfer."""
+"""scRNA clustering: parity with scanpy on the same data, bounded training, label transfer,
+cohort protein gates."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 import scanpy as sc
 from sklearn.metrics import adjusted_rand_score
 
+from bcellmap.annotate_scrna import PROTEIN_THRESHOLD_COLUMNS, read_protein_thresholds
 from bcellmap.backend import get_backend
 from bcellmap.cli import main
-from bcellmap.cluster_scrna import cluster_scaled, map_scrna
+from bcellmap.cluster_scrna import cluster_scaled, learn_scrna_protein_thresholds, map_scrna
 from bcellmap.config import load_config
 from bcellmap.ingest_scrna import ingest_scrna
 from bcellmap.simulate_scrna import simulate_scrna_visits
@@ -67,11 +69,17 @@ def test_cli_train_is_bounded_and_map_labels_every_cell_by_type(ingested, tmp_pa
     config = tmp_path / "config.yaml"
     config.write_text("device: cpu\nscrna:\n  cluster:\n    cells_per_sample: 400\n")
     model, info = tmp_path / "model.npz", tmp_path / "model.json"
+    gates = tmp_path / "gates.tsv"
     assert main(["train-scrna", "--config", str(config), "--inputs", *map(str, paths),
-                 "--model", str(model), "--info", str(info)]) == 0
+                 "--model", str(model), "--info", str(info), "--protein-thresholds",
+                 str(gates)]) == 0
     summary = json.loads(info.read_text())
     assert all(n <= 400 for n in summary["samples"].values())
     assert summary["cells"] == sum(summary["samples"].values())
+    # No CITE-seq sample: an empty gates table (annotate then has nothing to gate).
+    table = read_protein_thresholds(gates)
+    assert table.empty and list(table.columns) == list(PROTEIN_THRESHOLD_COLUMNS)
+    assert summary["protein_gates"] == {} and summary["protein_gate_flags"] == []
     for row, path in zip(rows, paths, strict=True):
         mapped_path = tmp_path / f"{row['sample_id']}.mapped.h5ad"
         assert main(["map-scrna", "--config", str(config), "--input", str(path),
@@ -98,3 +106,31 @@ def test_sample_without_qc_passed_cells_maps_to_an_empty_anndata(ingested):
     adata.obs["qc_pass"] = False
     mapped = map_scrna(adata, model, config=config, backend=backend)
     assert mapped.n_obs == 0 and "leiden" in mapped.obs
+
+
+def test_protein_gates_fall_back_to_the_rna_b_call_without_cd19_cd20_protein(ingested,
+                                                                              tmp_path):
+    """A panel without CD19/CD20 protein: the subset gates are learned on RNA-called B cells."""
+    out, rows, paths = ingested
+    adata = ad.read_h5ad(paths[0])
+    truth = pd.read_csv(out / f"{rows[0]['sample_id']}.truth.tsv", sep="\t",
+                        keep_default_na=False)
+    rng = np.random.default_rng(0)
+    is_t = truth["cell_type"].eq("T").to_numpy()
+    igd_pos = truth["b_subset"].isin(["transitional", "naive", "unswitched_memory"]).to_numpy()
+    noise = rng.normal(0, 0.15, size=(adata.n_obs, 2))
+    adata.obsm["protein"] = np.column_stack([np.where(is_t, 2.0, 0.3),
+                                             np.where(igd_pos, 1.6, 0.3)]) + noise
+    adata.uns["protein_names"] = ["CD3", "IgD"]
+    path = tmp_path / "cd3_igd_only.h5ad"
+    adata.write_h5ad(path)
+    config = load_config()
+    config["scrna"]["protein"]["cells_per_sample"] = 600
+    gates = learn_scrna_protein_thresholds([path], config=config).set_index("marker")
+    assert gates.loc["CD3", "n_events"] == 600 and gates.loc["CD3", "method"] == "valley"
+    igd = gates.loc["IgD"]
+    assert igd["parent"] == "CD20+ B" and igd["method"] == "valley" and igd["flag"] == ""
+    assert 0.6 < igd["threshold"] < 1.3
+    # The parent is the RNA B call of the pooled cells: about the B share of 600 cells.
+    share_b = truth["cell_type"].eq("B").to_numpy()[adata.obs["qc_pass"].to_numpy()].mean()
+    assert abs(igd["n_events"] - share_b * 600) <= 0.1 * share_b * 600

@@ -19,14 +19,36 @@ B-cell subsets (``obs["b_subset"]``, empty for non-B), per cell:
 - CITE-seq (``obsm["protein"]``): protein takes precedence for the subset markers:
   transitional CD24hi CD38hi, then the IgD/CD27 quadrants (naive IgD+CD27-, unswitched memory
   IgD+CD27+, switched memory IgD-CD27+, double negative IgD-CD27-); plasmablasts stay the RNA
-  call. "Positive" thresholds come from ``scrna.protein.thresholds`` or a seeded two-component
-  Gaussian mixture of the CLR values of all cells (``hi`` for CD24/CD38: of the B cells).
+  call.
+
+Protein gates (CLR thresholds) follow the flow rules (:mod:`bcellmap.thresholds`): they are
+learned once for the cohort by ``train-scrna`` (:func:`learn_protein_thresholds`, written to
+``results/models/scrna_protein_thresholds.tsv``) on a pool made of an equal-sized seeded
+subsample (``scrna.protein.cells_per_sample``) of the QC-passed cells of every sample with
+protein, and the same values are applied to every sample. A gate placed on one sample would
+invent positives: an aplastic visit has no CD19+ peak, and a two-population model of that
+visit alone splits its negative peak. Each gate is learned inside its parent population, as
+the HIPC Lyoplate B-cell panel is gated (:data:`GATE_PARENTS`): CD3 on all QC-passed cells;
+CD19 and CD20 on CD3- cells; IgD, CD27, CD38 and CD24 on CD20+ B cells (CD3-, CD19+ or CD20+,
+and CD20+: plasmablasts are CD20- and CD27hi, and would otherwise pull the CD27 gate above
+the memory cells; without CD20 protein, all B cells). A parent whose protein is not measured
+falls back to RNA (CD3-: not called T; B: the RNA B call). The learner is
+:func:`bcellmap.thresholds.learn_marker_threshold` (density valley, else an upper tail);
+``scrna.protein.thresholds`` fixed values override it. A gate learned without a valley
+(``upper_tail``, ``insufficient_events``, or ``not_learned`` when the cohort table lacks the
+protein) is flagged: logged as a warning, listed in ``uns["protein_thresholds"]`` (one row
+per protein: marker, parent, threshold, method, n_events, n_samples, pool, flag, n_parent) and
+in the counts column ``gate_flags`` (``"CD38:upper_tail;CD24:upper_tail"``). Without a cohort
+table (``annotate_scrna(..., protein_thresholds=None)``) the gates are learned, the same way,
+on the sample alone (pool ``sample``, with a warning). ``obs["b_protein"]`` marks the
+protein-defined B cells (CD3- and CD19+ or CD20+) when CD19 or CD20 protein is measured.
 
 Missing marker genes: populations are scored with the genes present (partial scoring, listed in
 ``uns["annotation"]["missing_genes"]`` and logged); a population with none is not scored (and
 cannot be called). No pan-B gene at all is an error: B cells could not be called.
 
-Counts (``results/counts/{sample_id}.tsv``, the counts-table contract): ``lymphocytes`` is the
+Counts (``results/counts/{sample_id}.tsv``, the counts-table contract plus ``gate_flags``):
+``lymphocytes`` is the
 QC-passed T, B and NK cells, so the scRNA B-cell frequency is relative to lymphocytes, as for
 flow (monocytes, DC and unassigned cells are excluded). ``cd19_pos``/``cd20_pos`` count B cells
 with the CD19/CD20 protein above threshold, and are left empty (not measured) without CITE-seq
@@ -42,23 +64,35 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .annotate import COUNT_COLUMNS as _SHARED_COUNT_COLUMNS
+from .annotate import SUBSETS
 from .errors import InputError
+from .thresholds import ThresholdFit, learn_marker_threshold
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory",
-           "double_negative", "plasmablast")
-COUNT_COLUMNS = ("sample_id", "modality", "events_total", "events_qc_pass", "lymphocytes",
-                 "t_cells", "b_cells", "cd19_pos", "cd20_pos", "cd19neg_cd20pos",
-                 *(f"{s}_count" for s in SUBSETS), "subsets_not_called",
-                 "cluster_discordant_events", "car_t_count", "car_t_pct_t")
+# The shared counts-table columns; ``gate_flags`` (flagged protein gates) is added at the end
+# unless the shared contract already has it.
+COUNT_COLUMNS = (*_SHARED_COUNT_COLUMNS,
+                 *(() if "gate_flags" in _SHARED_COUNT_COLUMNS else ("gate_flags",)))
+#: Parent population of each protein gate (the rest: CD20+ B cells). Gates are learned level
+#: by level, in this order, each on the parent defined by the gates above it.
+GATE_PARENTS = {"CD3": "all", "CD19": "CD3-", "CD20": "CD3-"}
+SUBSET_PARENT = "CD20+ B"
+_GATE_LEVELS = ("all", "CD3-", SUBSET_PARENT)
+#: Methods of a trusted gate; any other is flagged.
+TRUSTED_METHODS = ("valley", "fixed")
+#: Columns of results/models/scrna_protein_thresholds.tsv.
+PROTEIN_THRESHOLD_COLUMNS = ("marker", "parent", "threshold", "method", "n_events",
+                             "n_samples", "pool", "flag")
 LYMPHOCYTE_TYPES = ("T", "B", "NK")
 UNASSIGNED = "unassigned"
 _CLUSTER_KEY = "leiden"
@@ -98,45 +132,260 @@ def _mean_expression(adata, genes: list[str]) -> np.ndarray:
     return values.mean(axis=1)
 
 
-def _protein_threshold(values: np.ndarray, *, seed: int) -> float:
-    """Boundary between the low and high component of a seeded 2-component Gaussian mixture
-    (NaN when there are too few cells to learn it)."""
-    from sklearn.mixture import GaussianMixture
-
-    values = values[np.isfinite(values)]
-    if values.size < 20 or np.ptp(values) == 0:
-        return float("nan")
-    gmm = GaussianMixture(n_components=2, random_state=seed).fit(values.reshape(-1, 1))
-    high = int(np.argmax(gmm.means_.ravel()))
-    grid = np.linspace(values.min(), values.max(), 512)
-    posterior = gmm.predict_proba(grid.reshape(-1, 1))[:, high]
-    above = np.flatnonzero(posterior >= 0.5)
-    low_mean = float(gmm.means_.ravel()[1 - high])
-    above = above[grid[above] > low_mean]
-    return float(grid[above[0]]) if above.size else float("nan")
+RnaCall = np.ndarray | Callable[[], np.ndarray | None] | None
 
 
-def _protein_calls(adata, *, b_cell: np.ndarray, config: Mapping[str, Any], seed: int
-                   ) -> dict[str, np.ndarray]:
-    """Boolean positive/hi calls per protein (only proteins with a usable threshold)."""
+def _protein_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``scrna.protein`` with defaults for keys absent in older configs."""
+    settings = dict(config["scrna"].get("protein", {}))
+    settings["thresholds"] = {str(k): float(v)
+                              for k, v in dict(settings.get("thresholds") or {}).items()}
+    settings.setdefault("cells_per_sample", 5000)
+    settings.setdefault("fallback_sd", 4.0)
+    return settings
+
+
+def gate_parent(marker: str) -> str:
+    """The parent population a protein gate is learned and applied in."""
+    return GATE_PARENTS.get(marker, SUBSET_PARENT)
+
+
+def _flag(marker: str, method: str) -> str:
+    return "" if method in TRUSTED_METHODS else f"{marker}:{method}"
+
+
+def protein_parents(columns: Mapping[str, np.ndarray], cuts: Mapping[str, float],
+                    rna_call: RnaCall, *, n: int) -> dict[str, np.ndarray | None]:
+    """Parent populations of the protein gates for one sample's cells.
+
+    Parameters
+    ----------
+    columns
+        Protein -> CLR values of the cells.
+    cuts
+        Protein -> threshold (NaN or absent: that protein cannot be gated).
+    rna_call
+        Per-cell RNA call (``B``, ``T``, ...), a callable returning it (computed only when a
+        parent needs it), or None.
+    n
+        Number of cells.
+
+    Returns
+    -------
+    ``{"all", "CD3-", "B", "CD20+ B"}`` -> boolean mask, or None where it cannot be defined.
+    ``CD3-``: CD3 protein below its gate (without CD3 protein: not called T by RNA); ``B``:
+    CD3- and CD19+ or CD20+ (without CD19 and CD20 protein: the RNA B call); ``CD20+ B``: B
+    cells CD20+ (without CD20 protein: all B cells).
+    """
+    cache: list[np.ndarray | None] = []
+
+    def rna() -> np.ndarray | None:
+        if not cache:
+            cache.append(rna_call() if callable(rna_call) else rna_call)
+        return None if cache[0] is None else np.asarray(cache[0])
+
+    def gated(marker: str) -> bool:
+        return marker in columns and bool(np.isfinite(cuts.get(marker, np.nan)))
+
+    if gated("CD3"):
+        cd3_neg = columns["CD3"] < cuts["CD3"]
+    else:
+        calls = rna()
+        cd3_neg = None if calls is None else calls != "T"
+    lineage = [m for m in ("CD19", "CD20") if gated(m)]
+    if lineage and cd3_neg is not None:
+        b_cell = cd3_neg & np.logical_or.reduce([columns[m] >= cuts[m] for m in lineage])
+    else:
+        calls = rna()
+        b_cell = None if calls is None else calls == "B"
+    cd20_b = b_cell & (columns["CD20"] >= cuts["CD20"]) if b_cell is not None \
+        and gated("CD20") else b_cell
+    return {"all": np.ones(n, dtype=bool), "CD3-": cd3_neg, "B": b_cell, SUBSET_PARENT: cd20_b}
+
+
+def learn_protein_thresholds(samples: Iterable[tuple[str, Mapping[str, np.ndarray], RnaCall]],
+                             *, config: Mapping[str, Any], pool: str = "cohort"
+                             ) -> pd.DataFrame:
+    """Learn the protein gates, level by level, on the pooled cells of the given samples.
+
+    Parameters
+    ----------
+    samples
+        ``(sample_id, {protein: CLR values}, RNA call)`` per sample: the cells to pool (the
+        caller subsamples them) and their per-cell RNA call (see :func:`protein_parents`).
+    config
+        Merged config (``scrna.protein``).
+    pool
+        Written in the ``pool`` column: ``cohort`` or ``sample``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``PROTEIN_THRESHOLD_COLUMNS``, one row per protein measured in any sample.
+    """
+    settings = _protein_settings(config)
+    fixed = settings["thresholds"]
+    items = [(str(sid), dict(columns), rna) for sid, columns, rna in samples]
+    measured = list(dict.fromkeys(m for _, columns, _ in items for m in columns))
+    cuts: dict[str, float] = {}
+    rows = []
+    for level in _GATE_LEVELS:
+        markers = [m for m in measured if gate_parent(m) == level]
+        if not markers:
+            continue
+        pooled: dict[str, list[np.ndarray]] = {m: [] for m in markers}
+        for sample_id, columns, rna in items:
+            present = [m for m in markers if m in columns]
+            if not present:
+                continue
+            n = len(columns[present[0]])
+            parent = protein_parents(columns, cuts, rna, n=n)[level]
+            if parent is None:
+                log.warning("sample %s: parent population %s of %s cannot be defined (no "
+                            "protein and no RNA call for it); not pooled", sample_id, level,
+                            ", ".join(present))
+                continue
+            for marker in present:
+                pooled[marker].append(np.asarray(columns[marker], dtype=float)[parent])
+        for marker in markers:
+            values = np.concatenate(pooled[marker]) if pooled[marker] else np.empty(0)
+            if marker in fixed:
+                fit = ThresholdFit(fixed[marker], "fixed", int(values.size))
+            else:
+                fit = learn_marker_threshold(values, fallback_sd=float(settings["fallback_sd"]))
+            cuts[marker] = float(fit.threshold)
+            flag = _flag(marker, fit.method)
+            rows.append((marker, level, float(fit.threshold), fit.method, int(fit.n_events),
+                         len(pooled[marker]), pool, flag))
+            (log.warning if flag else log.info)(
+                "protein gate %s on %s (%s pool): %.3f (%s, %d cells of %d samples)%s",
+                marker, level, pool, fit.threshold, fit.method, fit.n_events,
+                len(pooled[marker]), "; FLAGGED: no density valley, check this gate" if flag
+                else "")
+    return pd.DataFrame(rows, columns=list(PROTEIN_THRESHOLD_COLUMNS))
+
+
+def read_protein_thresholds(path: str | os.PathLike) -> pd.DataFrame:
+    """Read ``scrna_protein_thresholds.tsv`` (written by ``train-scrna``), checking columns."""
+    try:
+        table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""],
+                            dtype={"marker": str, "parent": str, "method": str, "pool": str,
+                                   "flag": str})
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=list(PROTEIN_THRESHOLD_COLUMNS))
+    except (OSError, pd.errors.ParserError) as exc:
+        raise InputError(f"cannot read the protein thresholds table ({exc})",
+                         path=path) from None
+    missing = [c for c in ("marker", "threshold", "method") if c not in table.columns]
+    if missing:
+        raise InputError(f"protein thresholds table lacks columns {', '.join(missing)}",
+                         path=path)
+    for column in ("parent", "pool", "flag"):
+        table[column] = table[column].fillna("") if column in table.columns else ""
+    return table
+
+
+def _protein_gates(adata, *, cell_type: np.ndarray, config: Mapping[str, Any],
+                   table: pd.DataFrame | None, sample_id: str
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None], pd.DataFrame]:
+    """Apply the protein gates to one sample.
+
+    Returns
+    -------
+    (protein -> boolean call, only for gated proteins; parent populations (see
+    :func:`protein_parents`); this sample's gate table: ``PROTEIN_THRESHOLD_COLUMNS`` plus
+    ``n_parent``, the sample's cells in the gate's parent population)
+    """
+    columns_out = [*PROTEIN_THRESHOLD_COLUMNS, "n_parent"]
     names = list(adata.uns.get("protein_names", []))
     if "protein" not in adata.obsm or not names:
-        return {}
+        return {}, {}, pd.DataFrame(columns=columns_out)
     protein = np.asarray(adata.obsm["protein"], dtype=float)
-    fixed = config["scrna"]["protein"].get("thresholds") or {}
-    calls: dict[str, np.ndarray] = {}
-    for j, name in enumerate(names):
-        values = protein[:, j]
-        # CD24 and CD38 are "hi" among B cells (transitional); the others positive among all.
-        pool = values[b_cell] if name in ("CD24", "CD38") else values
-        cut = float(fixed[name]) if name in fixed else _protein_threshold(pool, seed=seed)
-        if np.isfinite(cut):
-            calls[name] = values >= cut
-    return calls
+    columns = {name: protein[:, j] for j, name in enumerate(names)}
+    if table is None:
+        log.warning("sample %s: no cohort protein thresholds given; the protein gates are "
+                    "learned on this sample alone (an aplastic sample has no positive peak "
+                    "to learn from: pass train-scrna's --protein-thresholds table)", sample_id)
+        table = learn_protein_thresholds([(sample_id, columns, cell_type)], config=config,
+                                         pool="sample")
+    known = {str(r["marker"]): r for r in table.to_dict("records")}
+    fixed = _protein_settings(config)["thresholds"]
+    rows = []
+    for marker in names:
+        if marker in fixed:
+            row = {"marker": marker, "parent": gate_parent(marker), "threshold": fixed[marker],
+                   "method": "fixed", "n_events": int(known.get(marker, {}).get("n_events", 0)),
+                   "n_samples": int(known.get(marker, {}).get("n_samples", 0)),
+                   "pool": "config"}
+        elif marker in known:
+            row = {k: known[marker].get(k) for k in PROTEIN_THRESHOLD_COLUMNS}
+            row["parent"] = gate_parent(marker)
+        else:
+            log.warning("sample %s: the protein thresholds table has no gate for %s; it is not "
+                        "gated (was the table learned on other samples?)", sample_id, marker)
+            row = {"marker": marker, "parent": gate_parent(marker), "threshold": float("nan"),
+                   "method": "not_learned", "n_events": 0, "n_samples": 0, "pool": ""}
+        row["threshold"] = float(row["threshold"])
+        row["flag"] = _flag(marker, str(row["method"]))
+        rows.append(row)
+    cuts = {r["marker"]: r["threshold"] for r in rows}
+    parents = protein_parents(columns, cuts, cell_type, n=len(cell_type))
+    for row in rows:
+        parent = parents.get(row["parent"])
+        row["n_parent"] = -1 if parent is None else int(parent.sum())
+        if row["flag"]:
+            log.warning("sample %s: protein gate %s (parent %s) is %s at %.3f; its calls are "
+                        "less reliable", sample_id, row["marker"], row["parent"], row["method"],
+                        row["threshold"])
+    calls = {m: columns[m] >= cut for m, cut in cuts.items() if np.isfinite(cut)}
+    return calls, parents, pd.DataFrame(rows, columns=columns_out)
+
+
+def _population_scores(adata, marker_sets: Mapping[str, list[str]], *, seed: int,
+                       sample_id: str | None) -> tuple[dict[str, np.ndarray],
+                                                       dict[str, list[str]]]:
+    """Seeded marker score of every population with a marker gene present; missing genes."""
+    scores: dict[str, np.ndarray] = {}
+    missing: dict[str, list[str]] = {}
+    for population, genes in marker_sets.items():
+        present, absent = _present(adata, list(genes))
+        if absent:
+            missing[population] = absent
+        if not present:
+            log.warning("sample %s: no %s marker gene found; %s is not scored", sample_id,
+                        population, population)
+            continue
+        scores[population] = _score(adata, present, name=f"_score_{population}", seed=seed) \
+            if adata.n_obs else np.zeros(0)
+    return scores, missing
+
+
+def _per_cell_call(scores: Mapping[str, np.ndarray], n: int, min_score: float) -> np.ndarray:
+    """Best-scoring population per cell (plasmablast -> B; at or below min_score: unassigned)."""
+    populations = list(scores)
+    if not n or not populations:
+        return np.full(n, UNASSIGNED, dtype=object)
+    matrix = np.column_stack([scores[p] for p in populations])
+    best = np.asarray(populations, dtype=object)[matrix.argmax(axis=1)]
+    per_cell = np.where(best == "plasmablast", "B", best).astype(object)
+    per_cell[matrix.max(axis=1) <= min_score] = UNASSIGNED
+    return per_cell
+
+
+def rna_cell_calls(adata, *, config: Mapping[str, Any], sample_id: str | None = None
+                   ) -> np.ndarray:
+    """Per-cell RNA call (``B``, ``T``, ``NK``, ..., ``unassigned``) of log-normalised cells,
+    as ``obs["cell_type_cell"]`` of :func:`annotate_scrna` (the cluster call needs a model)."""
+    acfg = config["scrna"]["annotate"]
+    scores, _ = _population_scores(adata, {k: list(v) for k, v in acfg["markers"].items()},
+                                   seed=int(config["seed"]), sample_id=sample_id)
+    return _per_cell_call(scores, adata.n_obs, float(acfg["min_score"]))
 
 
 def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
-                   events_total: int | None = None) -> tuple[Any, dict[str, Any]]:
+                   events_total: int | None = None,
+                   protein_thresholds: pd.DataFrame | None = None
+                   ) -> tuple[Any, dict[str, Any]]:
     """Label the cells of one mapped scRNA sample and count them.
 
     Parameters
@@ -150,6 +399,9 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
         For messages and the counts row.
     events_total
         Cells in the source file (QC failures included); default ``uns["source"]["cells"]``.
+    protein_thresholds
+        The cohort's protein gates (:func:`learn_protein_thresholds`, ``train-scrna``); None:
+        learned on this sample alone, with a warning.
 
     Returns
     -------
@@ -160,7 +412,6 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
     seed = int(config["seed"])
     adata = adata.copy()
     n = adata.n_obs
-    missing: dict[str, list[str]] = {}
     marker_sets = {k: list(v) for k, v in acfg["markers"].items()}
     present_b, _ = _present(adata, marker_sets.get("B", []))
     if not present_b:
@@ -169,17 +420,7 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
                          "B cells cannot be called (check gene symbols vs Ensembl ids)",
                          sample_id=sample_id)
 
-    scores: dict[str, np.ndarray] = {}
-    for population, genes in marker_sets.items():
-        present, absent = _present(adata, genes)
-        if absent:
-            missing[population] = absent
-        if not present:
-            log.warning("sample %s: no %s marker gene found; %s is not scored", sample_id,
-                        population, population)
-            continue
-        scores[population] = _score(adata, present, name=f"_score_{population}", seed=seed) \
-            if n else np.zeros(0)
+    scores, missing = _population_scores(adata, marker_sets, seed=seed, sample_id=sample_id)
     subset_scores: dict[str, np.ndarray] = {}
     subset_genes: dict[str, list[str]] = {}
     for subset, genes in acfg["subset_markers"].items():
@@ -194,16 +435,9 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
                     "; ".join(f"{k}: {', '.join(v)}" for k, v in missing.items()))
 
     populations = list(scores)
-    score_matrix = np.column_stack([scores[p] for p in populations]) if n else \
-        np.zeros((0, len(populations)))
     for p in populations:
         adata.obs[f"score_{p}"] = scores[p].astype(np.float32)
-    best = score_matrix.argmax(axis=1) if n else np.zeros(0, dtype=int)
-    best_population = np.asarray(populations, dtype=object)[best] if n else \
-        np.zeros(0, dtype=object)
-    best_score = score_matrix.max(axis=1) if n else np.zeros(0)
-    per_cell = np.where(best_population == "plasmablast", "B", best_population).astype(object)
-    per_cell[best_score <= float(acfg["min_score"])] = UNASSIGNED
+    per_cell = _per_cell_call(scores, n, float(acfg["min_score"]))
     adata.obs["cell_type_cell"] = per_cell
 
     has_clusters = _CLUSTER_KEY in adata.obs
@@ -240,8 +474,10 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
     else:
         not_called |= {"naive", "unswitched_memory", "switched_memory"}
 
-    # Protein precedence (CITE-seq).
-    protein = _protein_calls(adata, b_cell=b_cell, config=config, seed=seed)
+    # Protein precedence (CITE-seq): cohort gates, each applied inside its parent population.
+    protein, parents, gates = _protein_gates(adata, cell_type=np.asarray(cell_type, dtype=object),
+                                             config=config, table=protein_thresholds,
+                                             sample_id=sample_id)
     if {"IgD", "CD27"} <= set(protein):
         igd, cd27 = protein["IgD"], protein["CD27"]
         target = b_cell & ~is_pb
@@ -269,6 +505,11 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
     for column, calls in (("cd19_pos", cd19), ("cd20_pos", cd20)):
         if calls is not None:
             adata.obs[column] = calls
+    # Protein-defined B cells (CD3- and CD19+ or CD20+), where CD19 or CD20 protein is gated.
+    b_protein = parents["B"] if {"CD19", "CD20"} & set(protein) else None
+    if b_protein is not None:
+        adata.obs["b_protein"] = b_protein
+    gate_flags = ";".join(flag for flag in gates["flag"] if flag)
 
     t_cells = int((cell_type == "T").sum())
     car_count: int | None = None
@@ -291,6 +532,7 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
         "events_qc_pass": n,
         "lymphocytes": int(np.isin(cell_type, LYMPHOCYTE_TYPES).sum()),
         "t_cells": t_cells, "b_cells": int(b_cell.sum()),
+        "nk_cells": int((cell_type == "NK").sum()),  # where the shared columns have it
         "cd19_pos": "" if cd19 is None else int(cd19.sum()),
         "cd20_pos": "" if cd20 is None else int(cd20.sum()),
         "cd19neg_cd20pos": "" if cd19 is None or cd20 is None else int((cd20 & ~cd19).sum()),
@@ -303,13 +545,18 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
         "car_t_count": "" if car_count is None else car_count,
         "car_t_pct_t": "" if car_count is None or t_cells == 0
         else round(100.0 * car_count / t_cells, 4),
+        "gate_flags": gate_flags,
     }
+    row = {column: row.get(column, "") for column in COUNT_COLUMNS}
     adata.uns["annotation"] = {
         "call": "cluster" if use_cluster else "cell", "populations_scored": populations,
         "missing_genes": missing, "protein_used": sorted(protein),
         "subsets_not_called": row["subsets_not_called"],
         "lymphocytes": "T, B and NK cells that passed QC",
+        "b_cells_protein": -1 if b_protein is None else int(b_protein.sum()),
+        "gate_flags": gate_flags,
     }
+    adata.uns["protein_thresholds"] = gates
     return adata, row
 
 
@@ -329,8 +576,12 @@ def cli_annotate_scrna(args: argparse.Namespace) -> None:
     except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
         raise InputError(f"cannot be read as h5ad ({exc})", path=args.input,
                          sample_id=args.sample_id) from exc
-    annotated, row = annotate_scrna(adata, config=config, sample_id=args.sample_id)
+    table = read_protein_thresholds(args.protein_thresholds) \
+        if getattr(args, "protein_thresholds", None) else None
+    annotated, row = annotate_scrna(adata, config=config, sample_id=args.sample_id,
+                                    protein_thresholds=table)
     write_h5ad(annotated, args.out)
     write_tsv(pd.DataFrame([row], columns=list(COUNT_COLUMNS)), args.counts)
-    log.info("sample %s: %d cells, %d lymphocytes, %d B cells", args.sample_id,
-             row["events_qc_pass"], row["lymphocytes"], row["b_cells"])
+    log.info("sample %s: %d cells, %d lymphocytes, %d B cells%s", args.sample_id,
+             row["events_qc_pass"], row["lymphocytes"], row["b_cells"],
+             f"; flagged protein gates: {row['gate_flags']}" if row["gate_flags"] else "")

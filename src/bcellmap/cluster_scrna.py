@@ -18,6 +18,13 @@ the loadings, and labelled by majority vote of its ``scrna.cluster.transfer_k`` 
 cells in PCA space (ties to the nearer neighbours). Output: the QC-passed cells of the ingested
 AnnData with ``obs["leiden"]`` (int), ``obs["leiden_confidence"]`` (share of votes) and
 ``obsm["X_pca"]``. A sample with no QC-passed cell gives a valid, empty AnnData.
+
+CITE-seq protein gates (``train-scrna --protein-thresholds``, cohort-wide like the model):
+:func:`learn_scrna_protein_thresholds` pools a seeded subsample of at most
+``scrna.protein.cells_per_sample`` QC-passed cells of every sample with protein and learns
+each gate inside its parent population (:func:`bcellmap.annotate_scrna.learn_protein_thresholds`);
+``annotate-scrna`` applies the same gates to every sample. A sample whose protein lacks CD3,
+or both CD19 and CD20, gets its per-cell RNA call on the subsample for that parent.
 """
 
 from __future__ import annotations
@@ -278,15 +285,86 @@ def map_scrna(adata, model: Mapping[str, np.ndarray], *, config: Mapping[str, An
     return mapped
 
 
+def learn_scrna_protein_thresholds(paths: Sequence[str | Path], *, config: Mapping[str, Any]):
+    """Learn the cohort's CITE-seq protein gates on an equal-sized subsample of every sample.
+
+    Parameters
+    ----------
+    paths
+        Ingested sample h5ad files (``ingest-scrna`` output); samples without
+        ``obsm["protein"]`` are skipped.
+    config
+        Merged config (``scrna.protein``, ``scrna.annotate``, ``seed``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``annotate_scrna.PROTEIN_THRESHOLD_COLUMNS``, one row per protein (empty without any
+        CITE-seq sample).
+    """
+    import anndata as ad
+
+    from .annotate_scrna import _protein_settings, learn_protein_thresholds, rna_cell_calls
+
+    seed = int(config["seed"])
+    take = int(_protein_settings(config)["cells_per_sample"])
+    samples = []
+    for path in paths:
+        adata = _read_backed(path)
+        sample_id = _sample_id(adata, path)
+        names = [str(n) for n in adata.uns.get("protein_names", [])]
+        if "protein" not in adata.obsm or not names:
+            adata.file.close()
+            continue
+        if "qc_pass" not in adata.obs:
+            raise InputError("no obs['qc_pass']: not an ingest-scrna output", path=path,
+                             sample_id=sample_id)
+        passed = np.flatnonzero(adata.obs["qc_pass"].to_numpy())
+        # A stream of its own (not the clustering subsample's): the two sizes are independent.
+        rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode()), 1])
+        chosen = np.sort(rng.choice(passed, size=take, replace=False)) if passed.size > take \
+            else passed
+        protein = np.asarray(adata.obsm["protein"], dtype=np.float64)[chosen]
+        columns = {name: protein[:, j] for j, name in enumerate(names)}
+        rna = None
+        if chosen.size and ("CD3" not in names or not {"CD19", "CD20"} & set(names)):
+            subsample = ad.AnnData(X=_rows(adata.X[chosen]),
+                                   var=adata.var[[]].copy())
+            rna = rna_cell_calls(subsample, config=config, sample_id=sample_id)
+        adata.file.close()
+        if chosen.size:
+            samples.append((sample_id, columns, rna))
+            log.info("sample %s: %d of %d QC-passed cells pooled for the protein gates",
+                     sample_id, chosen.size, passed.size)
+    if not samples:
+        log.info("no sample has CITE-seq protein; no protein gate learned")
+    return learn_protein_thresholds(samples, config=config, pool="cohort")
+
+
+def _json_number(value: Any) -> float | None:
+    value = float(value)
+    return round(value, 6) if np.isfinite(value) else None
+
+
 def cli_train_scrna(args: argparse.Namespace) -> None:
-    """``bcellmap train-scrna``: ingested h5ad files -> model NPZ and info JSON."""
-    from ._io import atomic_path
+    """``bcellmap train-scrna``: ingested h5ad files -> model NPZ, info JSON and (with
+    ``--protein-thresholds``) the cohort's CITE-seq protein gates."""
+    from ._io import atomic_path, write_tsv
     from .backend import get_backend
     from .config import load_config
 
     config = load_config(args.config)
     backend = get_backend(config)
     model, info = train_scrna(sorted(args.inputs), config=config, backend=backend)
+    if getattr(args, "protein_thresholds", None):
+        gates = learn_scrna_protein_thresholds(sorted(args.inputs), config=config)
+        write_tsv(gates, args.protein_thresholds)
+        info["protein_gates"] = {str(r["marker"]): {"parent": r["parent"],
+                                                    "threshold": _json_number(r["threshold"]),
+                                                    "method": r["method"],
+                                                    "n_events": int(r["n_events"])}
+                                 for r in gates.to_dict("records")}
+        info["protein_gate_flags"] = [f for f in gates["flag"] if f]
     with atomic_path(args.model) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **model)
     with atomic_path(args.info) as tmp:

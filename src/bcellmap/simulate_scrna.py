@@ -11,8 +11,10 @@ something to remove. CAR-T cells are T cells that express the CAR transcript.
 
 Files written per visit: ``{sample_id}.h5ad`` (raw counts in ``X``, 10x-style ``var``) or, for
 the first visit when asked, ``{sample_id}.h5`` in the Cell Ranger v3 HDF5 layout (with
-CITE-seq antibody features when asked), and ``{sample_id}.truth.tsv`` (one row per cell:
-barcode, cell_type, b_subset, car_t). ``truth_scrna_samples.tsv`` sums the truth per visit.
+CITE-seq antibody features when asked; with ``cite_seq_all_visits`` every visit carries them,
+the ``.h5ad`` ones as ``Antibody Capture`` features of ``var``), and ``{sample_id}.truth.tsv``
+(one row per cell: barcode, cell_type, b_subset, car_t). ``truth_scrna_samples.tsv`` sums the
+truth per visit.
 """
 
 from __future__ import annotations
@@ -52,8 +54,13 @@ _SUBSET_MARKERS: dict[str, dict[str, float]] = {
 }
 _OTHER_GENES = ("IGHG3", "IGHG4", "IGHA2", "CD4", "CD8A")
 _MT_GENES = tuple(f"MT-{g}" for g in ("CO1", "CO2", "CO3", "ND1", "ND2", "ND4", "ATP6", "CYB"))
-# Antibody-derived tags for the CITE-seq sample: canonical name -> populations that carry it.
+# Antibody-derived tags for the CITE-seq sample: the B-cell panel that ingest keeps and, with
+# ``extended_adt_panel``, the rest of a typical panel (lineage markers and an isotype control).
+# The rest is not kept, but it is part of each cell's CLR denominator, as in real panels: with
+# the seven B-cell markers alone, a B cell's bright CD19/CD20/IgD/CD24 raise its own geometric
+# mean and compress its CLR values towards the negative cells'.
 _PROTEINS = ("CD3", "CD19", "CD20", "CD27", "IgD", "CD38", "CD24")
+_OTHER_PROTEINS = ("CD4", "CD14", "CD16", "CD56", "HLA-DR", "CD11c", "CD45RA", "IgG1-isotype")
 
 # Composition of the blood sample by phase of the CAR-T course (shares of all cells).
 _COMPOSITION = {
@@ -201,10 +208,10 @@ def _simulate_visit(phase: str, n_cells: int, genes: list[str], profiles: dict[s
     return sp.csr_matrix(counts), truth, keys
 
 
-def _protein_counts(truth: pd.DataFrame, keys: np.ndarray, rng: np.random.Generator
-                    ) -> np.ndarray:
-    """ADT counts (cells x proteins): a background for every cell, a signal where expressed."""
-    high = {p: np.zeros(len(truth)) for p in _PROTEINS}
+def _protein_counts(truth: pd.DataFrame, keys: np.ndarray, rng: np.random.Generator,
+                    panel: Sequence[str] = _PROTEINS) -> np.ndarray:
+    """ADT counts (cells x ``panel``): a background for every cell, a signal where expressed."""
+    high = {p: np.zeros(len(truth)) for p in (*_PROTEINS, *_OTHER_PROTEINS)}
     high["CD3"][(keys == "T") | (keys == "T:car")] = 1.0
     b_keys = {f"B:{s}" for s in B_SUBSETS}
     is_b = np.isin(keys, list(b_keys))
@@ -218,8 +225,21 @@ def _protein_counts(truth: pd.DataFrame, keys: np.ndarray, rng: np.random.Genera
     high["CD38"][is_b & ~np.isin(keys, ["B:transitional", "B:plasmablast"])] = 0.3
     high["CD24"][is_b] = 0.6
     high["CD24"][keys == "B:transitional"] = 1.5
+    is_t = (keys == "T") | (keys == "T:car")
+    high["CD4"][is_t] = 1.0
+    high["CD4"][keys == "monocyte"] = 0.6
+    high["CD14"][keys == "monocyte"] = 1.5
+    high["CD16"][keys == "NK"] = 1.2
+    high["CD16"][keys == "monocyte"] = 0.5
+    high["CD56"][keys == "NK"] = 1.2
+    high["HLA-DR"][is_b | (keys == "monocyte")] = 1.0
+    high["HLA-DR"][keys == "DC"] = 1.5
+    high["CD11c"][keys == "monocyte"] = 1.0
+    high["CD11c"][keys == "DC"] = 1.2
+    high["CD45RA"][is_b | (keys == "NK")] = 1.0
+    high["CD45RA"][is_t] = 0.5
     columns = []
-    for p in _PROTEINS:
+    for p in panel:
         mean = 15.0 * np.exp(2.5 * high[p])  # ~15 background, ~180 positive, ~2,000 high
         columns.append(rng.poisson(mean * rng.gamma(5.0, 0.2, size=len(truth))))
     return np.column_stack(columns).astype(np.float32)
@@ -261,6 +281,8 @@ def simulate_scrna_visits(
     write_10x_h5: bool = True,
     cite_seq: bool = True,
     b_share_of_lymphocytes: Mapping[tuple[str, int], float] | None = None,
+    cite_seq_all_visits: bool = False,
+    extended_adt_panel: bool = False,
 ) -> list[dict[str, Any]]:
     """Write simulated scRNA visits of demo patients and return their sample-sheet rows.
 
@@ -290,6 +312,14 @@ def simulate_scrna_visits(
     b_share_of_lymphocytes
         ``(patient, day)`` -> expected share of B cells among T, NK and B cells, so that a
         visit matches another modality's (the demo's flow data); by default the phase's share.
+    cite_seq_all_visits
+        With ``cite_seq``, every visit carries the antibody-capture features (a cohort of
+        CITE-seq visits, aplastic ones included), not only the first (``.h5``) one.
+    extended_adt_panel
+        With ``cite_seq``, add lineage antibodies and an isotype control (CD4, CD14, CD16,
+        CD56, HLA-DR, CD11c, CD45RA, IgG1-isotype) to the seven B-cell ones, as real panels
+        have: ingest keeps only the configured markers, but every antibody enters each cell's
+        CLR, so B cells are no longer compressed towards the negative cells.
 
     Returns
     -------
@@ -302,6 +332,7 @@ def simulate_scrna_visits(
     genes = _gene_names(n_genes, car_feature)
     gene_ids = [f"ENSGSIM{i:08d}" for i in range(len(genes))]
     profiles = _profiles(genes, rng, car_feature)
+    panel = (*_PROTEINS, *_OTHER_PROTEINS) if extended_adt_panel else _PROTEINS
     recon = dict(reconstitution_days or {})
     rows: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
@@ -324,10 +355,10 @@ def simulate_scrna_visits(
                 types = ["Gene Expression"] * len(genes)
                 matrix = counts
                 if cite_seq:
-                    adt = _protein_counts(truth, keys, visit_rng)
-                    names += [f"{p}_TotalSeqB" for p in _PROTEINS]
-                    ids += [f"ADT_{p}" for p in _PROTEINS]
-                    types += ["Antibody Capture"] * len(_PROTEINS)
+                    adt = _protein_counts(truth, keys, visit_rng, panel)
+                    names += [f"{p}_TotalSeqB" for p in panel]
+                    ids += [f"ADT_{p}" for p in panel]
+                    types += ["Antibody Capture"] * len(panel)
                     matrix = sp.hstack([counts, sp.csr_matrix(adt)], format="csr")
                 _write_10x_h5(outdir / file_name, matrix, barcodes, names, ids, types)
             else:
@@ -336,7 +367,15 @@ def simulate_scrna_visits(
                 file_name = f"{sample_id}.h5ad"
                 var = pd.DataFrame({"gene_ids": gene_ids,
                                     "feature_types": "Gene Expression"}, index=genes)
-                adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=barcodes), var=var)
+                matrix = counts
+                if cite_seq and cite_seq_all_visits:
+                    adt = _protein_counts(truth, keys, visit_rng, panel)
+                    var = pd.concat([var, pd.DataFrame(
+                        {"gene_ids": [f"ADT_{p}" for p in panel],
+                         "feature_types": "Antibody Capture"},
+                        index=[f"{p}_TotalSeqB" for p in panel])])
+                    matrix = sp.hstack([counts, sp.csr_matrix(adt)], format="csr")
+                adata = ad.AnnData(X=matrix, obs=pd.DataFrame(index=barcodes), var=var)
                 write_h5ad(adata, outdir / file_name)
             write_tsv(truth, outdir / f"{sample_id}.truth.tsv")
             jitter = float(visit_rng.lognormal(0.0, 0.15))
@@ -353,7 +392,7 @@ def simulate_scrna_visits(
                 "b_cells": int((singlets["cell_type"] == "B").sum()),
                 "car_t": int(singlets["car_t"].sum()),
                 **{f"{s}_count": int((singlets["b_subset"] == s).sum()) for s in B_SUBSETS},
-                "cite_seq": bool(as_h5 and cite_seq),
+                "cite_seq": bool(cite_seq and (as_h5 or cite_seq_all_visits)),
             })
     write_tsv(pd.DataFrame(summary), outdir / "truth_scrna_samples.tsv")
     return rows

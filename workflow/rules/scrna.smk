@@ -1,5 +1,6 @@
 # Single-cell RNA: per-sample ingest, cohort PCA + kNN + Leiden, per-sample label transfer
-# and annotation into the same counts-table contract as flow.
+# and annotation into the same counts-table contract as flow. The CITE-seq protein gates are
+# learned once, with the model, on a subsample of every sample, and applied to each sample.
 
 
 rule ingest_scrna:
@@ -29,6 +30,7 @@ rule train_scrna:
     output:
         model="results/models/scrna_model.npz",
         info="results/models/scrna_model.json",
+        protein="results/models/scrna_protein_thresholds.tsv",
     params:
         config=CONFIG_FILE,
     threads: 2
@@ -40,7 +42,8 @@ rule train_scrna:
         CONDA_ENV_CLUSTER
     shell:
         "bcellmap train-scrna --config {params.config} --inputs {input}"
-        " --model {output.model} --info {output.info} 2> {log}"
+        " --model {output.model} --info {output.info}"
+        " --protein-thresholds {output.protein} 2> {log}"
 
 
 rule map_scrna:
@@ -66,7 +69,8 @@ rule map_scrna:
 
 rule annotate_scrna:
     input:
-        "results/scrna_mapped/{sample_id}.h5ad",
+        h5ad="results/scrna_mapped/{sample_id}.h5ad",
+        protein="results/models/scrna_protein_thresholds.tsv",
     output:
         h5ad="results/annotated/{sample_id}.h5ad",
         counts="results/counts/{sample_id}.tsv",
@@ -81,5 +85,6 @@ rule annotate_scrna:
         CONDA_ENV
     shell:
         "bcellmap annotate-scrna --config {params.config} --samples {params.sheet}"
-        " --sample-id {wildcards.sample_id} --input {input}"
+        " --sample-id {wildcards.sample_id} --input {input.h5ad}"
+        " --protein-thresholds {input.protein}"
         " --out {output.h5ad} --counts {output.counts} 2> {log}"
