@@ -185,7 +185,8 @@ def test_cli_report_writes_every_figure(tmp_path, tables):
     figures.cli_report(_args(paths, annotated, outdir, config))
     stems = [f"patient_{p}" for p in PATIENTS] + [
         "cohort_trajectories", "swimmer", "kaplan_meier", "composition_visits",
-        "composition_baseline_vs_reconstitution", "cluster_heatmap", "embedding", "qc_removed"]
+        "composition_baseline_vs_reconstitution", "cluster_heatmap", "embedding", "qc_removed",
+    ] + [f"gates_{p}" for p in PATIENTS]  # every patient has flow rows
     for stem in stems:
         png = imread(outdir / f"{stem}.png")
         assert png.shape[0] > 300 and png.shape[1] > 600, stem
@@ -412,3 +413,243 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, tables):
     with pytest.raises(InputError, match="lloq_pct_lymphocytes"):
         figures.cli_report(_args(paths, [], outdir))
     assert not outdir.exists() or not any(outdir.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate figures (per patient, one row per flow visit)
+
+GATE_MARKERS = ("CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24")
+GATES = {  # (marker, level) -> (threshold, parent)
+    ("CD19", "pos"): (1.6, "cd3neg_lymphocytes"),
+    ("CD20", "pos"): (1.9, "cd3neg_lymphocytes"),
+    ("IgD", "pos"): (1.5, "b_cells"),
+    ("CD27", "pos"): (1.4, "b_cells"),
+    ("CD24", "hi"): (2.6, "b_cells"),
+    ("CD38", "hi"): (2.4, "b_cells"),
+    ("CD27", "hi"): (3.2, "b_cells"),
+}
+# B subset -> (IgD, CD27, CD38, CD24) means; "" = B cell without a subset
+SUBSET_CENTRES = {
+    "naive": (3.0, 0.4, 1.5, 1.8), "unswitched_memory": (3.0, 2.5, 1.0, 1.8),
+    "switched_memory": (0.4, 2.5, 1.0, 1.5), "double_negative": (0.4, 0.4, 1.0, 1.2),
+    "transitional": (3.0, 0.4, 3.3, 3.4), "plasmablast": (0.3, 4.0, 4.2, 0.5),
+    "": (1.5, 1.5, 1.5, 1.5)}
+
+
+def gated_h5ad(path: Path | None, *, sample_id: str, patient_id: str = "G1", day: int | None = 0,
+               n_t: int = 3000, n_nk: int = 500, n_other: int = 800,
+               b_mix: dict[str, int] | None = None, flags: dict[str, str] | None = None,
+               drop_markers: tuple[str, ...] = (), seed: int = 0):
+    """A synthetic annotated flow AnnData following the annotate contract (gates in uns).
+
+    The stored calls (cd19_pos, cd20_pos) are derived from the values but some are flipped on
+    purpose, so the figure can only match them by reading obs, not by re-gating.
+    """
+    import anndata
+
+    rng = np.random.default_rng(seed)
+    b_mix = {"naive": 300, "switched_memory": 90, "unswitched_memory": 50,
+             "double_negative": 30, "transitional": 25, "plasmablast": 5} if b_mix is None \
+        else b_mix
+    rows, cell_type, b_subset = [], [], []
+
+    def add(kind, subset, n, centre):
+        if n:
+            rows.append(rng.normal(centre, 0.35, (n, len(GATE_MARKERS))))
+            cell_type.extend([kind] * n)
+            b_subset.extend([subset] * n)
+
+    add("T", "", n_t, [4.0, 0.3, 0.5, 0.5, 1.5, 1.0, 0.3])
+    add("NK", "", n_nk, [0.3, 0.3, 0.6, 0.3, 0.3, 1.5, 0.3])
+    add("other", "", n_other, [0.3, 0.3, 0.3, 0.3, 0.3, 0.5, 0.5])
+    for subset, n in b_mix.items():
+        igd, cd27, cd38, cd24 = SUBSET_CENTRES[subset]
+        cd20 = 0.5 if subset == "plasmablast" else 3.2
+        add("B", subset, n, [0.3, 3.0, cd20, igd, cd27, cd38, cd24])
+    x = np.vstack(rows).astype(np.float32)
+    n = x.shape[0]
+    cell_type = np.array(cell_type)
+    cd19_pos = x[:, 1] > GATES[("CD19", "pos")][0]
+    cd20_pos = x[:, 2] > GATES[("CD20", "pos")][0]
+    flip = rng.random(n) < 0.05
+    cd19_pos = cd19_pos ^ flip
+    keep = [i for i, m in enumerate(GATE_MARKERS) if m not in drop_markers]
+    gates = pd.DataFrame([
+        {"marker": marker, "level": level, "threshold": threshold, "parent": parent,
+         "method": "valley", "n_events": 1000, "flag": (flags or {}).get(marker, "")}
+        for (marker, level), (threshold, parent) in GATES.items() if marker not in drop_markers])
+    adata = anndata.AnnData(
+        X=x[:, keep],
+        obs=pd.DataFrame({
+            "event_index": np.arange(n), "cell_type": cell_type,
+            "metacluster": pd.factorize(pd.Series(cell_type) + np.array(b_subset))[0],
+            "lymphocyte": np.isin(cell_type, ["T", "B", "NK"]),
+            "b_subset": np.array(b_subset), "cd19_pos": cd19_pos, "cd20_pos": cd20_pos,
+        }, index=[str(i) for i in range(n)]),
+        var=pd.DataFrame({"canonical": [GATE_MARKERS[i] for i in keep]},
+                         index=[f"ch{i}" for i in keep]),
+    )
+    adata.uns["gates"] = gates
+    sample = {"sample_id": sample_id, "patient_id": patient_id, "modality": "flow"}
+    if day is not None:
+        sample["day"] = day
+    adata.uns["sample"] = sample
+    if path is not None:
+        adata.write_h5ad(path)
+    return adata
+
+
+def _texts(fig) -> dict[str, str]:
+    """Every text artist with a gid, by gid."""
+    return {t.get_gid(): t.get_text() for t in fig.findobj(matplotlib.text.Text)
+            if t.get_gid()}
+
+
+def _percent(text: str) -> float:
+    return float(text.split("\n")[-1].strip().removesuffix("%"))
+
+
+def _hand_percentages(adata) -> dict[str, float]:
+    """Quadrant and subset percentages computed with numpy from the stored calls."""
+    obs = adata.obs
+    cd3neg = obs["lymphocyte"].to_numpy(bool) & (obs["cell_type"].to_numpy(str) != "T")
+    cd19 = obs["cd19_pos"].to_numpy(bool)[cd3neg]
+    cd20 = obs["cd20_pos"].to_numpy(bool)[cd3neg]
+    n = cd3neg.sum()
+    result = {
+        "CD19+CD20+": 100 * np.sum(cd19 & cd20) / n, "CD19-CD20+": 100 * np.sum(~cd19 & cd20) / n,
+        "CD19+CD20-": 100 * np.sum(cd19 & ~cd20) / n, "CD19-CD20-": 100 * np.sum(~cd19 & ~cd20) / n,
+    }
+    subsets = obs.loc[obs["cell_type"] == "B", "b_subset"].to_numpy(str)
+    for subset in SUBSETS:
+        result[subset] = 100 * np.sum(subsets == subset) / subsets.size
+    return result
+
+
+def test_gates_percentages_equal_the_stored_calls(tmp_path):
+    adatas, visits = [], []
+    for i, day in enumerate((120, -5)):
+        path = tmp_path / f"G1_d{day}.h5ad"
+        adatas.append(gated_h5ad(path, sample_id=f"G1_d{day}", day=day, seed=i))
+        visits.append(figures.read_gate_visit(path, seed=3))
+    fig = figures.plot_gates(visits, "G1")
+    texts = _texts(fig)
+    for adata in adatas:
+        sid = adata.uns["sample"]["sample_id"]
+        expected = _hand_percentages(adata)
+        keys = ["CD19+CD20+", "CD19-CD20+", "CD19+CD20-", "CD19-CD20-", "naive",
+                "unswitched_memory", "switched_memory", "double_negative", "transitional",
+                "plasmablast"]
+        for key in keys:
+            assert _percent(texts[f"pct:{sid}:{key}"]) == pytest.approx(expected[key], abs=0.051)
+        n_b = int((adata.obs["cell_type"] == "B").sum())
+        assert texts[f"pct:{sid}:b_count"].strip() == f"B cells: {n_b:,}"
+        # The stored calls were flipped for some events: a re-gate would not match them.
+        cd3neg = adata.obs["lymphocyte"].to_numpy(bool) & (adata.obs["cell_type"] != "T")
+        regated = np.mean(adata.X[cd3neg.to_numpy(), 1] > GATES[("CD19", "pos")][0])
+        assert abs(100 * regated - expected["CD19+CD20+"] - expected["CD19+CD20-"]) > 0.5
+    # Rows in day order: day -5 first; labels "day N · sample_id".
+    titles = [ax.get_title(loc="left") for ax in fig.axes[::3]]
+    assert titles[0].startswith("day -5 · G1_d-5") and titles[1].startswith("day 120 · G1_d120")
+
+
+def test_gates_lines_at_thresholds_flagged_dashed(tmp_path):
+    adata = gated_h5ad(None, sample_id="G2_d7", patient_id="G2", day=7,
+                       flags={"CD19": "CD19:upper_tail", "CD38": "insufficient_events"})
+    visit = figures.read_gate_visit(adata)
+    fig = figures.plot_gates([visit], "G2")
+    for (marker, _level), (threshold, _parent) in GATES.items():
+        if (marker, _level) == ("CD27", "hi"):
+            continue  # plasmablast gate: not drawn on these axes
+        panel = {"CD19": "cd19_cd20", "CD20": "cd19_cd20", "IgD": "igd_cd27",
+                 "CD27": "igd_cd27", "CD24": "cd24_cd38", "CD38": "cd24_cd38"}[marker]
+        line = _by_gid(fig, f"gate:G2_d7:{panel}:{marker}")
+        vertical = marker in {"CD19", "IgD", "CD24"}
+        coordinates = np.asarray(line.get_xdata() if vertical else line.get_ydata(), float)
+        assert np.allclose(coordinates, threshold), marker
+        flagged = marker in {"CD19", "CD38"}
+        assert (line.get_linestyle() == "--") is flagged, marker
+        assert matplotlib.colors.to_hex(line.get_color()).lower() == (
+            "#d55e00" if flagged else "#000000")
+    texts = _texts(fig)
+    assert texts["flag:G2_d7:cd19_cd20:CD19"] == "CD19+ gate flagged: upper_tail"
+    assert "insufficient_events" in texts["flag:G2_d7:cd24_cd38:CD38"]
+    assert not any(k.startswith("flag:G2_d7:igd_cd27") for k in texts)
+    # Transitional box: the CD24 line starts at the CD38 threshold and goes up.
+    cd24 = _by_gid(fig, "gate:G2_d7:cd24_cd38:CD24")
+    assert min(cd24.get_ydata()) == pytest.approx(GATES[("CD38", "hi")][0])
+
+
+def test_gates_too_few_b_events_and_missing_marker(tmp_path):
+    few = gated_h5ad(None, sample_id="G3_d30", patient_id="G3", day=30,
+                     b_mix={"naive": 12, "transitional": 3})
+    no_cd24 = gated_h5ad(None, sample_id="G3_d200", patient_id="G3", day=200,
+                         drop_markers=("CD24",), seed=1)
+    visits = [figures.read_gate_visit(a) for a in (few, no_cd24)]
+    fig = figures.plot_gates(visits, "G3", min_b_events=50)
+    texts = _texts(fig)
+    for panel in ("igd_cd27", "cd24_cd38"):
+        assert texts[f"message:G3_d30:{panel}"].replace("\n", " ") == (
+            "n = 15 B events: too few to read subsets")
+    for subset in ("naive", "transitional", "switched_memory"):
+        assert f"pct:G3_d30:{subset}" not in texts
+    # CD19/CD20 of CD3- lymphocytes are still read at that visit; its B events are drawn.
+    assert "pct:G3_d30:CD19+CD20+" in texts
+    assert len(_by_gid(fig, "density:G3_d30:igd_cd27").get_offsets()) == 15
+    assert texts["message:G3_d200:cd24_cd38"] == "CD24 not in panel"
+    assert "pct:G3_d200:naive" in texts  # the IgD x CD27 panel is unaffected
+
+
+def test_gates_subsample_bounded_and_seeded(tmp_path):
+    path = tmp_path / "big.h5ad"
+    adata = gated_h5ad(path, sample_id="G4_d0", patient_id="G4",
+                       b_mix={"naive": 3000, "switched_memory": 1000}, seed=5)
+    a = figures.read_gate_visit(path, max_events=500, seed=1)
+    b = figures.read_gate_visit(path, max_events=500, seed=1)
+    c = figures.read_gate_visit(path, max_events=500, seed=2)
+    assert len(a.cd3neg_events) == 500 and len(a.b_events) == 500
+    pd.testing.assert_frame_equal(a.b_events, b.b_events)
+    assert not a.b_events.equals(c.b_events)
+    # The drawn events are B cells' own values (IgD of naive ~3, switched ~0.4).
+    b_values = adata.X[(adata.obs["cell_type"] == "B").to_numpy(), 3]
+    assert np.isin(a.b_events["IgD"].to_numpy(np.float32), b_values).all()
+    # Counts are over every event, not the subsample.
+    assert a.n_b == 4000
+    assert a.subsets["naive"] == 3000
+
+
+def test_gates_day_from_samples_table_and_missing_calls(tmp_path):
+    path = tmp_path / "G5_d14.h5ad"
+    gated_h5ad(path, sample_id="G5_d14", patient_id="G5", day=None)
+    samples = pd.DataFrame({"sample_id": ["G5_d14"], "patient_id": ["G5"], "day": [14],
+                            "modality": ["flow"]})
+    visit = figures.read_gate_visit(path, samples=samples)
+    assert visit.day == 14
+    empty = figures.plot_gates([], "G9")
+    assert "No annotated flow samples" in empty.axes[0].texts[0].get_text()
+
+
+def test_cli_report_writes_gate_figures(tmp_path, tables):
+    samples, kinetics, qc = tables
+    samples = samples[samples["patient_id"].isin(["P01", "P02"])].copy()
+    samples.loc[samples["patient_id"] == "P02", "modality"] = "scrna"
+    kinetics = kinetics[kinetics["patient_id"].isin(["P01", "P02"])]
+    qc = qc[qc["sample_id"].isin(samples["sample_id"])]
+    paths = _write_inputs(tmp_path, samples, kinetics, qc)
+    annotated = []
+    for i, day in enumerate((-5, 112)):
+        annotated.append(tmp_path / f"P01_d{day}.h5ad")
+        gated_h5ad(annotated[-1], sample_id=f"P01_d{day}", patient_id="P01", day=day, seed=i)
+    config = tmp_path / "config.yaml"
+    config.write_text("report:\n  embedding_events: 300\n")
+    outdir = tmp_path / "report"
+    figures.cli_report(_args(paths, annotated, outdir, config))
+    for extension in ("png", "svg"):
+        assert (outdir / f"gates_P01.{extension}").stat().st_size > 0
+    assert not (outdir / "gates_P02.png").exists()  # scRNA only: no gates
+    png = imread(outdir / "gates_P01.png")
+    assert png.shape[0] > 800 and png[..., :3].std() > 0.01  # two visit rows
+    root = ElementTree.parse(outdir / "gates_P01.svg").getroot()
+    assert float(root.get("width").removesuffix("pt")) <= 7 * 72 + 1
+    svg = (outdir / "gates_P01.svg").read_text()
+    assert "day -5 · P01_d-5" in svg and "day 112 · P01_d112" in svg

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -906,6 +908,552 @@ def plot_embedding(pooled: pd.DataFrame, *, max_events: int = 20_000, seed: int,
 
 
 # ---------------------------------------------------------------------------------------------
+# Gates: per-visit bivariate plots with the stored gates, one figure per patient
+
+_WARNING_COLOUR = "#D55E00"  # Okabe-Ito vermilion: a gate that needs checking
+_GATE_COLOUR = "#000000"
+_GATE_OBS = ("cell_type", "lymphocyte", "b_subset", "cd19_pos", "cd20_pos")
+_GATE_COLUMNS = ("marker", "level", "threshold", "parent", "method", "n_events", "flag")
+_CD3NEG_MARKERS = ("CD19", "CD20")
+_B_MARKERS = ("IgD", "CD27", "CD24", "CD38")
+# Parents searched, in order, for the gate of each panel (then any parent).
+_LINEAGE_PARENTS = ("cd3neg_lymphocytes", "lymphocytes")
+_B_PARENTS = ("b_cells",)
+_HI_PARENTS = ("b_cells", "naive_b")
+_IGD_CD27_QUADRANTS = (  # (subset, IgD positive, CD27 positive)
+    ("naive", True, False), ("unswitched_memory", True, True),
+    ("switched_memory", False, True), ("double_negative", False, False))
+_DENSITY_MIN_EVENTS = 200  # fewer events: single dots instead of a density
+
+
+@dataclass
+class GateVisit:
+    """What the gate figure needs of one annotated flow sample (see :func:`read_gate_visit`).
+
+    Counts are over all events of the sample (the per-event calls stored in obs, exactly what
+    the tables count); the event frames are seeded subsamples for drawing only.
+
+    Attributes
+    ----------
+    sample_id, patient_id, day
+        The visit (``day`` NaN when unknown).
+    markers
+        Canonical markers present in the sample's panel.
+    n_cd3neg
+        CD3- lymphocytes (``lymphocyte`` and ``cell_type != "T"``).
+    n_b
+        B cells (``cell_type == "B"``).
+    cd19_cd20
+        CD3- lymphocytes per CD19/CD20 quadrant, keys ``CD19+CD20+``, ``CD19-CD20+``,
+        ``CD19+CD20-``, ``CD19-CD20-``; empty when obs lacks ``cd19_pos``/``cd20_pos``.
+    subsets
+        B cells per ``b_subset`` value (``""`` for a B cell without a subset).
+    gates
+        The stored gate table (``uns["gates"]``), columns as in ``_GATE_COLUMNS``.
+    cd3neg_events, b_events
+        Subsamples of CD3- lymphocytes (CD19, CD20 values) and of B cells (IgD, CD27, CD24,
+        CD38 values), markers absent from the panel left out.
+    """
+
+    sample_id: str
+    patient_id: str
+    day: float
+    markers: tuple[str, ...]
+    n_cd3neg: int
+    n_b: int
+    cd19_cd20: dict[str, int]
+    subsets: dict[str, int]
+    gates: pd.DataFrame
+    cd3neg_events: pd.DataFrame
+    b_events: pd.DataFrame
+
+
+def _bool_array(values: Any) -> np.ndarray:
+    """Booleans from a stored column (bool, 0/1, or text such as "True")."""
+    array = np.asarray(values)
+    if array.dtype == bool:
+        return array
+    if array.dtype.kind in "iuf":
+        return np.nan_to_num(array.astype(float)) != 0
+    return np.array([_as_bool(v) for v in array], dtype=bool)
+
+
+def _text_array(values: Any) -> np.ndarray:
+    """Text labels from a stored column; missing values become ``""``."""
+    series = pd.Series(np.asarray(values, dtype=object))
+    return series.where(series.notna(), "").astype(str).replace({"nan": ""}).to_numpy()
+
+
+def _gate_table(value: Any, *, path: object, sample_id: str) -> pd.DataFrame:
+    """The stored gate table as a DataFrame with every contract column."""
+    if value is None:
+        return pd.DataFrame(columns=list(_GATE_COLUMNS))
+    table = value.copy() if isinstance(value, pd.DataFrame) else pd.DataFrame(dict(value))
+    for column in ("marker", "threshold"):
+        if column not in table.columns:
+            raise InputError(f"uns['gates'] has no column {column!r}", path=path,
+                             sample_id=sample_id)
+    for column in ("level", "parent", "method", "flag"):
+        table[column] = _text_array(table[column]) if column in table.columns else ""
+    if "n_events" not in table.columns:
+        table["n_events"] = np.nan
+    table["marker"] = _text_array(table["marker"])
+    table["level"] = np.where(table["level"] == "", "pos", table["level"])
+    table["threshold"] = pd.to_numeric(table["threshold"], errors="coerce")
+    return table.reset_index(drop=True)
+
+
+def _subsample(indices: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    if indices.size <= size:
+        return indices
+    return np.sort(rng.choice(indices, size=size, replace=False))
+
+
+def _read_rows(x: Any, rows: np.ndarray, columns: list[int], *,
+               block: int = 65_536) -> np.ndarray:
+    """Rows (sorted) and columns of a dense or sparse X, read one block of rows at a time."""
+    out = np.empty((rows.size, len(columns)), dtype=float)
+    if rows.size == 0 or not columns:
+        return out
+    n_rows = int(x.shape[0])
+    done = 0
+    for start in range(0, n_rows, block):
+        stop = min(start + block, n_rows)
+        chosen = rows[(rows >= start) & (rows < stop)]
+        if chosen.size == 0:
+            continue
+        part = x[start:stop]
+        part = part[chosen - start]
+        if hasattr(part, "toarray"):
+            part = part.toarray()
+        out[done:done + chosen.size] = np.asarray(part, dtype=float)[:, columns]
+        done += chosen.size
+    return out
+
+
+def read_gate_visit(source: str | Path | Any, *, samples: pd.DataFrame | None = None,
+                    max_events: int = 20_000, seed: int = 0) -> GateVisit:
+    """Read what the gate figure needs from one annotated flow h5ad (or an AnnData).
+
+    Only obs ``cell_type``, ``lymphocyte``, ``b_subset``, ``cd19_pos``, ``cd20_pos``, the var
+    ``canonical`` names, ``uns["sample"]``, ``uns["gates"]`` and the rows of X that are drawn
+    are read, X one block of rows at a time, so large files stay cheap.
+
+    Parameters
+    ----------
+    source
+        ``results/annotated/{sample_id}.h5ad``, or an in-memory ``AnnData``.
+    samples
+        A table with ``sample_id``, ``patient_id``, ``day``: used where ``uns["sample"]``
+        lacks the patient or the day.
+    max_events
+        At most this many events per panel are kept for drawing (CD3- lymphocytes; B cells),
+        drawn without replacement.
+    seed
+        Config ``seed``; the subsample of a sample depends on it and on the sample id only.
+    """
+    if isinstance(source, (str, Path)):
+        import h5py
+        from anndata.io import read_elem, sparse_dataset
+
+        path: object = source
+        try:
+            handle = h5py.File(source, "r")
+        except FileNotFoundError:
+            raise InputError("file not found", path=source) from None
+        except OSError as exc:
+            raise InputError(f"cannot be read as an h5ad file ({exc})", path=source) from None
+        with handle:
+            uns = handle["uns"] if "uns" in handle else {}
+            sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
+            gates = read_elem(uns["gates"]) if "gates" in uns else None
+            var = read_elem(handle["var"])
+            obs_group = handle["obs"]
+            obs = {c: read_elem(obs_group[c]) for c in _GATE_OBS if c in obs_group}
+            x_node = handle["X"]
+            x = x_node if isinstance(x_node, h5py.Dataset) else sparse_dataset(x_node)
+            rows, columns, finish = _gate_visit_parts(
+                path, sample, gates, var, obs, int(x.shape[0]), samples=samples,
+                max_events=max_events, seed=seed)
+            values = _read_rows(x, rows, columns)
+    else:
+        path = getattr(source, "filename", None)
+        sample = dict(source.uns.get("sample", {})) if "sample" in source.uns else {}
+        gates = source.uns.get("gates")
+        obs = {c: source.obs[c].to_numpy() for c in _GATE_OBS if c in source.obs.columns}
+        rows, columns, finish = _gate_visit_parts(
+            path, sample, gates, source.var, obs, source.n_obs, samples=samples,
+            max_events=max_events, seed=seed)
+        values = _read_rows(source.X, rows, columns)
+    return finish(values)
+
+
+def _gate_visit_parts(path: object, sample: dict, gates: Any, var: pd.DataFrame,
+                      obs: dict[str, Any], n_obs: int, *, samples: pd.DataFrame | None,
+                      max_events: int, seed: int):
+    """Counts of one visit and the X rows and columns to draw.
+
+    Returns ``(rows, columns, finish)``: sorted rows and column positions of X to read, and
+    ``finish(values)`` that builds the :class:`GateVisit` from those values.
+    """
+    sample_id = str(sample.get("sample_id", Path(str(path)).stem if path else "sample"))
+    for column in ("cell_type", "b_subset"):
+        if column not in obs:
+            raise InputError(f"obs[{column!r}] is missing", path=path, sample_id=sample_id)
+    if "canonical" not in var.columns:
+        raise InputError("var['canonical'] is missing", path=path, sample_id=sample_id)
+    patient_id = str(sample.get("patient_id") or "").strip() or None
+    day = sample.get("day")
+    day = None if not math.isfinite(_number(day)) else day
+    if (patient_id is None or day is None) and samples is not None:
+        row = samples[samples["sample_id"].astype(str) == sample_id]
+        if not row.empty:
+            patient_id = row["patient_id"].iloc[0] if patient_id is None else patient_id
+            day = row["day"].iloc[0] if day is None else day
+    if patient_id is None:
+        raise InputError("no patient_id in uns['sample'] nor in the samples table", path=path,
+                         sample_id=sample_id)
+    cell_type = _text_array(obs["cell_type"])
+    if cell_type.size != n_obs:
+        raise InputError(f"obs has {cell_type.size} rows but X has {n_obs}", path=path,
+                         sample_id=sample_id)
+    lymphocyte = (_bool_array(obs["lymphocyte"]) if "lymphocyte" in obs
+                  else np.isin(cell_type, ["T", "B", "NK"]))
+    cd3neg = lymphocyte & (cell_type != "T")
+    is_b = cell_type == "B"
+    b_subset = _text_array(obs["b_subset"])[is_b]
+    subsets = {str(k): int(v) for k, v in pd.Series(b_subset).value_counts().items()}
+    quadrants: dict[str, int] = {}
+    if "cd19_pos" in obs and "cd20_pos" in obs:
+        cd19 = _bool_array(obs["cd19_pos"])[cd3neg]
+        cd20 = _bool_array(obs["cd20_pos"])[cd3neg]
+        for name, a, b in (("CD19+CD20+", True, True), ("CD19-CD20+", False, True),
+                           ("CD19+CD20-", True, False), ("CD19-CD20-", False, False)):
+            quadrants[name] = int(np.sum((cd19 == a) & (cd20 == b)))
+    canonical = [str(m) for m in var["canonical"]]
+    markers = tuple(dict.fromkeys(canonical))
+    lineage = [m for m in _CD3NEG_MARKERS if m in markers]
+    b_markers = [m for m in _B_MARKERS if m in markers]
+    rng = np.random.default_rng([int(seed), zlib.crc32(sample_id.encode())])
+    cd3neg_rows = _subsample(np.flatnonzero(cd3neg), rng, int(max_events))
+    b_rows = _subsample(np.flatnonzero(is_b), rng, int(max_events))
+    rows = np.union1d(cd3neg_rows, b_rows)
+    wanted = list(dict.fromkeys(lineage + b_markers))
+    columns = [canonical.index(m) for m in wanted]
+    table = _gate_table(gates, path=path, sample_id=sample_id)
+
+    def finish(values: np.ndarray) -> GateVisit:
+        frame = pd.DataFrame(values, columns=wanted)
+        return GateVisit(
+            sample_id=sample_id, patient_id=str(patient_id), day=_number(day),
+            markers=markers, n_cd3neg=int(cd3neg.sum()), n_b=int(is_b.sum()),
+            cd19_cd20=quadrants, subsets=subsets, gates=table,
+            cd3neg_events=frame.iloc[np.searchsorted(rows, cd3neg_rows)][lineage]
+            .reset_index(drop=True),
+            b_events=frame.iloc[np.searchsorted(rows, b_rows)][b_markers]
+            .reset_index(drop=True))
+
+    return rows, columns, finish
+
+
+def _find_gate(gates: pd.DataFrame, marker: str, level: str,
+               parents: Sequence[str]) -> pd.Series | None:
+    """The stored gate of a marker and level, from the first preferred parent that has one."""
+    rows = gates[(gates["marker"] == marker) & (gates["level"] == level)]
+    if rows.empty:
+        return None
+    for parent in parents:
+        match = rows[rows["parent"] == parent]
+        if not match.empty:
+            return match.iloc[0]
+    return rows.iloc[0]
+
+
+def _day_label(day: float) -> str:
+    if not math.isfinite(day):
+        return "day ?"
+    return f"day {int(day)}" if float(day).is_integer() else f"day {day:g}"
+
+
+def _pct_text(count: int, total: int) -> str:
+    return f"{100.0 * count / total:.1f}%" if total > 0 else "–"
+
+
+def _panel_limits(values: np.ndarray, thresholds: Sequence[float]) -> tuple[float, float]:
+    """Axis limits over the 0.5-99.5 percentile of the events and every gate threshold."""
+    finite = values[np.isfinite(values)]
+    points = [t for t in thresholds if math.isfinite(t)]
+    if finite.size:
+        points += [float(v) for v in np.quantile(finite, [0.005, 0.995])]
+    if not points:
+        return -0.5, 5.0
+    lo, hi = min(points), max(points)
+    pad = max(0.08 * (hi - lo), 0.25)
+    return lo - pad, hi + pad
+
+
+def _density(ax, x: np.ndarray, y: np.ndarray, extent: tuple[float, float, float, float],
+             gid: str) -> None:
+    """Density-coloured events (log hexbin, rasterised); few events as single dots."""
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = x[finite], y[finite]
+    if x.size >= _DENSITY_MIN_EVENTS:
+        ax.hexbin(x, y, gridsize=60, bins="log", mincnt=1, cmap="viridis", linewidths=0,
+                  extent=extent, rasterized=True, gid=gid)
+    elif x.size:
+        ax.scatter(x, y, s=4, color="#444444", lw=0, rasterized=True, gid=gid)
+
+
+def _draw_gate_line(ax, gate: pd.Series | None, *, axis: str, gid: str,
+                    span: tuple[float, float] | None = None) -> bool:
+    """The gate threshold as a line (``axis`` "x": vertical); dashed vermilion when flagged.
+
+    ``span`` limits the line to a range of the other axis (data units), for a gate box.
+    Returns True when a line was drawn (the threshold is finite).
+    """
+    if gate is None or not math.isfinite(float(gate["threshold"])):
+        return False
+    threshold = float(gate["threshold"])
+    flagged = bool(str(gate["flag"]).strip())
+    style = {"color": _WARNING_COLOUR if flagged else _GATE_COLOUR,
+             "ls": "--" if flagged else "-", "lw": 1.0, "gid": gid, "zorder": 4}
+    if span is None:
+        if axis == "x":
+            ax.axvline(threshold, **style)
+        else:
+            ax.axhline(threshold, **style)
+    elif axis == "x":
+        ax.plot([threshold, threshold], list(span), **style)
+    else:
+        ax.plot(list(span), [threshold, threshold], **style)
+    return True
+
+
+def _gate_notes(ax, notes: list[tuple[str, str]], sample_id: str, panel: str) -> None:
+    """Under the panel: flagged or missing gates, in the warning colour."""
+    for i, (marker, note) in enumerate(notes):
+        ax.annotate(note, xy=(0.5, 0.0), xycoords="axes fraction", xytext=(0, -26 - 8 * i),
+                    textcoords="offset points", ha="center", va="top", fontsize=6.5,
+                    color=_WARNING_COLOUR, annotation_clip=False,
+                    gid=f"flag:{sample_id}:{panel}:{marker}")
+
+
+def _gate_note(marker: str, level: str, gate: pd.Series | None) -> str | None:
+    suffix = "hi" if level == "hi" else "+"
+    if gate is None:
+        return f"no {marker}{suffix} gate stored"
+    flag = str(gate["flag"]).strip()
+    if flag:
+        # Flags read "CD19:upper_tail"; the marker is already named.
+        return f"{marker}{suffix} gate flagged: {flag.removeprefix(f'{marker}:')}"
+    if not math.isfinite(float(gate["threshold"])):
+        return f"{marker}{suffix} gate: no threshold"
+    return None
+
+
+def _corner(ax, text: str, corner: str, gid: str) -> None:
+    x = 0.03 if "left" in corner else 0.97
+    y = 0.97 if "upper" in corner else 0.03
+    ax.text(x, y, text, transform=ax.transAxes, ha="left" if "left" in corner else "right",
+            va="top" if "upper" in corner else "bottom", fontsize=6.5, linespacing=1.0,
+            gid=gid, zorder=5,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.75,
+                  "edgecolor": "none"})
+
+
+def _missing_markers(visit: GateVisit, markers: Sequence[str]) -> list[str]:
+    return [m for m in markers if m not in visit.markers]
+
+
+def _panel_axes(ax, visit: GateVisit, panel: str, xm: str, ym: str,
+                events: pd.DataFrame, gates: list[tuple[str, str, pd.Series | None]],
+                *, box: bool = False) -> bool:
+    """Draw events and gate lines of one panel; False (with a message) if a marker is absent."""
+    missing = _missing_markers(visit, (xm, ym))
+    if missing:
+        _message_axes(ax, f"{', '.join(missing)} not in panel")
+        ax.texts[-1].set_gid(f"message:{visit.sample_id}:{panel}")
+        return False
+    thresholds = {marker: float(g["threshold"]) if g is not None else float("nan")
+                  for marker, _, g in gates}
+    x = events[xm].to_numpy(float)
+    y = events[ym].to_numpy(float)
+    xlim = _panel_limits(x, [thresholds.get(xm, float("nan"))])
+    ylim = _panel_limits(y, [thresholds.get(ym, float("nan"))])
+    _density(ax, x, y, (*xlim, *ylim), gid=f"density:{visit.sample_id}:{panel}")
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    by_marker = {marker: gate for marker, _, gate in gates}
+    if box:
+        x_thr, y_thr = thresholds.get(xm, float("nan")), thresholds.get(ym, float("nan"))
+        x_span = (y_thr, ylim[1]) if math.isfinite(y_thr) else None
+        y_span = (x_thr, xlim[1]) if math.isfinite(x_thr) else None
+        _draw_gate_line(ax, by_marker.get(xm), axis="x", span=x_span,
+                        gid=f"gate:{visit.sample_id}:{panel}:{xm}")
+        _draw_gate_line(ax, by_marker.get(ym), axis="y", span=y_span,
+                        gid=f"gate:{visit.sample_id}:{panel}:{ym}")
+    else:
+        _draw_gate_line(ax, by_marker.get(xm), axis="x",
+                        gid=f"gate:{visit.sample_id}:{panel}:{xm}")
+        _draw_gate_line(ax, by_marker.get(ym), axis="y",
+                        gid=f"gate:{visit.sample_id}:{panel}:{ym}")
+    notes = [(marker, note) for marker, level, gate in gates
+             if (note := _gate_note(marker, level, gate)) is not None]
+    _gate_notes(ax, notes, visit.sample_id, panel)
+    ax.set_xlabel(f"{xm} (transformed)", labelpad=1)
+    ax.set_ylabel(f"{ym} (transformed)", labelpad=1)
+    return True
+
+
+def _few_b_message(ax, visit: GateVisit, panel: str) -> None:
+    ax.text(0.5, 0.5, f"n = {visit.n_b:,} B events:\ntoo few to read subsets",
+            transform=ax.transAxes, ha="center", va="center", fontsize=7, zorder=5,
+            gid=f"message:{visit.sample_id}:{panel}",
+            bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85,
+                  "edgecolor": "#777777"})
+
+
+def plot_gates(visits: Sequence[GateVisit], patient_id: str, *,
+               min_b_events: int = 50) -> Figure:
+    """The gates of every flow visit of one patient: one row per visit, three panels.
+
+    Rows are ordered by day (then sample id) and titled "day N · sample_id". Panels:
+
+    1. CD19 × CD20 of CD3- lymphocytes, the CD19+ and CD20+ gates, and the % of CD3-
+       lymphocytes in each quadrant (from obs ``cd19_pos``/``cd20_pos``) and the B count;
+    2. IgD × CD27 of B cells, the IgD+ and CD27+ gates and the % of B cells that are naive,
+       unswitched memory, switched memory and double negative (from obs ``b_subset``; the
+       transitional and plasmablast % are written under the title line);
+    3. CD24 × CD38 of B cells, the CD24hi × CD38hi transitional box and its % of B cells,
+       and the plasmablast % where a CD27hi gate is stored.
+
+    A visit with fewer than ``min_b_events`` B cells shows its events but no subset %. A gate
+    with a non-empty ``flag`` is dashed in vermilion and its flag written under the panel.
+
+    Artist gids: ``gate:{sample_id}:{panel}:{marker}`` (gate lines; panel ``cd19_cd20``,
+    ``igd_cd27`` or ``cd24_cd38``), ``pct:{sample_id}:{key}`` (texts; key a quadrant such as
+    ``CD19-CD20+``, a subset, or ``b_count``), ``flag:{sample_id}:{panel}:{marker}``,
+    ``message:{sample_id}:{panel}`` and ``density:{sample_id}:{panel}``.
+    """
+    visits = sorted(visits, key=lambda v: (not math.isfinite(v.day),
+                                           v.day if math.isfinite(v.day) else 0.0, v.sample_id))
+    with plt.rc_context(_STYLE):
+        if not visits:
+            fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, 2.0), layout="constrained")
+            _message_axes(ax, f"No annotated flow samples for patient {patient_id}")
+            return fig
+        fig, axes = plt.subplots(len(visits), 3, figsize=(_MAX_WIDTH_IN, 0.5 + 2.35 * len(visits)),
+                                 layout="constrained", squeeze=False)
+        for row, visit in zip(axes, visits, strict=True):
+            _plot_gate_row(row, visit, min_b_events=min_b_events)
+        # One scale per column across visits, so drift and empty (aplastic) panels read
+        # against the same axes as the populated visits.
+        for column in range(3):
+            for limit in ("xlim", "ylim"):
+                spans = np.array([getattr(ax, f"get_{limit}")() for ax in axes[:, column]])
+                for ax in axes[:, column]:
+                    getattr(ax, f"set_{limit}")(spans[:, 0].min(), spans[:, 1].max())
+        fig.suptitle(f"Patient {patient_id}: gates per flow visit (lines: stored gates; dashed "
+                     "vermilion: flagged gate, check it)", x=0.01, ha="left", fontsize=8)
+    return fig
+
+
+def _plot_gate_row(row, visit: GateVisit, *, min_b_events: int) -> None:
+    sid = visit.sample_id
+    gates = visit.gates
+    ax1, ax2, ax3 = row
+    # 1. CD19 x CD20 of CD3- lymphocytes
+    ax1.set_title(f"{_day_label(visit.day)} · {sid}\nCD3− lymphocytes (n = {visit.n_cd3neg:,})",
+                  loc="left", fontsize=7)
+    lineage = [(m, "pos", _find_gate(gates, m, "pos", _LINEAGE_PARENTS))
+               for m in ("CD19", "CD20")]
+    if _panel_axes(ax1, visit, "cd19_cd20", "CD19", "CD20", visit.cd3neg_events, lineage):
+        if visit.cd19_cd20:
+            for key, corner in (("CD19-CD20+", "upper left"), ("CD19+CD20+", "upper right"),
+                                ("CD19-CD20-", "lower left"), ("CD19+CD20-", "lower right")):
+                label = key.replace("-", "−")
+                _corner(ax1, f"{label}\n{_pct_text(visit.cd19_cd20[key], visit.n_cd3neg)}",
+                        corner, gid=f"pct:{sid}:{key}")
+        else:
+            ax1.text(0.5, 0.5, "no CD19/CD20 calls stored", transform=ax1.transAxes,
+                     ha="center", va="center", fontsize=7, gid=f"message:{sid}:cd19_cd20")
+    ax1.set_title(f"B cells: {visit.n_b:,}\n", loc="right", fontsize=7).set_gid(
+        f"pct:{sid}:b_count")
+    few = visit.n_b < min_b_events
+    n_b = visit.n_b
+    has_pb_gate = bool(((gates["marker"] == "CD27") & (gates["level"] == "hi")).any())
+    # 2. IgD x CD27 of B cells
+    extra = ""
+    if not few:
+        extra = f"; transitional {_pct_text(visit.subsets.get('transitional', 0), n_b)}"
+        if has_pb_gate:
+            extra += f", PB {_pct_text(visit.subsets.get('plasmablast', 0), n_b)}"
+    ax2.set_title(f"IgD × CD27 of B cells (n = {n_b:,})\n% of B cells{extra}", loc="left",
+                  fontsize=7)
+    igd_cd27 = [(m, "pos", _find_gate(gates, m, "pos", _B_PARENTS)) for m in ("IgD", "CD27")]
+    if _panel_axes(ax2, visit, "igd_cd27", "IgD", "CD27", visit.b_events, igd_cd27):
+        if few:
+            _few_b_message(ax2, visit, "igd_cd27")
+        else:
+            corners = {"naive": "lower right", "unswitched_memory": "upper right",
+                       "switched_memory": "upper left", "double_negative": "lower left"}
+            for subset, _, _ in _IGD_CD27_QUADRANTS:
+                _corner(ax2, f"{_SUBSET_LABELS[subset]}\n"
+                             f"{_pct_text(visit.subsets.get(subset, 0), n_b)}",
+                        corners[subset], gid=f"pct:{sid}:{subset}")
+    # 3. CD24 x CD38 of B cells: transitional box, plasmablasts
+    ax3.set_title(f"CD24 × CD38 of B cells (n = {n_b:,})\ntransitional: CD24hi CD38hi box",
+                  loc="left", fontsize=7)
+    hi = [(m, "hi", _find_gate(gates, m, "hi", _HI_PARENTS)) for m in ("CD24", "CD38")]
+    if _panel_axes(ax3, visit, "cd24_cd38", "CD24", "CD38", visit.b_events, hi, box=True):
+        if few:
+            _few_b_message(ax3, visit, "cd24_cd38")
+        else:
+            _corner(ax3, f"transitional\n{_pct_text(visit.subsets.get('transitional', 0), n_b)}",
+                    "upper right", gid=f"pct:{sid}:transitional")
+            if has_pb_gate:
+                _corner(ax3, f"plasmablasts\n"
+                             f"{_pct_text(visit.subsets.get('plasmablast', 0), n_b)}",
+                        "upper left", gid=f"pct:{sid}:plasmablast")
+
+
+def gate_visits_by_patient(paths: Sequence[str | Path],
+                           samples: pd.DataFrame | None = None) -> dict[str, list[Path]]:
+    """Group annotated h5ad paths by patient (``uns["sample"]``, else the samples table).
+
+    Reads only ``uns["sample"]`` of each file; scRNA samples are left out.
+    """
+    import h5py
+    from anndata.io import read_elem
+
+    grouped: dict[str, list[Path]] = {}
+    for path in sorted(Path(p) for p in paths):
+        try:
+            with h5py.File(path, "r") as handle:
+                uns = handle["uns"] if "uns" in handle else {}
+                sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
+        except FileNotFoundError:
+            raise InputError("file not found", path=path) from None
+        except OSError as exc:
+            raise InputError(f"cannot be read as an h5ad file ({exc})", path=path) from None
+        sample_id = str(sample.get("sample_id", path.stem))
+        patient = str(sample.get("patient_id") or "").strip() or None
+        modality = sample.get("modality")
+        if samples is not None:
+            row = samples[samples["sample_id"].astype(str) == sample_id]
+            if not row.empty:
+                patient = row["patient_id"].iloc[0] if patient is None else patient
+                modality = row["modality"].iloc[0] if modality is None else modality
+        if str(modality) == "scrna":
+            continue
+        if patient is None:
+            raise InputError("no patient_id in uns['sample'] nor in the samples table",
+                             path=path, sample_id=sample_id)
+        grouped.setdefault(str(patient), []).append(path)
+    return grouped
+
+
+# ---------------------------------------------------------------------------------------------
 # QC
 
 
@@ -981,6 +1529,7 @@ def cli_report(args: argparse.Namespace) -> None:
 
     Reads ``args.samples_table``, ``args.kinetics``, ``args.qc`` and the annotated h5ads
     (``args.annotated``, may be empty); ``args.cohort`` and ``args.model`` are not needed.
+    Every patient with a flow row in the samples table gets ``gates_{patient_id}``.
     All figures are drawn before any is written, so bad input leaves no figure behind.
     """
     from .config import load_config
@@ -1018,6 +1567,19 @@ def cli_report(args: argparse.Namespace) -> None:
         figures.append(("embedding", plot_embedding(
             pooled, max_events=int(settings.get("embedding_events", 20_000)), seed=seed,
             n_neighbors=int(settings.get("embedding_neighbors", 15)))))
+        del pooled
+        # Gates: one figure per patient with flow samples, its files read one at a time.
+        by_patient = gate_visits_by_patient(args.annotated, samples)
+        flow_patients = samples.loc[samples["modality"] == "flow", "patient_id"].astype(str)
+        for patient in sorted(set(flow_patients)):
+            visits = [read_gate_visit(path, samples=samples, seed=seed,
+                                      max_events=int(settings.get("gate_events", 20_000)))
+                      for path in by_patient.get(patient, [])]
+            figures.append((f"gates_{patient}", plot_gates(visits, patient,
+                                                           min_b_events=min_b)))
+        for patient in sorted(set(by_patient) - set(flow_patients)):
+            log.warning("annotated samples of patient %s have no flow row in %s: no gate "
+                        "figure", patient, args.samples_table)
     except BaseException:
         for _, fig in figures:
             plt.close(fig)

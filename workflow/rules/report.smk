@@ -1,4 +1,6 @@
 # Figures, each registered for `snakemake --report report.html` (see report_outputs).
+# gates_{patient} (one per patient with flow samples) draws the stored gates of every flow
+# visit from the annotated h5ads, read one at a time (at most 20,000 events per panel).
 
 
 rule report:
