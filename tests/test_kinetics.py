@@ -221,3 +221,31 @@ def test_cli_kinetics_writes_both_tables(tmp_path):
     summary = pd.read_csv(cohort, sep="\t")
     assert list(summary.columns) == ["statistic", "modality", "measure", "value", "n", "detail"]
     assert np.isfinite(summary["n"]).all()
+
+
+def _masked_visit(patient: str, day: int, *, b_events: int, cd19neg: int) -> dict:
+    row = _visit(patient, day, 100.0 * b_events / 20000)
+    row["b_cells"], row["cd19neg_cd20pos"] = b_events, cd19neg
+    return row
+
+
+@pytest.mark.parametrize(("b_events", "cd19neg", "flagged"), [
+    (23, 22, True),      # masking while B cells are rare: 22 of 23 CD19-CD20+
+    (3, 3, True),        # lower 95% bound 0.37 > 0.2
+    (3, 1, False),       # 1 of 3: bound 0.017, could be chance
+    (2, 2, False),       # below min_b_cells (3)
+    (5000, 1250, True),  # 25% of many: bound 0.24 > 0.2
+    (5000, 1000, False),  # exactly 20%: not above it with confidence
+])
+def test_discordance_flag_rests_on_a_confidence_bound(b_events, cd19neg, flagged):
+    from scipy.stats import beta
+
+    rows = [_visit("M", -1, 5.0), _visit("M", 20, 0.0),
+            _masked_visit("M", 100, b_events=b_events, cd19neg=cd19neg)]
+    table = patient_kinetics(pd.DataFrame(rows), config=load_config())
+    assert ("cd19_cd20_discordance" in _flags(_get(table, "M"))) == flagged
+    # The bound is the exact one-sided Clopper-Pearson bound.
+    from bcellmap.kinetics import discordance_lower_bound
+
+    bound = discordance_lower_bound(pd.Series([cd19neg]), pd.Series([b_events])).iloc[0]
+    assert bound == pytest.approx(beta.ppf(0.05, cd19neg, b_events - cd19neg + 1))

@@ -1,4 +1,6 @@
-"""Cohort thresholds: valleys on skewed pools, no phantom positives in aplasia."""
+"""Cohort thresholds: valleys on skewed pools, no phantom positives in aplasia.
+
+(The hierarchy and the registration between visits are tested in test_gating.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,16 @@ from scipy.stats import norm
 from bcellmap.annotate import annotate_sample, load_subset_rules
 from bcellmap.cli import main
 from bcellmap.config import load_config
-from bcellmap.thresholds import learn_marker_threshold, learn_thresholds, thresholds_for
+from bcellmap.gating import GatingSettings, gates_for_sample, learn_gates
+from bcellmap.thresholds import learn_marker_threshold, thresholds_for
+
+
+def learn_thresholds(samples, *, markers, hi_markers, config):
+    """The cohort table of ``learn_gates`` (reference-scale gates), as the CLI writes it."""
+    cohort, _ = learn_gates(samples, pos_markers=markers, hi_markers=hi_markers,
+                            settings=GatingSettings.from_config(config),
+                            seed=int(config["seed"]))
+    return cohort
 
 MARKERS = ["CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24"]
 NEG = (0.5, 0.5)   # mean, sd of the negative population (transformed units)
@@ -74,6 +85,13 @@ def test_aplastic_sample_with_pooled_thresholds_has_at_most_a_handful_of_b_cells
     _, counts = annotate_sample(aplastic, thresholds_for(table, "all"),
                                 load_subset_rules(config), sample_id="aplastic")
     assert counts["b_cells"].iloc[0] <= 5
+    # Learned with the cohort, the aplastic sample's own (registered) gate does the same.
+    _, gates = learn_gates({**cohort, "aplastic": aplastic}, pos_markers=MARKERS,
+                           hi_markers=["CD27", "CD38", "CD24"],
+                           settings=GatingSettings.from_config(config), seed=0)
+    _, counts = annotate_sample(aplastic, gates_for_sample(gates, "aplastic")[0],
+                                load_subset_rules(config), sample_id="aplastic")
+    assert counts["b_cells"].iloc[0] <= 5
 
 
 def test_unimodal_pool_uses_upper_tail_and_calls_almost_nothing_positive():
@@ -126,11 +144,18 @@ def test_cli_thresholds_per_batch(tmp_path):
     config.write_text("annotate:\n  thresholds:\n    method: batch\n")
     out = tmp_path / "thresholds.tsv"
     assert main(["thresholds", "--config", str(config), "--samples", str(sheet),
-                 "--inputs", *paths, "--out", str(out)]) == 0
+                 "--inputs", *paths, "--out", str(out),
+                 "--gates", str(tmp_path / "gates.tsv")]) == 0
     table = pd.read_csv(out, sep="\t")
     cd19 = table[(table["marker"] == "CD19") & (table["level"] == "pos")].set_index("group")
     assert set(cd19.index) == {"b0", "b1"}
     assert 0.5 < cd19.loc["b1", "threshold"] - cd19.loc["b0", "threshold"] < 1.5
+    # Every sample gets its own gate, on its own scale: the brighter batch's are higher.
+    gates = pd.read_csv(tmp_path / "gates.tsv", sep="\t")
+    own = gates[(gates["marker"] == "CD19") & (gates["level"] == "pos")].set_index("sample_id")
+    assert set(own.index) == {"s0", "s1", "s2", "s3"}
+    assert (own.loc[["s2", "s3"], "threshold"].min() - own.loc[["s0", "s1"], "threshold"].max()
+            > 0.5)
 
 
 def test_tied_pool_puts_the_threshold_above_the_tie():

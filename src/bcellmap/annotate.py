@@ -41,7 +41,8 @@ LEVELS = ("neg", "pos", "hi", "lo")
 COUNT_COLUMNS = ("sample_id", "modality", "events_total", "events_qc_pass", "lymphocytes",
                  "t_cells", "b_cells", "cd19_pos", "cd20_pos", "cd19neg_cd20pos",
                  *(f"{s}_count" for s in SUBSETS), "subsets_not_called",
-                 "cluster_discordant_events", "car_t_count", "car_t_pct_t")
+                 "cluster_discordant_events", "car_t_count", "car_t_pct_t", "nk_cells",
+                 "lymphocyte_purity_pct", "gate_flags")
 # Keys under which ingest may record the number of events in the FCS file.
 _EVENT_TOTAL_KEYS = ("n_events", "events", "n_events_total", "events_total", "tot", "$TOT")
 
@@ -120,47 +121,19 @@ def _callable(rule: SubsetRule, columns: Mapping[str, np.ndarray],
     return True
 
 
-def call_events(
+def call_subsets(
     columns: Mapping[str, np.ndarray],
+    b_cell: np.ndarray,
     thresholds: Mapping[str, Mapping[str, float]],
     rules: Sequence[SubsetRule],
-) -> tuple[pd.DataFrame, list[str]]:
-    """Call cell type, CD19/CD20 status and B-cell subset for every event.
+) -> tuple[np.ndarray, list[str]]:
+    """B-cell subset of every B event by the ordered rules (first match wins).
 
-    Parameters
-    ----------
-    columns
-        Canonical marker -> transformed values (one entry per event).
-    thresholds
-        Marker -> ``{"pos": t, "hi": t}``.
-    rules
-        Ordered subset rules; the first match wins.
-
-    Returns
-    -------
-    calls
-        Columns ``cell_type`` (B, T, other), ``b_subset`` (empty for non-B and unmatched B),
-        ``cd19_pos``, ``cd20_pos`` (bool; False when the marker is absent).
-    not_called
-        Names of rules that cannot be evaluated with these markers and thresholds.
+    Returns the subset names (empty for non-B and unmatched B events) and the names of
+    rules that cannot be evaluated with these markers and thresholds.
     """
-    if "CD3" not in columns or not np.isfinite(thresholds.get("CD3", {}).get("pos", np.nan)):
-        raise InputError("cell types need the CD3 marker and its threshold")
-    lineage = [m for m in ("CD19", "CD20") if m in columns
-               and np.isfinite(thresholds.get(m, {}).get("pos", np.nan))]
-    if not lineage:
-        raise InputError("cell types need CD19 or CD20 and a threshold for it")
-    n = len(columns["CD3"])
-    t_cell = columns["CD3"] >= thresholds["CD3"]["pos"]
-    cd19 = (columns["CD19"] >= thresholds["CD19"]["pos"] if "CD19" in lineage
-            else np.zeros(n, dtype=bool))
-    cd20 = (columns["CD20"] >= thresholds["CD20"]["pos"] if "CD20" in lineage
-            else np.zeros(n, dtype=bool))
-    b_cell = ~t_cell & (cd19 | cd20)
-    cell_type = np.where(t_cell, "T", np.where(b_cell, "B", "other")).astype(object)
-
-    subset = np.full(n, "", dtype=object)
-    unassigned = b_cell.copy()
+    subset = np.full(len(b_cell), "", dtype=object)
+    unassigned = np.asarray(b_cell, dtype=bool).copy()
     not_called = []
     for rule in rules:
         if not _callable(rule, columns, thresholds):
@@ -171,8 +144,57 @@ def call_events(
             match &= _level_mask(columns[marker], level, thresholds[marker])
         subset[match] = rule.name
         unassigned &= ~match
-    calls = pd.DataFrame({"cell_type": cell_type, "b_subset": subset,
-                          "cd19_pos": cd19, "cd20_pos": cd20})
+    return subset, not_called
+
+
+def call_events(
+    columns: Mapping[str, np.ndarray],
+    thresholds: Mapping[str, Mapping[str, float]],
+    rules: Sequence[SubsetRule],
+    *,
+    scatter: tuple[np.ndarray, np.ndarray] | None = None,
+    max_mahalanobis: float = 3.5,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Call cell type, CD19/CD20 status and B-cell subset for every event.
+
+    Parameters
+    ----------
+    columns
+        Canonical marker -> transformed values (one entry per event).
+    thresholds
+        Marker -> ``{"pos": t, "hi": t}`` (the sample's own gates).
+    rules
+        Ordered subset rules; the first match wins.
+    scatter
+        (FSC-A, SSC-A) of the events, for the lymphocyte core (``gating.lymphocyte_gate``).
+    max_mahalanobis
+        Radius of the lymphocyte core around the T and B cells' scatter.
+
+    Returns
+    -------
+    calls
+        Columns ``cell_type`` (B, T, NK, other), ``lymphocyte`` (T, B or NK), ``b_subset``
+        (empty for non-B and unmatched B), ``cd19_pos``, ``cd20_pos`` (bool; False when the
+        marker is absent). ``calls.attrs["lymphocyte_gate"]`` says how NK cells were called.
+    not_called
+        Names of rules that cannot be evaluated with these markers and thresholds.
+    """
+    from .gating import lymphocyte_gate
+
+    if "CD3" not in columns or not np.isfinite(thresholds.get("CD3", {}).get("pos", np.nan)):
+        raise InputError("cell types need the CD3 marker and its threshold")
+    if not any(m in columns and np.isfinite(thresholds.get(m, {}).get("pos", np.nan))
+               for m in ("CD19", "CD20")):
+        raise InputError("cell types need CD19 or CD20 and a threshold for it")
+    lineage, info = lymphocyte_gate(columns, thresholds, scatter=scatter,
+                                    max_mahalanobis=max_mahalanobis)
+    cell_type = np.where(lineage["T"], "T", np.where(
+        lineage["B"], "B", np.where(lineage["NK"], "NK", "other"))).astype(object)
+    subset, not_called = call_subsets(columns, lineage["B"], thresholds, rules)
+    calls = pd.DataFrame({"cell_type": cell_type, "lymphocyte": lineage["lymphocyte"],
+                          "b_subset": subset, "cd19_pos": lineage["cd19_pos"],
+                          "cd20_pos": lineage["cd20_pos"]})
+    calls.attrs["lymphocyte_gate"] = info
     return calls, not_called
 
 
@@ -221,6 +243,14 @@ def _events_total(adata: Any, *, sample_id: str) -> int | None:
     return None
 
 
+def _scatter(adata: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """FSC-A and SSC-A of the events when the sample has both."""
+    columns = _marker_columns(adata, ("FSC-A", "SSC-A"))
+    if len(columns) < 2:
+        return None
+    return columns["FSC-A"], columns["SSC-A"]
+
+
 def annotate_sample(
     adata: Any,
     thresholds: Mapping[str, Mapping[str, float]],
@@ -229,6 +259,8 @@ def annotate_sample(
     sample_id: str,
     modality: str = "flow",
     threshold_table: pd.DataFrame | None = None,
+    gate_table: pd.DataFrame | None = None,
+    max_mahalanobis: float = 3.5,
 ) -> tuple[Any, pd.DataFrame]:
     """Annotate one mapped sample.
 
@@ -237,31 +269,40 @@ def annotate_sample(
     adata
         The mapped AnnData (QC-passed events; ``var["canonical"]``; ``obs["metacluster"]``).
     thresholds
-        Marker -> ``{"pos": t, "hi": t}`` for this sample's group.
+        Marker -> ``{"pos": t, "hi": t}``: this sample's own gates.
     rules
         Ordered subset rules.
     sample_id, modality
         Written to the counts table.
     threshold_table
-        Rows of thresholds.tsv used, stored in ``uns["thresholds"]``.
+        The cohort's reference gates, stored in ``uns["thresholds"]``.
+    gate_table
+        This sample's gate rows (``gating.GATE_COLUMNS``), stored in ``uns["gates"]``; their
+        flags go to the counts table's ``gate_flags``.
+    max_mahalanobis
+        Radius of the lymphocyte core around the T and B cells' scatter.
 
     Returns
     -------
     annotated
-        A copy of ``adata`` with ``obs`` columns ``cell_type``, ``b_subset``, ``cd19_pos``,
-        ``cd20_pos``, ``metacluster_cell_type`` and ``uns`` entries ``thresholds``,
-        ``metacluster_phenotypes``, ``annotate``.
+        A copy of ``adata`` with ``obs`` columns ``cell_type``, ``lymphocyte``,
+        ``b_subset``, ``cd19_pos``, ``cd20_pos``, ``metacluster_cell_type`` and ``uns``
+        entries ``thresholds``, ``gates``, ``metacluster_phenotypes``, ``annotate``.
     counts
         The one-row per-sample counts table (``COUNT_COLUMNS``).
     """
-    markers = list(dict.fromkeys(["CD3", "CD19", "CD20",
+    from .gating import gate_flags
+
+    markers = list(dict.fromkeys(["CD3", "CD19", "CD20", "CD45", "CD14", "CD56", "CD16",
                                   *(m for rule in rules for m in rule.levels)]))
     annotated = adata.copy()
     columns = _marker_columns(annotated, markers)
     if "CD3" not in columns or not ({"CD19", "CD20"} & set(columns)):
         raise InputError("the panel lacks CD3 or both CD19 and CD20; cannot call B cells",
                          sample_id=sample_id)
-    calls, not_called = call_events(columns, thresholds, rules)
+    calls, not_called = call_events(columns, thresholds, rules, scatter=_scatter(annotated),
+                                    max_mahalanobis=max_mahalanobis)
+    lymphocyte_info = calls.attrs.get("lymphocyte_gate", {})
     if not_called:
         log.warning("%s: subsets not called (marker or threshold missing): %s", sample_id,
                     ", ".join(not_called))
@@ -282,30 +323,45 @@ def annotate_sample(
         log.warning("%s: no obs['metacluster']; cluster-level phenotypes not reported",
                     sample_id)
 
+    if gate_table is None:
+        gate_table = pd.DataFrame(
+            [(m, lv, t, "", "given", 0, "") for m, levels in thresholds.items()
+             for lv, t in levels.items()],
+            columns=["marker", "level", "threshold", "parent", "method", "n_events", "flag"])
+    gate_table = gate_table.reset_index(drop=True).copy()
+    for column in ("sample_id", "group", "marker", "level", "parent", "method", "flag"):
+        if column in gate_table.columns:  # h5ad stores text columns as strings only
+            gate_table[column] = gate_table[column].fillna("").astype(str)
     if threshold_table is None:
-        threshold_table = pd.DataFrame(
-            [(m, lv, t) for m, levels in thresholds.items() for lv, t in levels.items()],
-            columns=["marker", "level", "threshold"])
+        threshold_table = gate_table[["marker", "level", "threshold"]]
     annotated.uns["thresholds"] = threshold_table.reset_index(drop=True)
+    annotated.uns["gates"] = gate_table
     annotated.uns["metacluster_phenotypes"] = phenotypes.reset_index(drop=True)
     annotated.uns["annotate"] = {
         "subset_precedence": [rule.name for rule in rules],
         "subsets_not_called": ";".join(not_called),
         "b_cell_rule": "CD3- and (CD19+ or CD20+)",
+        "nk_rule": str(lymphocyte_info.get("nk_rule", "")),
     }
 
-    b_cell = calls["cell_type"].to_numpy() == "B"
+    cell_type = calls["cell_type"].to_numpy()
+    b_cell = cell_type == "B"
     n_events = annotated.n_obs
+    lymphocytes = int(calls["lymphocyte"].sum())
     measured = {m for m in ("CD19", "CD20") if m in columns
                 and np.isfinite(thresholds.get(m, {}).get("pos", np.nan))}
+    flags = gate_flags(gate_table)
+    if flags:
+        log.warning("%s: gates flagged: %s", sample_id, flags)
     record: dict[str, Any] = {
         "sample_id": sample_id,
         "modality": modality,
         "events_total": _events_total(annotated, sample_id=sample_id),
         "events_qc_pass": n_events,
-        # The QC includes the lymphocyte scatter gate: QC-passed events are lymphocytes.
-        "lymphocytes": n_events,
-        "t_cells": int((calls["cell_type"] == "T").sum()),
+        # Lymphocytes by markers (T + B + NK inside the lymphocyte core), not every event
+        # of the scatter gate: lysed whole blood puts myeloid events there.
+        "lymphocytes": lymphocytes,
+        "t_cells": int((cell_type == "T").sum()),
         "b_cells": int(b_cell.sum()),
         # A marker without a usable threshold is not measured: empty, never a false 0.
         "cd19_pos": int((b_cell & calls["cd19_pos"].to_numpy()).sum())
@@ -315,6 +371,9 @@ def annotate_sample(
         "cd19neg_cd20pos": int((b_cell & ~calls["cd19_pos"].to_numpy()
                                 & calls["cd20_pos"].to_numpy()).sum())
         if {"CD19", "CD20"} <= measured else None,
+        "nk_cells": int((cell_type == "NK").sum()),
+        "lymphocyte_purity_pct": 100.0 * lymphocytes / n_events if n_events else None,
+        "gate_flags": flags,
     }
     subset_values = calls["b_subset"].to_numpy()
     for subset in SUBSETS:
@@ -326,7 +385,35 @@ def annotate_sample(
     record["car_t_count"] = None
     record["car_t_pct_t"] = None
     counts = pd.DataFrame([record], columns=list(COUNT_COLUMNS))
+    counts.attrs["lymphocyte_gate"] = lymphocyte_info
     return annotated, counts
+
+
+def lineage_qc_row(counts: pd.DataFrame) -> pd.DataFrame:
+    """The sample's ``lineage_gate`` row for results/tables/qc.tsv (QC table columns).
+
+    ``events_in`` are the scatter-gated events, ``events_out`` the lymphocytes by markers;
+    the T, B and NK shares and the purity (lymphocytes as % of the scatter gate) are added
+    as columns and summarised in ``detail``.
+    """
+    row = counts.iloc[0]
+    events_in = int(row["events_qc_pass"])
+    lymphocytes = int(row["lymphocytes"])
+
+    def share(count: Any) -> float:
+        return 100.0 * float(count) / lymphocytes if lymphocytes else float("nan")
+
+    t_pct, b_pct, nk_pct = share(row["t_cells"]), share(row["b_cells"]), share(row["nk_cells"])
+    purity = 100.0 * lymphocytes / events_in if events_in else float("nan")
+    rule = counts.attrs.get("lymphocyte_gate", {}).get("nk_rule", "")
+    return pd.DataFrame([{
+        "sample_id": row["sample_id"], "step": "lineage_gate", "events_in": events_in,
+        "events_removed": events_in - lymphocytes, "events_out": lymphocytes,
+        "detail": (f"lymphocytes by markers: T {t_pct:.1f}%, B {b_pct:.1f}%, NK {nk_pct:.1f}%;"
+                   f" purity {purity:.1f}% of the scatter gate; NK: {rule}"),
+        "t_pct_lymphocytes": t_pct, "b_pct_lymphocytes": b_pct, "nk_pct_lymphocytes": nk_pct,
+        "lymphocyte_purity_pct": purity,
+    }])
 
 
 def cli_annotate(args: argparse.Namespace) -> None:
@@ -335,8 +422,9 @@ def cli_annotate(args: argparse.Namespace) -> None:
 
     from ._io import write_h5ad, write_tsv
     from .config import load_config
+    from .gating import gates_for_sample
     from .samplesheet import read_sample_sheet, sample_row
-    from .thresholds import _settings, read_thresholds, threshold_group, thresholds_for
+    from .thresholds import _settings, read_thresholds, threshold_group
 
     config = load_config(args.config)
     sheet = read_sample_sheet(args.samples, check_files=False)
@@ -344,23 +432,34 @@ def cli_annotate(args: argparse.Namespace) -> None:
     rules = load_subset_rules(config)
     table = read_thresholds(args.thresholds)
     group = threshold_group(row, _settings(config)["method"])
-    thresholds = thresholds_for(table, group)
     used = table[table["group"].astype(str) == group]
     if used.empty:
         used = table[table["group"].astype(str) == "all"]
+    gates = read_thresholds(args.gates, required=("sample_id", "marker", "level", "threshold"))
+    thresholds, gate_rows = gates_for_sample(gates, args.sample_id)
+    if gate_rows.empty:
+        raise InputError("the gates table has no gates for this sample (was it learned "
+                         "without it?)", path=args.gates, sample_id=args.sample_id)
     try:
         adata = ad.read_h5ad(args.input)
     except OSError as exc:
         raise InputError(f"cannot read the mapped h5ad ({exc})", path=args.input,
                          sample_id=args.sample_id) from None
-    annotated, counts = annotate_sample(adata, thresholds, rules, sample_id=args.sample_id,
-                                        modality=str(row["modality"]), threshold_table=used)
-    write_h5ad(annotated, args.out)
+    gating = dict(config.get("annotate", {}).get("gating", {}) or {})
+    annotated, counts = annotate_sample(
+        adata, thresholds, rules, sample_id=args.sample_id, modality=str(row["modality"]),
+        threshold_table=used, gate_table=gate_rows,
+        max_mahalanobis=float(gating.get("lymphocyte_max_mahalanobis", 3.5)))
+    outputs = [Path(args.out), Path(args.counts)]
     try:
+        write_h5ad(annotated, args.out)
         write_tsv(counts, args.counts)
+        if args.lineage_qc:
+            outputs.append(Path(args.lineage_qc))
+            write_tsv(lineage_qc_row(counts), args.lineage_qc, float_format="%.6g")
     except BaseException:
-        Path(args.out).unlink(missing_ok=True)  # keep the two outputs all-or-nothing
+        for path in outputs:  # keep the outputs all-or-nothing
+            path.unlink(missing_ok=True)
         raise
-    log.info("%s: %d events, %d B cells", args.sample_id, annotated.n_obs,
-             int(counts["b_cells"].iloc[0]))
-
+    log.info("%s: %d events, %d lymphocytes by markers, %d B cells", args.sample_id,
+             annotated.n_obs, int(counts["lymphocytes"].iloc[0]), int(counts["b_cells"].iloc[0]))

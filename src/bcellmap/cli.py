@@ -22,6 +22,10 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "ingest-flow": ("bcellmap.ingest", "cli_ingest_flow",
                     "read one FCS sample: compensate, transform, QC -> h5ad"),
     "collect-qc": ("bcellmap.qc", "cli_collect_qc", "combine per-sample QC tables"),
+    "train-normalisation": ("bcellmap.normalise", "cli_train_normalisation",
+                            "learn per-batch quantile maps from the reference (anchor) samples"),
+    "normalise-flow": ("bcellmap.normalise", "cli_normalise_flow",
+                       "normalise one flow sample to the reference goal of its batch"),
     "train-flow": ("bcellmap.cluster_flow", "cli_train_flow",
                    "fit the cohort SOM and metaclusters on a subsample of every sample"),
     "map-flow": ("bcellmap.cluster_flow", "cli_map_flow",
@@ -72,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=int, default=None,
                    help="events per FCS file (overrides the preset)")
     s.add_argument("--no-scrna", action="store_true", help="flow cytometry files only")
+    s.add_argument("--no-drift", action="store_true",
+                   help="no per-visit staining and detector-gain drift")
+    s.add_argument("--no-lymphopenic", action="store_true",
+                   help="no lysed-whole-blood lymphopenic visits after lymphodepletion")
 
     s = p["check-samples"]
     _add_common(s)
@@ -89,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inputs", required=True, nargs="+", metavar="TSV")
     s.add_argument("--out", required=True, metavar="TSV")
 
+    s = p["train-normalisation"]
+    _add_common(s)
+    s.add_argument("--samples", required=True, metavar="TSV",
+                   help="sample sheet: the batch and reference flag of every input")
+    s.add_argument("--inputs", required=True, nargs="+", metavar="H5AD",
+                   help="the reference samples' flow h5ad files")
+    s.add_argument("--model", required=True, metavar="NPZ")
+    s.add_argument("--info", required=True, metavar="JSON")
+
+    s = p["normalise-flow"]
+    _add_common(s)
+    s.add_argument("--input", required=True, metavar="H5AD")
+    s.add_argument("--model", required=True, metavar="NPZ")
+    s.add_argument("--out", required=True, metavar="H5AD")
+    s.add_argument("--samples", metavar="TSV", help="sample sheet giving the sample's batch")
+    s.add_argument("--sample-id", metavar="ID",
+                   help="the sample's row in --samples (default: the id in the h5ad)")
+    s.add_argument("--batch", default=None, help="the sample's batch (instead of --samples)")
+
     s = p["train-flow"]
     _add_common(s)
     s.add_argument("--inputs", required=True, nargs="+", metavar="H5AD")
@@ -105,16 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.add_argument("--samples", required=True, metavar="TSV")
     s.add_argument("--inputs", required=True, nargs="+", metavar="H5AD")
-    s.add_argument("--out", required=True, metavar="TSV")
+    s.add_argument("--out", required=True, metavar="TSV", help="cohort reference gates")
+    s.add_argument("--gates", required=True, metavar="TSV", help="every sample's own gates")
 
     s = p["annotate"]
     _add_common(s)
     s.add_argument("--samples", required=True, metavar="TSV")
     s.add_argument("--sample-id", required=True, metavar="ID")
     s.add_argument("--input", required=True, metavar="H5AD")
-    s.add_argument("--thresholds", required=True, metavar="TSV")
+    s.add_argument("--thresholds", required=True, metavar="TSV", help="cohort reference gates")
+    s.add_argument("--gates", required=True, metavar="TSV", help="every sample's own gates")
     s.add_argument("--out", required=True, metavar="H5AD")
     s.add_argument("--counts", required=True, metavar="TSV", help="per-sample counts table")
+    s.add_argument("--lineage-qc", metavar="TSV",
+                   help="per-sample lineage-gate QC row (lymphocytes by markers, purity)")
 
     s = p["quantify"]
     _add_common(s)
@@ -154,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inputs", required=True, nargs="+", metavar="H5AD")
     s.add_argument("--model", required=True, metavar="NPZ")
     s.add_argument("--info", required=True, metavar="JSON")
+    s.add_argument("--protein-thresholds", default=None, metavar="TSV",
+                   help="write the cohort's CITE-seq protein gates (learned on all samples)")
 
     s = p["map-scrna"]
     _add_common(s)
@@ -168,15 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, metavar="H5AD")
     s.add_argument("--out", required=True, metavar="H5AD")
     s.add_argument("--counts", required=True, metavar="TSV", help="per-sample counts table")
+    s.add_argument("--protein-thresholds", default=None, metavar="TSV",
+                   help="cohort CITE-seq protein gates from train-scrna (default: learned on "
+                        "this sample alone, with a warning)")
     return parser
 
 
 def _cli_check_samples(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .samplesheet import read_sample_sheet
+    from .samplesheet import normalisation_active, read_sample_sheet
 
     config = load_config(args.config)
     sheet = read_sample_sheet(args.samples, panels=list(config.get("panels", {})))
+    method = str((config.get("normalisation") or {}).get("method", "auto"))
+    if normalisation_active(sheet, method=method, path=args.samples):
+        print(f"{args.samples}: batch normalisation on, references: "
+              f"{', '.join(sheet.loc[sheet['reference'], 'sample_id'])}")
     print(f"{args.samples}: {len(sheet)} samples, {sheet['patient_id'].nunique()} patients: ok")
 
 

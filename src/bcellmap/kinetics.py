@@ -24,9 +24,13 @@ For every patient, modality and measure (``b``: all B-lineage events, ``cd19``: 
   ``censored`` (depleted and never reconstituted by ``last_day``).
 - Subsets at reconstitution from that visit; ``memory`` = unswitched + switched memory;
   ``memory_dominant_return`` when memory > naive.
-- ``cd19_cd20_discordance`` (on every row of the patient and modality): a visit with at
-  least ``discordance.min_b_cells`` B events of which at least ``discordance.fraction_b``
-  are CD19-CD20+, or CD20 reconstituting before (or without) CD19: CD19 masking or escape.
+- ``cd19_cd20_discordance`` (on every row of the patient and modality): a visit whose
+  CD19-CD20+ share of B events is above ``discordance.fraction_b`` with one-sided
+  ``discordance.confidence`` (the exact Clopper-Pearson lower bound of k CD19-CD20+ out of
+  n B events exceeds it; n >= ``discordance.min_b_cells``), or CD20 reconstituting before
+  (or without) CD19: CD19 masking or escape. Masking happens when B cells are rare, so the
+  flag rests on the confidence bound, not on a large event minimum: 22 of 23 B events
+  CD19-CD20+ is flagged (lower bound 0.81), 1 of 3 is not.
 
 The cohort table (tidy: statistic, modality, measure, value, n, detail) has aplasia
 duration (mean, SD, median, range) over patients with an observed reconstitution, a
@@ -74,7 +78,8 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
                            "pct_lymphocytes": float(reconstitution.get("pct_lymphocytes",
                                                                        1.0))},
         "discordance_fraction": float(discordance.get("fraction_b", 0.2)),
-        "discordance_min_b": float(discordance.get("min_b_cells", 50)),
+        "discordance_min_b": float(discordance.get("min_b_cells", 3)),
+        "discordance_confidence": float(discordance.get("confidence", 0.95)),
         "km_days": [int(d) for d in settings.get("km_days", [90, 180, 365])],
     }
 
@@ -224,14 +229,33 @@ def patient_kinetics(table: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.Da
 
 
 def _discordant_visits(visits: pd.DataFrame, settings: Mapping[str, Any]) -> list[str]:
-    """``cd19_cd20_discordance`` when a visit has many CD19-CD20+ among enough B events."""
+    """``cd19_cd20_discordance`` when a visit's CD19-CD20+ share is confidently high."""
     b_cells = _column(visits, "b_cells")
     cd19neg = _column(visits, "cd19neg_cd20pos")
+    bound = discordance_lower_bound(cd19neg, b_cells,
+                                    confidence=settings["discordance_confidence"])
     enough = b_cells >= settings["discordance_min_b"]
-    share = cd19neg / b_cells.where(b_cells > 0)
-    if bool((enough & (share >= settings["discordance_fraction"])).any()):
+    if bool((enough & (bound > settings["discordance_fraction"])).any()):
         return ["cd19_cd20_discordance"]
     return []
+
+
+def discordance_lower_bound(cd19neg_cd20pos: pd.Series, b_cells: pd.Series, *,
+                            confidence: float = 0.95) -> pd.Series:
+    """One-sided exact (Clopper-Pearson) lower confidence bound of k / n per visit.
+
+    NaN where n is 0 or missing; 0 where k is 0.
+    """
+    from scipy.stats import beta
+
+    k = pd.to_numeric(cd19neg_cd20pos, errors="coerce").astype(float)
+    n = pd.to_numeric(b_cells, errors="coerce").astype(float)
+    valid = (n > 0) & k.notna() & (k >= 0) & (k <= n)
+    out = pd.Series(np.nan, index=k.index)
+    positive = valid & (k > 0)
+    out[valid & (k == 0)] = 0.0
+    out[positive] = beta.ppf(1.0 - confidence, k[positive], n[positive] - k[positive] + 1.0)
+    return out
 
 
 def _row(patient: str, modality: str, measure: str, unit: str, result: Mapping[str, Any],

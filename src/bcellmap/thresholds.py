@@ -1,10 +1,10 @@
-"""Positive/negative (and high) marker thresholds, learned once on the pooled cohort.
+"""The 1-D threshold learner, the thresholds tables and ``bcellmap thresholds``.
 
 A threshold placed per sample would invent positives: in B-cell aplasia a sample has no
 CD19+ population, and a two-population model fitted to that sample alone splits its
 negative peak in two. Thresholds are therefore learned on a pool (the whole cohort, the
 baseline samples, or each batch; ``annotate.thresholds.method``) made of an equal-sized,
-seeded subsample of every sample, and the same values are applied to every sample.
+seeded subsample of every sample, and mapped onto every sample through its registration.
 
 Learning, per marker (``learn_marker_threshold``):
 
@@ -18,11 +18,10 @@ Learning, per marker (``learn_marker_threshold``):
    threshold is the upper tail of the single population: median + ``fallback_sd`` robust
    standard deviations (1.4826 x MAD), which calls almost nothing positive.
 
-The "hi" level of CD24, CD38 and CD27 (markers used with ``hi`` in the subset rules) is
-learned on a second pool: B-lineage events (CD3- and CD19+ or CD20+ by the first-level
-thresholds) that are positive for the marker; the valley between the positive and the
-bright population, or, without one, the positive population's median + ``hi_fallback_sd``
-robust standard deviations. Fixed values from ``annotate.thresholds.fixed`` (positive
+Where each threshold is learned (the parent population of every gate), how visits are
+registered onto each other before pooling, and the "hi" levels: ``bcellmap.gating``.
+``bcellmap thresholds`` writes the cohort's reference gates (``thresholds.tsv``) and every
+sample's own gates (``gates.tsv``). Fixed values from ``annotate.thresholds.fixed`` (positive
 level) and ``annotate.thresholds.fixed_hi`` (hi level) override learning.
 """
 
@@ -32,7 +31,7 @@ import argparse
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +77,63 @@ def _robust_sd(values: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(values - median)))
 
 
+def _density(values: np.ndarray, *, bins: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
+    """Smoothed, normalised histogram density of finite ``values`` and its bin centres.
+
+    The histogram spans the 0.1-99.9 percentile range; the Gaussian kernel's width follows
+    Silverman's rule on the inter-quartile range, halved (the IQR of a bimodal pool
+    overstates each mode). None when nearly all values are tied.
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    n = values.size
+    lo, hi = np.quantile(values, [0.001, 0.999])
+    if not hi > lo:
+        return None
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    width = edges[1] - edges[0]
+    q25, q75 = np.quantile(values, [0.25, 0.75])
+    spread = (q75 - q25) / 1.34
+    if not spread > 0:
+        spread = float(np.std(values)) or width
+    bandwidth = 0.5 * 0.9 * spread * n ** (-0.2)
+    density = gaussian_filter1d(counts.astype(np.float64), sigma=max(bandwidth / width, 1.0),
+                                mode="constant")
+    return density / density.sum(), centres
+
+
+def _deepest_valley(density: np.ndarray, *, min_peak_fraction: float,
+                    min_log_depth: float) -> tuple[int, int, int] | None:
+    """(valley, lower peak, upper peak) bins of the deepest valley beside the highest peak.
+
+    The other peak must make a valley at least ``min_log_depth`` deep (log of the lower
+    peak's density over the valley's) and hold ``min_peak_fraction`` of the mass.
+    """
+    from scipy.signal import find_peaks
+
+    peaks, _ = find_peaks(np.concatenate(([0.0], density, [0.0])))
+    peaks = peaks - 1
+    if peaks.size < 2:
+        return None
+    top = int(peaks[np.argmax(density[peaks])])
+    best: tuple[float, int, int, int] | None = None
+    for other in peaks:
+        other = int(other)
+        if other == top:
+            continue
+        left, right = sorted((top, other))
+        valley = left + int(np.argmin(density[left:right + 1]))
+        floor = max(float(density[valley]), 1e-12)
+        depth = math.log(min(density[top], density[other]) / floor)
+        # Mass of the smaller population: the side of the valley that holds `other`.
+        side = density[valley + 1:] if other > top else density[:valley]
+        if depth >= min_log_depth and side.sum() >= min_peak_fraction:
+            if best is None or depth > best[0]:
+                best = (depth, valley, left, right)
+    return None if best is None else best[1:]
+
+
 def learn_marker_threshold(
     values: np.ndarray,
     *,
@@ -108,56 +164,60 @@ def learn_marker_threshold(
     -------
     ThresholdFit
     """
-    from scipy.ndimage import gaussian_filter1d
-    from scipy.signal import find_peaks
-
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     n = int(values.size)
     if n < min_events:
         return ThresholdFit(float("nan"), "insufficient_events", n)
-    lo, hi = np.quantile(values, [0.001, 0.999])
-    if not hi > lo:
+    estimate = _density(values, bins=bins)
+    if estimate is None:
         # Nearly all values tied (e.g. an instrument floor at 0): "pos" is ">=", so the
         # threshold sits just above the tie, never on it.
-        return ThresholdFit(float(np.nextafter(lo, np.inf)), "upper_tail", n)
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    width = edges[1] - edges[0]
-    q25, q75 = np.quantile(values, [0.25, 0.75])
-    spread = (q75 - q25) / 1.34
-    if not spread > 0:
-        spread = float(np.std(values)) or width
-    # Silverman's rule on the IQR, halved: the IQR of a bimodal pool overstates each mode.
-    bandwidth = 0.5 * 0.9 * spread * n ** (-0.2)
-    density = gaussian_filter1d(counts.astype(np.float64), sigma=max(bandwidth / width, 1.0),
-                                mode="constant")
-    density /= density.sum()
-    peaks, _ = find_peaks(np.concatenate(([0.0], density, [0.0])))
-    peaks = peaks - 1
-    if peaks.size >= 2:
-        top = int(peaks[np.argmax(density[peaks])])
-        best: tuple[float, int] | None = None
-        for other in peaks:
-            other = int(other)
-            if other == top:
-                continue
-            left, right = sorted((top, other))
-            valley = left + int(np.argmin(density[left:right + 1]))
-            floor = max(float(density[valley]), 1e-12)
-            depth = math.log(min(density[top], density[other]) / floor)
-            # Mass of the smaller population: the side of the valley that holds `other`.
-            side = density[valley + 1:] if other > top else density[:valley]
-            if depth >= min_log_depth and side.sum() >= min_peak_fraction:
-                if best is None or depth > best[0]:
-                    best = (depth, valley)
-        if best is not None:
-            return ThresholdFit(float(centres[best[1]]), "valley", n)
+        return ThresholdFit(float(np.nextafter(np.quantile(values, 0.001), np.inf)),
+                            "upper_tail", n)
+    density, centres = estimate
+    valley = _deepest_valley(density, min_peak_fraction=min_peak_fraction,
+                             min_log_depth=min_log_depth)
+    if valley is not None:
+        return ThresholdFit(float(centres[valley[0]]), "valley", n)
     median = float(np.median(values))
     robust_sd = _robust_sd(values)
     if not robust_sd > 0:  # over half the values tied: stay above the tie
         return ThresholdFit(float(np.nextafter(median, np.inf)), "upper_tail", n)
     return ThresholdFit(median + fallback_sd * robust_sd, "upper_tail", n)
+
+
+def find_modes(values: np.ndarray, *, bins: int = 256, min_peak_fraction: float = 0.002,
+               min_log_depth: float = math.log(2.0)) -> tuple[float, tuple[float, float]] | None:
+    """The deepest valley of ``values`` and the density modes on either side of it.
+
+    Returns ``(valley, (lower mode, upper mode))``, or None for a unimodal sample.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    estimate = _density(values, bins=bins) if values.size else None
+    if estimate is None:
+        return None
+    density, centres = estimate
+    found = _deepest_valley(density, min_peak_fraction=min_peak_fraction,
+                            min_log_depth=min_log_depth)
+    if found is None:
+        return None
+    valley = found[0]
+    low = int(np.argmax(density[:valley + 1]))
+    high = valley + int(np.argmax(density[valley:]))
+    return float(centres[valley]), (float(centres[low]), float(centres[high]))
+
+
+def density_mode(values: np.ndarray, *, bins: int = 256) -> float:
+    """The highest point of the smoothed density of ``values`` (the median when tied)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    estimate = _density(values, bins=bins) if values.size else None
+    if estimate is None:
+        return float(np.median(values)) if values.size else float("nan")
+    density, centres = estimate
+    return float(centres[int(np.argmax(density))])
 
 
 def _marker_columns(adata: Any, markers: Iterable[str]) -> dict[str, np.ndarray]:
@@ -184,7 +244,6 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
     settings.setdefault("fixed_hi", {})
     settings.setdefault("events_per_sample", 5000)
     settings.setdefault("fallback_sd", 4.0)
-    settings.setdefault("hi_fallback_sd", 2.0)
     settings.setdefault("min_peak_fraction", 0.002)
     if settings["method"] not in ("pooled", "baseline", "batch"):
         raise ConfigError(f"annotate.thresholds.method {settings['method']!r}: expected "
@@ -197,135 +256,6 @@ def _subsample(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     if n <= size:
         return np.arange(n)
     return np.sort(rng.choice(n, size=size, replace=False))
-
-
-def _b_lineage(columns: Mapping[str, np.ndarray], positive: Mapping[str, float]) -> np.ndarray:
-    """CD3- and (CD19+ or CD20+) by the given thresholds (the cell-type rule for B)."""
-    n = len(next(iter(columns.values())))
-    b_marker = np.zeros(n, dtype=bool)
-    for marker in ("CD19", "CD20"):
-        if marker in columns and np.isfinite(positive.get(marker, np.nan)):
-            b_marker |= columns[marker] >= positive[marker]
-    if "CD3" in columns and np.isfinite(positive.get("CD3", np.nan)):
-        b_marker &= columns["CD3"] < positive["CD3"]
-    return b_marker
-
-
-def learn_thresholds(
-    samples: Mapping[str, Any] | Sequence[tuple[str, Any]],
-    *,
-    markers: Sequence[str],
-    hi_markers: Sequence[str],
-    config: Mapping[str, Any],
-    group: str = ALL_SAMPLES,
-) -> pd.DataFrame:
-    """Learn positive and hi thresholds on a pool of samples.
-
-    Parameters
-    ----------
-    samples
-        ``sample_id -> AnnData`` (or a callable returning one, so files are read one at a
-        time; each is opened twice). Each provides ``X`` and ``var["canonical"]``.
-    markers
-        Canonical markers that get a positive threshold.
-    hi_markers
-        Markers that also get a hi threshold (learned on the B-lineage pool).
-    config
-        The merged config (``seed`` and ``annotate.thresholds``).
-    group
-        Name written in the ``group`` column (``all`` or a batch name).
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``THRESHOLD_COLUMNS``, one row per marker and level.
-    """
-    settings = _settings(config)
-    seed = int(config.get("seed", 0))
-    per_sample = int(settings["events_per_sample"])
-    items = sorted(dict(samples).items())
-    wanted = list(dict.fromkeys([*markers, *hi_markers]))
-
-    def _load(item: Any) -> Any:
-        return item() if callable(item) else item
-
-    # Pass 1: equal-per-sample subsample of all events; one seed stream per sample, in
-    # sample_id order, so the pool does not depend on the order of the inputs.
-    streams = np.random.SeedSequence(seed).spawn(len(items))
-    pool: dict[str, list[np.ndarray]] = {m: [] for m in wanted}
-    seen: dict[str, int] = {m: 0 for m in wanted}
-    for (sample_id, item), stream in zip(items, streams, strict=True):
-        columns = _marker_columns(_load(item), wanted)
-        if not columns:
-            continue
-        n = len(next(iter(columns.values())))
-        keep = _subsample(n, per_sample, np.random.default_rng(stream))
-        for marker, column in columns.items():
-            pool[marker].append(column[keep])
-            seen[marker] += 1
-        log.debug("%s: %d of %d events pooled", sample_id, keep.size, n)
-
-    fixed = {str(k): float(v) for k, v in dict(settings["fixed"]).items()}
-    fixed_hi = {str(k): float(v) for k, v in dict(settings["fixed_hi"]).items()}
-    rows = []
-    positive: dict[str, float] = {}
-    for marker in wanted:
-        values = np.concatenate(pool[marker]) if pool[marker] else np.empty(0)
-        if marker in fixed:
-            fit = ThresholdFit(fixed[marker], "fixed", int(values.size))
-        elif values.size == 0:
-            continue  # no sample has this marker: rules using it cannot be called
-        else:
-            fit = learn_marker_threshold(values, fallback_sd=float(settings["fallback_sd"]),
-                                         min_peak_fraction=float(settings["min_peak_fraction"]))
-        positive[marker] = fit.threshold
-        rows.append((group, marker, "pos", fit.threshold, fit.method, fit.n_events,
-                     seen[marker], "all_events"))
-        log.info("%s %s pos: %.3f (%s, %d events)", group, marker, fit.threshold, fit.method,
-                 fit.n_events)
-
-    # Pass 2: hi levels on B-lineage events positive for the marker.
-    hi_wanted = [m for m in hi_markers if m in positive]
-    if hi_wanted:
-        hi_pool: dict[str, list[np.ndarray]] = {m: [] for m in hi_wanted}
-        streams = np.random.SeedSequence([seed, 1]).spawn(len(items))
-        for (_, item), stream in zip(items, streams, strict=True):
-            columns = _marker_columns(_load(item), wanted)
-            if not columns:
-                continue
-            b_rows = np.flatnonzero(_b_lineage(columns, positive))
-            b_rows = b_rows[_subsample(b_rows.size, per_sample, np.random.default_rng(stream))]
-            for marker in hi_wanted:
-                if marker in columns:
-                    values = columns[marker][b_rows]
-                    hi_pool[marker].append(values[values >= positive[marker]])
-        for marker in hi_wanted:
-            values = np.concatenate(hi_pool[marker]) if hi_pool[marker] else np.empty(0)
-            if marker in fixed_hi:
-                fit = ThresholdFit(fixed_hi[marker], "fixed", int(values.size))
-            else:
-                fit = _learn_hi(values, floor=positive[marker],
-                                fallback_sd=float(settings["hi_fallback_sd"]),
-                                min_peak_fraction=float(settings["min_peak_fraction"]))
-            rows.append((group, marker, "hi", fit.threshold, fit.method, fit.n_events,
-                         seen[marker], "b_lineage_positive"))
-            log.info("%s %s hi: %.3f (%s, %d events)", group, marker, fit.threshold,
-                     fit.method, fit.n_events)
-    return pd.DataFrame(rows, columns=list(THRESHOLD_COLUMNS))
-
-
-def _learn_hi(values: np.ndarray, *, floor: float, fallback_sd: float,
-              min_peak_fraction: float) -> ThresholdFit:
-    """Hi level within the positive events: a valley above ``floor``, else an upper tail."""
-    fit = learn_marker_threshold(values, fallback_sd=fallback_sd,
-                                 min_peak_fraction=min_peak_fraction)
-    if fit.method == "valley" and fit.threshold > floor:
-        return fit
-    if fit.method == "insufficient_events":
-        return fit
-    median = float(np.median(values))
-    return ThresholdFit(max(median + fallback_sd * _robust_sd(values), floor), "upper_tail",
-                        fit.n_events)
 
 
 def thresholds_for(table: pd.DataFrame, group: str) -> dict[str, dict[str, float]]:
@@ -344,14 +274,18 @@ def thresholds_for(table: pd.DataFrame, group: str) -> dict[str, dict[str, float
     return out
 
 
-def read_thresholds(path: str | os.PathLike) -> pd.DataFrame:
-    """Read ``thresholds.tsv``, checking its columns."""
+def read_thresholds(path: str | os.PathLike, *,
+                    required: tuple[str, ...] = ("group", "marker", "level", "threshold")
+                    ) -> pd.DataFrame:
+    """Read ``thresholds.tsv`` (or ``gates.tsv``), checking the ``required`` columns."""
     try:
         table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""],
-                            dtype={"group": str, "marker": str, "level": str})
+                            dtype={"group": str, "marker": str, "level": str,
+                                   "sample_id": str, "flag": str, "method": str,
+                                   "parent": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise InputError(f"cannot read the thresholds table ({exc})", path=path) from None
-    missing = [c for c in ("group", "marker", "level", "threshold") if c not in table.columns]
+    missing = [c for c in required if c not in table.columns]
     if missing:
         raise InputError(f"thresholds table lacks columns {', '.join(missing)}", path=path)
     return table
@@ -366,22 +300,30 @@ def threshold_group(row: Mapping[str, Any], method: str) -> str:
 
 
 def cli_thresholds(args: argparse.Namespace) -> None:
-    """``bcellmap thresholds``: learn thresholds on the mapped samples -> thresholds.tsv."""
+    """``bcellmap thresholds``: learn the gates on the mapped samples.
+
+    Writes the cohort's reference gates (``--out``, ``THRESHOLD_COLUMNS``) and every
+    sample's own gates (``--gates``, ``gating.GATE_COLUMNS``), which ``annotate`` applies.
+    """
     import anndata as ad
 
     from ._io import write_tsv
     from .annotate import load_subset_rules
     from .config import load_config
+    from .gating import GatingSettings, learn_gates
     from .samplesheet import read_sample_sheet
 
     config = load_config(args.config)
     settings = _settings(config)
     sheet = read_sample_sheet(args.samples, check_files=False)
     rules = load_subset_rules(config)
-    subset_markers = [m for rule in rules for m in rule.levels]
+    pos_markers = list(dict.fromkeys(
+        [*LINEAGE_MARKERS, *(m for rule in rules for m, lv in rule.levels.items()
+                             if lv in ("neg", "pos"))]))
     hi_markers = list(dict.fromkeys(m for rule in rules for m, lv in rule.levels.items()
                                     if lv in ("hi", "lo")))
-    markers = list(dict.fromkeys([*LINEAGE_MARKERS, *subset_markers]))
+    # The lymphocyte gate uses these where the panel has them (see annotate).
+    pos_markers += [m for m in ("CD45", "CD14", "CD56", "CD16") if m not in pos_markers]
 
     paths: dict[str, Path] = {}
     for path in map(Path, args.inputs):
@@ -400,21 +342,25 @@ def cli_thresholds(args: argparse.Namespace) -> None:
                                  sample_id=sample_id) from None
         return _read
 
-    groups: dict[str, dict[str, Any]] = {}
-    for sample_id, path in paths.items():
-        row = sheet.loc[sample_id]
-        if settings["method"] == "baseline":
-            if int(row["day"]) > 0:
-                continue
-            group = ALL_SAMPLES
-        else:
-            group = threshold_group(row, settings["method"])
-        groups.setdefault(group, {})[sample_id] = _reader(path, sample_id)
-    if not groups:
+    groups = {s: threshold_group(sheet.loc[s], settings["method"]) for s in paths}
+    learners = set(paths)
+    if settings["method"] == "baseline":
+        learners = {s for s in paths if int(sheet.loc[s, "day"]) <= 0}
+    if not learners:
         raise InputError("no sample to learn thresholds on (method "
                          f"{settings['method']!r}: baseline needs samples with day <= 0)",
                          path=args.samples)
-    tables = [learn_thresholds(members, markers=markers, hi_markers=hi_markers, config=config,
-                               group=group)
-              for group, members in sorted(groups.items())]
-    write_tsv(pd.concat(tables, ignore_index=True), args.out)
+    cohort, gates = learn_gates({s: _reader(p, s) for s, p in paths.items()},
+                                pos_markers=pos_markers, hi_markers=hi_markers,
+                                settings=GatingSettings.from_config(config),
+                                seed=int(config.get("seed", 0)), groups=groups,
+                                learners=learners)
+    for row in gates[gates["flag"].astype(str) != ""].itertuples(index=False):
+        log.warning("%s: gate %s %s (%s) flagged %s: %s on %d parent events", row.sample_id,
+                    row.marker, row.level, row.parent, row.flag, row.method, row.n_events)
+    write_tsv(cohort, args.out)
+    try:
+        write_tsv(gates, args.gates)
+    except BaseException:
+        Path(args.out).unlink(missing_ok=True)  # the two outputs are all-or-nothing
+        raise

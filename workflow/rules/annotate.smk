@@ -1,11 +1,13 @@
-# Annotation: marker thresholds learned once on the pooled cohort, applied to every sample.
+# Annotation: hierarchical gates learned on the registered, pooled cohort (bcellmap.gating),
+# mapped onto every sample's own scale, then applied per sample.
 
 
 rule thresholds:
     input:
         expand("results/mapped/{sample_id}.h5ad", sample_id=FLOW_SAMPLES),
     output:
-        "results/models/thresholds.tsv",
+        cohort="results/models/thresholds.tsv",
+        gates="results/models/gates.tsv",
     params:
         config=CONFIG_FILE,
         sheet=SAMPLE_SHEET,
@@ -16,16 +18,18 @@ rule thresholds:
         CONDA_ENV
     shell:
         "bcellmap thresholds --config {params.config} --samples {params.sheet}"
-        " --inputs {input} --out {output} 2> {log}"
+        " --inputs {input} --out {output.cohort} --gates {output.gates} 2> {log}"
 
 
 rule annotate:
     input:
         h5ad="results/mapped/{sample_id}.h5ad",
         thresholds="results/models/thresholds.tsv",
+        gates="results/models/gates.tsv",
     output:
         h5ad="results/annotated/{sample_id}.h5ad",
         counts="results/counts/{sample_id}.tsv",
+        lineage_qc="results/qc/{sample_id}.lineage.tsv",
     params:
         config=CONFIG_FILE,
         sheet=SAMPLE_SHEET,
@@ -39,4 +43,5 @@ rule annotate:
     shell:
         "bcellmap annotate --config {params.config} --samples {params.sheet}"
         " --sample-id {wildcards.sample_id} --input {input.h5ad}"
-        " --thresholds {input.thresholds} --out {output.h5ad} --counts {output.counts} 2> {log}"
+        " --thresholds {input.thresholds} --gates {input.gates} --out {output.h5ad}"
+        " --counts {output.counts} --lineage-qc {output.lineage_qc} 2> {log}"

@@ -92,7 +92,10 @@ def counts_tables(wildcards=None) -> list[str]:
 
 
 def qc_tables(wildcards=None) -> list[str]:
-    return [f"results/qc/{sample_id}.tsv" for sample_id in samples["sample_id"]]
+    """Per-sample QC tables, and the lineage-gate row (lymphocytes by markers) of flow ones."""
+    return [f"results/qc/{sample_id}.tsv" for sample_id in samples["sample_id"]] + [
+        f"results/qc/{sample_id}.lineage.tsv" for sample_id in FLOW_SAMPLES
+    ]
 
 
 def report_figures() -> list[str]:
@@ -106,7 +109,14 @@ def report_figures() -> list[str]:
     ]
     if FLOW_SAMPLES:
         stems += ["cluster_heatmap", "embedding"]
+        # Gates: one figure per patient with flow samples.
+        stems += [f"gates_{patient}" for patient in _flow_patients()]
     return [f"results/report/{stem}.{ext}" for stem in stems for ext in ("png", "svg")]
+
+
+def _flow_patients() -> list[str]:
+    """Patients with at least one flow sample (each gets results/report/gates_{patient})."""
+    return sorted(samples.loc[samples["modality"] == "flow", "patient_id"].unique())
 
 
 def all_targets() -> list[str]:
@@ -149,6 +159,10 @@ def report_outputs() -> list:
         figure = report(f"results/report/patient_{patient}.png", caption="../report/patient.rst",
                         category="Patients", labels={"patient": patient})
         outputs.append(figure)
+    for patient in _flow_patients():
+        figure = report(f"results/report/gates_{patient}.png", caption="../report/gates.rst",
+                        category="Gates", labels={"patient": patient})
+        outputs.append(figure)
     for stem, (category, caption) in _FIGURES.items():
         path = f"results/report/{stem}.png"
         if path in report_figures():
@@ -157,3 +171,41 @@ def report_outputs() -> list:
             outputs.append(figure)
     outputs += [path for path in report_figures() if path.endswith(".svg")]
     return outputs
+
+
+# Reference-sample batch normalisation (normalise.smk): on for normalisation.method
+# "reference", or "auto" with a reference marked in the sheet; then every batch of flow
+# samples needs a reference, checked here before any job runs.
+from bcellmap.samplesheet import normalisation_active  # noqa: E402
+
+try:
+    NORMALISE = normalisation_active(
+        samples, method=config["normalisation"]["method"], path=SAMPLE_SHEET
+    )
+except BcellmapError as error:
+    raise WorkflowError(str(error)) from None
+REFERENCE_SAMPLES = samples.loc[
+    (samples["modality"] == "flow") & samples["reference"].astype(bool), "sample_id"
+].tolist()
+
+
+def reference_h5ads(wildcards=None) -> list[str]:
+    """The references' ingested flow files, which train the normalisation."""
+    return [f"results/flow/{sample_id}.h5ad" for sample_id in REFERENCE_SAMPLES]
+
+
+def reference_batches() -> list[list[str]]:
+    """[sample_id, batch] of each reference; as a param, editing them retrains."""
+    return [[s, samples.loc[s, "batch"]] for s in REFERENCE_SAMPLES]
+
+
+def flow_h5ad(wildcards) -> str:
+    """The flow file clustering reads: normalised when normalisation is on."""
+    folder = "normalised" if NORMALISE else "flow"
+    return f"results/{folder}/{wildcards.sample_id}.h5ad"
+
+
+def flow_h5ads(wildcards=None) -> list[str]:
+    """flow_h5ad of every flow sample (train_flow's input)."""
+    folder = "normalised" if NORMALISE else "flow"
+    return [f"results/{folder}/{sample_id}.h5ad" for sample_id in FLOW_SAMPLES]

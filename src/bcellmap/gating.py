@@ -1,0 +1,733 @@
+"""Hierarchical gates learned inside their parent populations, aligned between visits.
+
+Immunologists gate a B-cell panel as a hierarchy (openCyto's B-cell template does the
+same): lymphocytes -> CD3- -> CD19+/CD20+ B cells -> IgD x CD27 quadrants and CD24 x CD38
+on B cells. A gate learned on all events lands on whatever population dominates the pool:
+an IgD threshold learned on lymphocytes falls inside the T cells' IgD-negative peak and
+calls every B cell IgD+. Here each gate is learned on its parent only:
+
+========== ============================================ ===================================
+stage      parent population                            positive gates learned there
+========== ============================================ ===================================
+lymphocyte every QC-passed (scatter-gated) event        CD3, CD45, CD14
+cd3neg     CD3- events of the stage above               CD19, CD20, CD56, CD16
+b_cells    CD3- and (CD19+ or CD20+)                    subset markers (IgD, CD27, ...)
+naive_b    B cells IgD+ CD27- (naive and transitional)  "hi" of naive-referenced markers
+========== ============================================ ===================================
+
+**Drift between visits** (landmark registration in the spirit of flowStats' gaussNorm).
+Visits months apart differ in staining and instrument gain: 20-40% brightness per marker
+is ordinary. For every marker and sample, the peaks of the parent population's density
+are found (``find_landmarks``): the negative and the positive mode where the sample has
+both, else its single mode. The cohort reference landmarks are the medians over the
+samples that show both peaks. Each sample is registered onto them by the linear map that
+sends its two modes onto the reference modes (one mode: a shift), the gate is learned
+once on the pooled, registered values (``bcellmap.thresholds.learn_marker_threshold``:
+density valley, upper-tail fallback), and mapped back onto every sample's own scale. A
+single mode is matched to the nearer reference landmark, so a B-cell-aplastic sample,
+which has no CD19+ peak, is only shifted by its negative peak: its gate is never placed
+on its own negative peak and it gains no B cells. A two-peak sample whose peak distance
+differs from the reference by more than ``max_stretch`` is registered by its dominant
+peak only. Registration is the gate's ``method`` suffix (``valley/aligned2``,
+``valley/aligned1``, ``valley/unaligned``).
+
+**Hi levels.** ``annotate.gating.hi_method`` chooses per marker:
+
+- ``naive_reference`` (CD24, CD38 by default: continuous on B cells, no valley): the gate
+  sits ``naive_sd`` robust SDs above the mode of the sample's own naive B cells (IgD+
+  CD27-), the SD measured on the upper side of the naive peak among the cells outside
+  the CD24hi CD38hi box (``naive_referenced_gates``). It depends on the sample alone, not
+  on which visits are in the cohort, and follows the sample's drift. A sample with fewer
+  than ``min_reference_events`` naive B cells gets the cohort median (flagged).
+- ``positive_mode`` (CD27 and any other marker): the mode of the sample's positive
+  population (plasmablasts are CD27hi: at least as bright as the typical memory B cell);
+  a sample without its own positive peak uses the cohort's, registered.
+
+**Flags.** A gate that is not a valley (``upper_tail``), that could not be learned
+(``insufficient_events``), or that had too few parent events in the sample to be placed
+from the sample itself (``few_events``), that was placed from the T cells
+(``negative_reference``) or at the cohort's positive mode for want of the sample's own
+(``cohort_positive_mode``) carries a ``flag``; flags of gates whose parent
+holds at least ``flag_min_events`` events are reported per sample (``gate_flags``) and
+in the logs. ``annotate.thresholds.fixed`` / ``fixed_hi`` set a gate on the data scale
+of every sample (no registration; method ``fixed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .thresholds import (
+    ALL_SAMPLES,
+    ThresholdFit,
+    _marker_columns,
+    _subsample,
+    density_mode,
+    find_modes,
+    learn_marker_threshold,
+)
+
+log = logging.getLogger(__name__)
+
+#: Stages of the gating hierarchy, in order, and their parent population.
+STAGES = ("lymphocyte", "cd3neg", "b_cells", "naive_b")
+PARENT_NAMES = {"lymphocyte": "lymphocytes", "cd3neg": "cd3neg_lymphocytes",
+                "b_cells": "b_cells", "naive_b": "naive_b"}
+_LYMPHOCYTE_STAGE_MARKERS = ("CD3", "CD45", "CD14")
+_CD3NEG_STAGE_MARKERS = ("CD19", "CD20", "CD56", "CD16")
+#: Columns of results/models/gates.tsv (one row per sample, marker and level).
+GATE_COLUMNS = ("sample_id", "group", "marker", "level", "threshold", "parent", "method",
+                "n_events", "flag", "negative_landmark", "positive_landmark")
+#: Methods that are a learned, sample-supported gate (anything else is flagged).
+_UNFLAGGED = ("valley", "fixed", "naive_reference", "positive_mode")
+
+
+@dataclass(frozen=True)
+class GatingSettings:
+    """Settings of ``annotate.thresholds`` and ``annotate.gating`` (see config/README.md)."""
+
+    events_per_sample: int = 5000
+    fallback_sd: float = 4.0
+    min_peak_fraction: float = 0.002
+    fixed: Mapping[str, float] = field(default_factory=dict)
+    fixed_hi: Mapping[str, float] = field(default_factory=dict)
+    min_landmark_events: int = 100
+    min_positive_events: int = 20
+    min_positive_fraction: float = 0.005
+    max_stretch: float = 1.6
+    naive_sd: float = 2.0
+    min_reference_events: int = 100
+    flag_min_events: int = 20
+    hi_method: Mapping[str, str] = field(
+        default_factory=lambda: {"CD24": "naive_reference", "CD38": "naive_reference"})
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> GatingSettings:
+        annotate = config.get("annotate", {})
+        thresholds = dict(annotate.get("thresholds", {}))
+        gating = dict(annotate.get("gating", {}) or {})
+        default = cls()
+        hi_method = dict(default.hi_method)
+        hi_method.update({str(k): str(v) for k, v in dict(gating.get("hi_method") or {}).items()})
+        for marker, method in hi_method.items():
+            if method not in ("naive_reference", "positive_mode"):
+                from .errors import ConfigError
+
+                raise ConfigError(f"annotate.gating.hi_method.{marker}: {method!r}; expected "
+                                  "naive_reference or positive_mode")
+        return cls(
+            events_per_sample=int(thresholds.get("events_per_sample", default.events_per_sample)),
+            fallback_sd=float(thresholds.get("fallback_sd", default.fallback_sd)),
+            min_peak_fraction=float(thresholds.get("min_peak_fraction",
+                                                   default.min_peak_fraction)),
+            fixed={str(k): float(v) for k, v in dict(thresholds.get("fixed") or {}).items()},
+            fixed_hi={str(k): float(v)
+                      for k, v in dict(thresholds.get("fixed_hi") or {}).items()},
+            min_landmark_events=int(gating.get("min_landmark_events",
+                                               default.min_landmark_events)),
+            min_positive_events=int(gating.get("min_positive_events",
+                                               default.min_positive_events)),
+            min_positive_fraction=float(gating.get("min_positive_fraction",
+                                                   default.min_positive_fraction)),
+            max_stretch=float(gating.get("max_stretch", default.max_stretch)),
+            naive_sd=float(gating.get("naive_sd", default.naive_sd)),
+            min_reference_events=int(gating.get("min_reference_events",
+                                                default.min_reference_events)),
+            flag_min_events=int(gating.get("flag_min_events", default.flag_min_events)),
+            hi_method=hi_method,
+        )
+
+
+# --------------------------------------------------------------------------- landmarks
+
+
+@dataclass(frozen=True)
+class Landmarks:
+    """Density modes of one marker in one sample's parent population.
+
+    ``low``/``high`` are the negative and positive modes when the sample shows both
+    populations; otherwise ``low`` is the single mode and ``high`` is None.
+    """
+
+    low: float
+    high: float | None
+    n_events: int
+    high_share: float = 0.0
+
+
+def find_landmarks(values: np.ndarray, *, min_events: int = 100, min_positive_events: int = 20,
+                   min_positive_fraction: float = 0.005,
+                   min_peak_fraction: float = 0.002) -> Landmarks | None:
+    """Negative and positive density modes of one marker in one sample.
+
+    Parameters
+    ----------
+    values
+        The marker's transformed values in the sample's parent population.
+    min_events
+        Fewer finite values: no landmarks (None).
+    min_positive_events, min_positive_fraction
+        The smaller side of the sample's own valley must hold at least this many events
+        and this share of the parent to count as a second population.
+    min_peak_fraction
+        Passed to the valley finder.
+
+    Returns
+    -------
+    Landmarks or None
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    n = int(values.size)
+    if n < min_events:
+        return None
+    modes = find_modes(values, min_peak_fraction=min_peak_fraction)
+    if modes is not None:
+        valley, (low, high) = modes
+        above = int((values >= valley).sum())
+        smaller = min(above, n - above)
+        if smaller >= max(min_positive_events, min_positive_fraction * n):
+            return Landmarks(low, high, n, above / n)
+    return Landmarks(density_mode(values), None, n)
+
+
+@dataclass(frozen=True)
+class _Registration:
+    """x_reference = reference_low + (x - low) * scale; ``kind`` aligned2/aligned1/unaligned."""
+
+    low: float
+    reference_low: float
+    scale: float
+    kind: str
+
+    def forward(self, x: np.ndarray | float) -> np.ndarray | float:
+        return self.reference_low + (x - self.low) * self.scale
+
+    def inverse(self, x: float) -> float:
+        return self.low + (x - self.reference_low) / self.scale
+
+
+_IDENTITY = _Registration(0.0, 0.0, 1.0, "unaligned")
+
+
+def _register(landmarks: Mapping[str, Landmarks | None], *, max_stretch: float
+              ) -> tuple[dict[str, _Registration], float | None, float | None]:
+    """Registration of every sample onto the cohort's reference landmarks.
+
+    Returns the registrations and the reference (negative, positive) modes.
+    """
+    both = [lm for lm in landmarks.values() if lm is not None and lm.high is not None]
+    singles = [lm.low for lm in landmarks.values() if lm is not None and lm.high is None]
+    if both:
+        reference_low = float(np.median([lm.low for lm in both]))
+        reference_high = float(np.median([lm.high for lm in both]))
+    elif singles:
+        reference_low, reference_high = float(np.median(singles)), None
+    else:
+        return {s: _IDENTITY for s in landmarks}, None, None
+    registrations: dict[str, _Registration] = {}
+    for sample_id, lm in landmarks.items():
+        if lm is None:
+            registrations[sample_id] = _IDENTITY
+            continue
+        if lm.high is not None and reference_high is not None:
+            scale = (reference_high - reference_low) / (lm.high - lm.low)
+            if 1.0 / max_stretch <= scale <= max_stretch:
+                registrations[sample_id] = _Registration(lm.low, reference_low, scale,
+                                                         "aligned2")
+                continue
+            # Implausible stretch: register by the sample's dominant peak only.
+            single = lm.high if lm.high_share > 0.5 else lm.low
+        else:
+            single = lm.low
+        if reference_high is not None and abs(single - reference_high) < abs(
+                single - reference_low):
+            registrations[sample_id] = _Registration(single, reference_high, 1.0, "aligned1")
+        else:
+            registrations[sample_id] = _Registration(single, reference_low, 1.0, "aligned1")
+    return registrations, reference_low, reference_high
+
+
+# --------------------------------------------------------------------------- gate learning
+
+
+@dataclass
+class _SampleGates:
+    """The gates of one sample, filled stage by stage."""
+
+    group: str
+    learner: bool = True
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    cut: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, marker: str, level: str, threshold: float, *, parent: str, method: str,
+            n_events: int, flag: str = "", low: float = float("nan"),
+            high: float = float("nan")) -> None:
+        self.cut.setdefault(marker, {})[level] = float(threshold)
+        self.rows.append({"marker": marker, "level": level, "threshold": float(threshold),
+                          "parent": parent, "method": method, "n_events": int(n_events),
+                          "flag": flag, "negative_landmark": low, "positive_landmark": high})
+
+
+def parent_mask(stage: str, columns: Mapping[str, np.ndarray],
+                cut: Mapping[str, Mapping[str, float]]) -> np.ndarray:
+    """Events of a sample that form the parent population of ``stage``, given its gates."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    mask = np.ones(n, dtype=bool)
+    if stage == "lymphocyte":
+        return mask
+    if "CD3" in columns and np.isfinite(cut.get("CD3", {}).get("pos", np.nan)):
+        mask &= columns["CD3"] < cut["CD3"]["pos"]
+    if stage == "cd3neg":
+        return mask
+    lineage = np.zeros(n, dtype=bool)
+    for marker in ("CD19", "CD20"):
+        if marker in columns and np.isfinite(cut.get(marker, {}).get("pos", np.nan)):
+            lineage |= columns[marker] >= cut[marker]["pos"]
+    mask &= lineage
+    if stage == "b_cells":
+        return mask
+    for marker, wanted in (("IgD", True), ("CD27", False)):
+        if marker in columns and np.isfinite(cut.get(marker, {}).get("pos", np.nan)):
+            mask &= (columns[marker] >= cut[marker]["pos"]) == wanted
+    return mask
+
+
+def _stage_of(marker: str) -> str:
+    if marker in _LYMPHOCYTE_STAGE_MARKERS:
+        return "lymphocyte"
+    if marker in _CD3NEG_STAGE_MARKERS:
+        return "cd3neg"
+    return "b_cells"
+
+
+def _flag(method: str, n_events: int, marker: str, settings: GatingSettings) -> str:
+    base = method.split("/")[0]
+    if base in _UNFLAGGED or n_events < settings.flag_min_events:
+        return ""
+    return f"{marker}:{base}"
+
+
+def naive_referenced_gates(values: Mapping[str, np.ndarray], *, naive_sd: float = 2.0,
+                           iterations: int = 3) -> dict[str, float]:
+    """Hi gates of a CD24hi CD38hi-style box, referenced to a sample's naive B cells.
+
+    ``values`` holds the markers of the box on the sample's IgD+ CD27- B cells: naive cells
+    and, on their upper tail, transitional cells. Each gate sits ``naive_sd`` robust SDs
+    above the mode of the naive cells. In arcsinh space a naive peak is skewed (its lower
+    side is long), so the SD that matters is the upper side's; transitional cells
+    contaminate that side, so each marker's upper SD is measured on the cells below the
+    gates of the other markers (transitional cells are high on all of them), starting
+    from the lower side's SD, for a few iterations. With one marker the lower side's SD is
+    used as is.
+
+    Returns
+    -------
+    dict
+        Marker -> gate (NaN for a marker without finite values).
+    """
+    clean = {m: np.asarray(v, dtype=np.float64) for m, v in values.items()}
+    finite = np.logical_and.reduce([np.isfinite(v) for v in clean.values()])
+    clean = {m: v[finite] for m, v in clean.items()}
+    if not finite.any():
+        return {m: float("nan") for m in values}
+    modes = {m: density_mode(v) for m, v in clean.items()}
+
+    def spread(deviations: np.ndarray) -> float:
+        # Half-normal: the median distance from the mode on one side is 0.674 SD.
+        return 1.4826 * float(np.median(deviations)) if deviations.size else 0.0
+
+    gates = {m: modes[m] + naive_sd * spread(modes[m] - v[v < modes[m]])
+             for m, v in clean.items()}
+    if len(clean) < 2:
+        return gates
+    for _ in range(iterations):
+        updated = {}
+        for marker, v in clean.items():
+            # Naive cells for this marker's upper side: below the gate on every other marker
+            # of the box (transitional cells are high on all of them).
+            naive = np.logical_and.reduce([clean[m] < gates[m] for m in clean if m != marker])
+            updated[marker] = modes[marker] + naive_sd * spread(
+                v[naive & (v > modes[marker])] - modes[marker])
+        gates = updated
+    return gates
+
+
+def learn_gates(
+    samples: Mapping[str, Callable[[], Any] | Any],
+    *,
+    pos_markers: Sequence[str],
+    hi_markers: Sequence[str],
+    settings: GatingSettings,
+    seed: int,
+    groups: Mapping[str, str] | None = None,
+    learners: set[str] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Learn every sample's gates, stage by stage, on registered pooled parents.
+
+    Parameters
+    ----------
+    samples
+        ``sample_id -> AnnData`` or a callable returning one (files are read once per
+        stage, one at a time, so memory stays bounded by one sample). Each provides ``X``
+        and ``var["canonical"]``; rows are the sample's QC-passed events.
+    pos_markers
+        Markers that need a positive gate.
+    hi_markers
+        Markers that need a hi gate.
+    settings
+        Gating settings.
+    seed
+        Seed of the equal-per-sample pooling subsample.
+    groups
+        ``sample_id -> group``: each group learns its own reference gates (``all`` when
+        None).
+    learners
+        Samples whose events make the pool (all when None; ``baseline`` method: day <= 0).
+        Every sample gets gates.
+
+    Returns
+    -------
+    cohort
+        One row per group, marker and level on the reference scale (columns of
+        ``thresholds.THRESHOLD_COLUMNS``).
+    gates
+        One row per sample, marker and level on that sample's own scale (``GATE_COLUMNS``).
+    """
+    ids = sorted(samples)
+    groups = {s: (groups or {}).get(s, ALL_SAMPLES) for s in ids}
+    learners = set(ids) if learners is None else set(learners)
+    state = {s: _SampleGates(groups[s], s in learners) for s in ids}
+    hi_markers = list(dict.fromkeys(hi_markers))
+    pos_markers = list(dict.fromkeys([*pos_markers,
+                                      *(m for m in hi_markers
+                                        if settings.hi_method.get(m, "positive_mode")
+                                        == "positive_mode")]))
+    cohort_rows: list[tuple] = []
+    streams = dict(zip(ids, np.random.SeedSequence(seed).spawn(len(ids)), strict=True))
+    wanted = list(dict.fromkeys([*pos_markers, *hi_markers, "CD3", "CD19", "CD20", "IgD",
+                                 "CD27"]))
+
+    def _load(sample_id: str) -> Any:
+        item = samples[sample_id]
+        return item() if callable(item) else item
+
+    for stage in STAGES[:3]:
+        markers = [m for m in pos_markers if _stage_of(m) == stage]
+        if not markers:
+            continue
+        landmarks: dict[str, dict[str, Landmarks | None]] = {m: {} for m in markers}
+        pooled: dict[str, dict[str, np.ndarray]] = {m: {} for m in markers}
+        present: dict[str, dict[str, int]] = {m: {} for m in markers}
+        t_pool: dict[str, list[np.ndarray]] = {m: [] for m in markers}
+        for sample_id in ids:
+            columns = _marker_columns(_load(sample_id), wanted)
+            if not columns:
+                continue
+            parent = np.flatnonzero(parent_mask(stage, columns, state[sample_id].cut))
+            rng = np.random.default_rng(streams[sample_id])
+            keep = parent[_subsample(parent.size, settings.events_per_sample, rng)]
+            t_keep = np.empty(0, dtype=np.int64)
+            if stage == "b_cells" and np.isfinite(state[sample_id].cut.get("CD3", {}).get(
+                    "pos", np.nan)) and state[sample_id].learner:
+                t_cells = np.flatnonzero(columns["CD3"] >= state[sample_id].cut["CD3"]["pos"])
+                t_keep = t_cells[_subsample(t_cells.size, settings.events_per_sample, rng)]
+            for marker in markers:
+                if marker not in columns:
+                    continue
+                values = columns[marker][parent]
+                present[marker][sample_id] = int(values.size)
+                landmarks[marker][sample_id] = find_landmarks(
+                    values, min_events=settings.min_landmark_events,
+                    min_positive_events=settings.min_positive_events,
+                    min_positive_fraction=settings.min_positive_fraction,
+                    min_peak_fraction=settings.min_peak_fraction)
+                pooled[marker][sample_id] = columns[marker][keep]
+                t_pool[marker].append(columns[marker][t_keep])
+        for marker in markers:
+            t_values = np.concatenate(t_pool[marker]) if t_pool[marker] else np.empty(0)
+            _learn_positive(marker, stage, landmarks[marker], pooled[marker], present[marker],
+                            state, settings, cohort_rows, t_cells=t_values)
+        _learn_positive_modes(stage, hi_markers, landmarks, present, state, settings,
+                              cohort_rows)
+
+    naive_hi = [m for m in hi_markers if settings.hi_method.get(m) == "naive_reference"]
+    if naive_hi:
+        _learn_naive_referenced(naive_hi, ids, _load, wanted, state, settings, cohort_rows)
+
+    cohort = pd.DataFrame(cohort_rows, columns=["group", "marker", "level", "threshold",
+                                                "method", "n_events", "n_samples", "pool"])
+    gates = pd.DataFrame([{"sample_id": s, "group": state[s].group, **row}
+                          for s in ids for row in state[s].rows], columns=list(GATE_COLUMNS))
+    return cohort, gates
+
+
+def _learn_positive(marker: str, stage: str, landmarks: Mapping[str, Landmarks | None],
+                    pooled: Mapping[str, np.ndarray], present: Mapping[str, int],
+                    state: Mapping[str, _SampleGates], settings: GatingSettings,
+                    cohort_rows: list[tuple], t_cells: np.ndarray | None = None) -> None:
+    """The positive gate of one marker: registered pool per group, mapped back per sample.
+
+    Without a valley the pool is one population, and the upper-tail fallback assumes it is
+    the negative one. On B cells it may be the positive one (IgD when nearly every B cell
+    is naive, as on return after CAR-T): when the pool's median sits more than
+    ``fallback_sd`` robust SDs above the T cells' mode, the gate is the T cells' (a
+    population negative for B-cell markers) upper tail instead (``negative_reference``).
+    """
+    parent = PARENT_NAMES[stage]
+    for group in sorted({g.group for g in state.values()}):
+        members = [s for s, g in state.items() if g.group == group and s in present]
+        if not members:
+            continue
+        if marker in settings.fixed:
+            value = settings.fixed[marker]
+            cohort_rows.append((group, marker, "pos", value, "fixed",
+                                sum(present[s] for s in members), len(members), parent))
+            for s in members:
+                state[s].add(marker, "pos", value, parent=parent, method="fixed",
+                             n_events=present[s])
+            continue
+        registrations, ref_low, ref_high = _register(
+            {s: landmarks.get(s) for s in members}, max_stretch=settings.max_stretch)
+        learning = [s for s in members if s in pooled and state[s].learner]
+        values = [np.asarray(registrations[s].forward(pooled[s])) for s in learning]
+        pool = np.concatenate(values) if values else np.empty(0)
+        fit = learn_marker_threshold(pool, fallback_sd=settings.fallback_sd,
+                                     min_peak_fraction=settings.min_peak_fraction)
+        if fit.method == "upper_tail" and t_cells is not None and t_cells.size >= 50:
+            t_mode = density_mode(t_cells)
+            t_sd = 1.4826 * float(np.median(np.abs(t_cells - np.median(t_cells))))
+            if t_sd > 0 and np.median(pool) > t_mode + settings.fallback_sd * t_sd:
+                fit = ThresholdFit(t_mode + settings.fallback_sd * t_sd, "negative_reference",
+                                   fit.n_events)
+        cohort_rows.append((group, marker, "pos", fit.threshold, fit.method, fit.n_events,
+                            len(learning), parent))
+        log.info("%s %s pos (%s): %.3f (%s, %d events; reference modes %s / %s)", group,
+                 marker, parent, fit.threshold, fit.method, fit.n_events,
+                 _fmt(ref_low), _fmt(ref_high))
+        for s in members:
+            registration = registrations[s]
+            threshold = (registration.inverse(fit.threshold) if np.isfinite(fit.threshold)
+                         else float("nan"))
+            lm = landmarks.get(s)
+            method = f"{fit.method}/{registration.kind}"
+            flag = _flag(fit.method, present[s], marker, settings)
+            state[s].add(marker, "pos", threshold, parent=parent, method=method,
+                         n_events=present[s], flag=flag,
+                         low=lm.low if lm else float("nan"),
+                         high=lm.high if lm and lm.high is not None else float("nan"))
+
+
+def _learn_positive_modes(stage: str, hi_markers: Sequence[str],
+                          landmarks: Mapping[str, Mapping[str, Landmarks | None]],
+                          present: Mapping[str, Mapping[str, int]],
+                          state: Mapping[str, _SampleGates], settings: GatingSettings,
+                          cohort_rows: list[tuple]) -> None:
+    """Hi gates at the sample's positive mode (or the cohort's, registered)."""
+    parent = PARENT_NAMES[stage]
+    for marker in hi_markers:
+        if marker not in landmarks or settings.hi_method.get(marker,
+                                                             "positive_mode") != "positive_mode":
+            continue
+        for group in sorted({g.group for g in state.values()}):
+            members = [s for s, g in state.items() if g.group == group and s in present[marker]]
+            if not members:
+                continue
+            if marker in settings.fixed_hi:
+                value = settings.fixed_hi[marker]
+                cohort_rows.append((group, marker, "hi", value, "fixed", 0, len(members),
+                                    parent))
+                for s in members:
+                    state[s].add(marker, "hi", value, parent=parent, method="fixed",
+                                 n_events=present[marker][s])
+                continue
+            registrations, _, ref_high = _register(
+                {s: landmarks[marker].get(s) for s in members}, max_stretch=settings.max_stretch)
+            cohort_rows.append((group, marker, "hi", ref_high if ref_high is not None
+                                else float("nan"), "positive_mode",
+                                sum(present[marker][s] for s in members), len(members), parent))
+            for s in members:
+                lm = landmarks[marker].get(s)
+                n = present[marker][s]
+                if lm is not None and lm.high is not None and registrations[s].kind == "aligned2":
+                    state[s].add(marker, "hi", lm.high, parent=parent, method="positive_mode",
+                                 n_events=n)
+                elif ref_high is not None:
+                    # No positive peak of its own (e.g. no memory B cells on return).
+                    state[s].add(marker, "hi", registrations[s].inverse(ref_high),
+                                 parent=parent, method="cohort_positive_mode",
+                                 n_events=n, flag=_flag("cohort_positive_mode", n, marker,
+                                                        settings))
+                else:
+                    state[s].add(marker, "hi", float("nan"), parent=parent,
+                                 method="insufficient_events", n_events=n,
+                                 flag=_flag("insufficient_events", n, marker, settings))
+
+
+def _learn_naive_referenced(markers: Sequence[str], ids: Sequence[str],
+                            load: Callable[[str], Any], wanted: Sequence[str],
+                            state: Mapping[str, _SampleGates], settings: GatingSettings,
+                            cohort_rows: list[tuple]) -> None:
+    """Hi gates referenced to each sample's own naive B cells (IgD+ CD27-)."""
+    parent = PARENT_NAMES["naive_b"]
+    own: dict[str, dict[str, tuple[float, int]]] = {m: {} for m in markers}
+    for sample_id in ids:
+        columns = _marker_columns(load(sample_id), [*wanted, *markers])
+        if not columns:
+            continue
+        naive = parent_mask("naive_b", columns, state[sample_id].cut)
+        present = [m for m in markers if m in columns]
+        n = int(naive.sum())
+        if n >= settings.min_reference_events and present:
+            gates = naive_referenced_gates({m: columns[m][naive] for m in present},
+                                           naive_sd=settings.naive_sd)
+        else:
+            gates = {m: float("nan") for m in present}
+        for marker in present:
+            own[marker][sample_id] = (gates[marker], n)
+    for marker in markers:
+        for group in sorted({g.group for g in state.values()}):
+            members = [s for s in own[marker] if state[s].group == group]
+            if not members:
+                continue
+            supported = [own[marker][s][0] for s in members if np.isfinite(own[marker][s][0])]
+            cohort_value = float(np.median(supported)) if supported else float("nan")
+            if marker in settings.fixed_hi:
+                cohort_rows.append((group, marker, "hi", settings.fixed_hi[marker], "fixed", 0,
+                                    len(members), parent))
+            else:
+                cohort_rows.append((group, marker, "hi", cohort_value, "naive_reference",
+                                    sum(own[marker][s][1] for s in members), len(supported),
+                                    parent))
+            for s in members:
+                gate, n = own[marker][s]
+                if marker in settings.fixed_hi:
+                    state[s].add(marker, "hi", settings.fixed_hi[marker], parent=parent,
+                                 method="fixed", n_events=n)
+                elif np.isfinite(gate):
+                    state[s].add(marker, "hi", gate, parent=parent, method="naive_reference",
+                                 n_events=n)
+                else:
+                    method = "few_events" if np.isfinite(cohort_value) else "insufficient_events"
+                    state[s].add(marker, "hi", cohort_value, parent=parent,
+                                 method=f"{method}/cohort_median", n_events=n,
+                                 flag=_flag(method, n, marker, settings))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def gates_for_sample(gates: pd.DataFrame, sample_id: str) -> tuple[dict[str, dict[str, float]],
+                                                                   pd.DataFrame]:
+    """``{marker: {level: threshold}}`` and the gate rows of one sample."""
+    rows = gates[gates["sample_id"].astype(str) == str(sample_id)].reset_index(drop=True)
+    cut: dict[str, dict[str, float]] = {}
+    for row in rows.itertuples(index=False):
+        cut.setdefault(str(row.marker), {})[str(row.level)] = float(row.threshold)
+    return cut, rows
+
+
+def gate_flags(rows: pd.DataFrame) -> str:
+    """The sample's gate flags, semicolon-separated (empty when every gate is sound)."""
+    if rows.empty or "flag" not in rows.columns:
+        return ""
+    flags = [str(f) for f in rows["flag"].fillna("") if str(f)]
+    return ";".join(dict.fromkeys(flags))
+
+
+# --------------------------------------------------------------------------- lymphocytes
+
+
+def _robust_ellipse(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the core of ``points``: two passes trimmed at chi2(2) 97.5%."""
+    inside = np.ones(points.shape[0], dtype=bool)
+    mean = np.median(points, axis=0)
+    covariance = np.cov(points.T) + 1e-9 * np.eye(2)
+    for _ in range(3):
+        mean = points[inside].mean(axis=0)
+        covariance = np.cov(points[inside].T) + 1e-9 * np.eye(2)
+        delta = points - mean
+        distance = np.einsum("ij,jk,ik->i", delta, np.linalg.inv(covariance), delta)
+        inside = distance <= 7.38  # chi-square, 2 degrees of freedom, 97.5%
+        if inside.sum() < 10:
+            break
+    # The trimmed covariance of a normal core underestimates its spread by the trimming.
+    return mean, covariance / 0.8
+
+
+def lymphocyte_gate(
+    columns: Mapping[str, np.ndarray],
+    cut: Mapping[str, Mapping[str, float]],
+    *,
+    scatter: tuple[np.ndarray, np.ndarray] | None,
+    max_mahalanobis: float = 3.5,
+    min_reference_events: int = 50,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """T, B and NK cells among the scatter-gated events: lymphocytes by markers.
+
+    After lymphodepletion, lysed whole blood is mostly granulocytes and monocytes, and a
+    scatter gate alone lets some of them in. T cells (CD3+) and B cells (CD3- and CD19+ or
+    CD20+) are lymphocytes by their markers; their own scatter (a robust ellipse on FSC-A x
+    SSC-A) then defines where lymphocytes sit in this sample, and lineage-negative events
+    count as NK cells only inside it (and, where the panel has them, only when CD45+, CD14-
+    and CD56+ or CD16+). Without scatter channels, or with fewer than
+    ``min_reference_events`` T and B cells, every lineage-negative event that passes the
+    marker conditions is counted (recorded in the returned info).
+
+    Returns
+    -------
+    calls
+        Boolean arrays ``T``, ``B``, ``NK``, ``lymphocyte``, ``cd19_pos``, ``cd20_pos``.
+    info
+        What was used: ``nk_rule``, ``scatter_reference_events``, ellipse mean/covariance.
+    """
+    def positive(marker: str) -> np.ndarray | None:
+        threshold = cut.get(marker, {}).get("pos", np.nan)
+        if marker not in columns or not np.isfinite(threshold):
+            return None
+        return columns[marker] >= threshold
+
+    n = len(next(iter(columns.values())))
+    cd3 = positive("CD3")
+    t_cell = cd3 if cd3 is not None else np.zeros(n, dtype=bool)
+    cd19 = positive("CD19")
+    cd20 = positive("CD20")
+    cd19 = cd19 if cd19 is not None else np.zeros(n, dtype=bool)
+    cd20 = cd20 if cd20 is not None else np.zeros(n, dtype=bool)
+    b_cell = ~t_cell & (cd19 | cd20)
+    rule = ["CD3-", "CD19-", "CD20-"]
+    nk = ~t_cell & ~b_cell
+    for marker, wanted in (("CD45", True), ("CD14", False)):
+        call = positive(marker)
+        if call is not None:
+            nk &= call == wanted
+            rule.append(f"{marker}{'+' if wanted else '-'}")
+    nk_markers = [call for call in (positive("CD56"), positive("CD16")) if call is not None]
+    if nk_markers:
+        nk &= np.logical_or.reduce(nk_markers)
+        rule.append("CD56+ or CD16+")
+    info: dict[str, Any] = {}
+    reference = t_cell | b_cell
+    if scatter is not None and reference.sum() >= min_reference_events:
+        points = np.column_stack(scatter).astype(np.float64)
+        mean, covariance = _robust_ellipse(points[reference])
+        delta = points - mean
+        distance = np.einsum("ij,jk,ik->i", delta, np.linalg.inv(covariance), delta)
+        nk &= distance <= max_mahalanobis ** 2
+        rule.append(f"within {max_mahalanobis:g} Mahalanobis of the T/B scatter")
+        info.update(scatter_mean=mean.tolist(), scatter_covariance=covariance.tolist())
+    elif scatter is not None:
+        rule.append("scatter gate only (too few T and B cells to place the lymphocyte core)")
+    else:
+        rule.append("no scatter channels")
+    info.update(nk_rule=" ".join(rule), scatter_reference_events=int(reference.sum()))
+    return {"T": t_cell, "B": b_cell, "NK": nk, "lymphocyte": t_cell | b_cell | nk,
+            "cd19_pos": cd19, "cd20_pos": cd20}, info
