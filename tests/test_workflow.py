@@ -156,6 +156,32 @@ def test_aplastic_samples_report_no_phantom_b_cells(demo_run, truth):
     assert table.loc[aplastic, "b_cells"].max() <= 5
 
 
+def test_lymphocytes_are_counted_by_markers_in_lymphopenic_whole_blood(demo_run, truth):
+    import anndata as ad
+
+    samples, _ = truth
+    codes = pd.read_csv(demo_run / "demo" / "truth_codes.tsv", sep="\t").set_index("code")
+    qc = _table(demo_run, "qc.tsv")
+    lineage = qc[qc["step"] == "lineage_gate"].set_index("sample_id")
+    assert set(lineage.index) == set(samples.index)  # every flow sample has its row
+    lymphopenic = samples.index[samples["lymphopenic"].astype(bool)]
+    assert len(lymphopenic) >= 10
+    myeloid_share = []
+    for sample_id in lymphopenic:
+        annotated = ad.read_h5ad(demo_run / "results" / "annotated" / f"{sample_id}.h5ad")
+        event_codes = np.load(demo_run / "demo" / "truth_events" / f"{sample_id}.npy")
+        category = codes.loc[event_codes[annotated.obs["event_index"].to_numpy()],
+                             "category"].to_numpy()
+        true = np.isin(category, ["t_cells", "nk_cells", "b_cells"])
+        called = annotated.obs["lymphocyte"].to_numpy().astype(bool)
+        assert (true & called).sum() / called.sum() >= 0.97, sample_id  # purity
+        assert (true & called).sum() / true.sum() >= 0.95, sample_id  # recall
+        assert lineage.loc[sample_id, "events_out"] == called.sum()
+        myeloid_share.append((category == "myeloid").mean())
+    # The scatter gate alone let myeloid events in: the test exercises the problem.
+    assert max(myeloid_share) > 0.2
+
+
 def test_rerun_has_nothing_to_do(demo_run):
     result = _snakemake("--cores", "2", "--configfile", "my.yaml", "-n", cwd=demo_run)
     assert "Nothing to be done" in result.stdout + result.stderr
@@ -167,7 +193,10 @@ def test_report_bundles_every_figure(demo_run):
     html = (demo_run / "report.html").read_text(errors="replace")
     figures = sorted((demo_run / "results" / "report").glob("*.png"))
     sheet = pd.read_csv(demo_run / "demo" / "samples.tsv", sep="\t")
-    assert len(figures) == sheet["patient_id"].nunique() + 8
+    flow_patients = sheet.loc[sheet["modality"] == "flow", "patient_id"].nunique()
+    # One kinetics and one gate figure per patient (gates: flow patients), 8 cohort figures.
+    assert len(figures) == sheet["patient_id"].nunique() + flow_patients + 8
+    assert {f"gates_{p}.png" for p in sheet["patient_id"]} <= {f.name for f in figures}
     for figure in figures:
         assert figure.stat().st_size > 5_000, figure
         assert figure.name in html, figure.name

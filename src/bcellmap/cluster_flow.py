@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,28 @@ def _qc_mask(adata: Any, *, path: Path, sample_id: str) -> np.ndarray:
     return adata.obs["qc_pass"].to_numpy().astype(bool)
 
 
+def marker_indices(adata: Any, markers: Sequence[str], *, purpose: str = "clustering",
+                   path: Path | str | None = None, sample_id: str | None = None) -> list[int]:
+    """Column of each canonical marker in ``adata.X``; a missing or repeated one is an error.
+
+    ``purpose`` names what the markers are for in the message ("clustering marker(s) ...").
+    """
+    if "canonical" not in adata.var.columns:
+        raise InputError("var has no 'canonical' column; run ingest-flow first",
+                         path=path, sample_id=sample_id)
+    canonical = adata.var["canonical"].astype(str).to_numpy()
+    missing = [m for m in markers if (canonical == m).sum() == 0]
+    if missing:
+        raise InputError(f"{purpose} marker(s) {', '.join(missing)} not found in this sample "
+                         f"(canonical markers present: {', '.join(sorted(set(canonical) - {''}))})",
+                         path=path, sample_id=sample_id)
+    repeated = [m for m in markers if (canonical == m).sum() > 1]
+    if repeated:
+        raise InputError(f"{purpose} marker(s) {', '.join(repeated)} map to several channels",
+                         path=path, sample_id=sample_id)
+    return [int(np.flatnonzero(canonical == m)[0]) for m in markers]
+
+
 def marker_matrix(adata: Any, markers: list[str], *, rows: np.ndarray | None = None,
                   path: Path | str | None = None, sample_id: str | None = None) -> np.ndarray:
     """Return the float32 ``X`` columns of canonical ``markers`` (optionally only ``rows``).
@@ -71,20 +94,7 @@ def marker_matrix(adata: Any, markers: list[str], *, rows: np.ndarray | None = N
     InputError
         A marker missing from (or duplicated in) the sample, or NaN/infinite values.
     """
-    if "canonical" not in adata.var.columns:
-        raise InputError("var has no 'canonical' column; run ingest-flow first",
-                         path=path, sample_id=sample_id)
-    canonical = adata.var["canonical"].astype(str).to_numpy()
-    missing = [m for m in markers if (canonical == m).sum() == 0]
-    if missing:
-        raise InputError(f"clustering marker(s) {', '.join(missing)} not found in this sample "
-                         f"(canonical markers present: {', '.join(sorted(set(canonical) - {''}))})",
-                         path=path, sample_id=sample_id)
-    repeated = [m for m in markers if (canonical == m).sum() > 1]
-    if repeated:
-        raise InputError(f"clustering marker(s) {', '.join(repeated)} map to several channels",
-                         path=path, sample_id=sample_id)
-    columns = [int(np.flatnonzero(canonical == m)[0]) for m in markers]
+    columns = marker_indices(adata, markers, path=path, sample_id=sample_id)
     matrix = adata.X if rows is None else adata.X[rows]
     if hasattr(matrix, "toarray"):
         matrix = matrix.toarray()

@@ -35,22 +35,26 @@ peak only. Registration is the gate's ``method`` suffix (``valley/aligned2``,
 
 - ``naive_reference`` (CD24, CD38 by default: continuous on B cells, no valley): the gate
   sits ``naive_sd`` robust SDs above the mode of the sample's own naive B cells (IgD+
-  CD27-), the SD measured on the upper side of the naive peak among the cells outside
-  the CD24hi CD38hi box (``naive_referenced_gates``). It depends on the sample alone, not
+  CD27-), the SD measured on the upper side of the naive peak among the cells below the
+  other marker's gate (``naive_referenced_gates``). It depends on the sample alone, not
   on which visits are in the cohort, and follows the sample's drift. A sample with fewer
   than ``min_reference_events`` naive B cells gets the cohort median (flagged).
 - ``positive_mode`` (CD27 and any other marker): the mode of the sample's positive
   population (plasmablasts are CD27hi: at least as bright as the typical memory B cell);
   a sample without its own positive peak uses the cohort's, registered.
 
-**Flags.** A gate that is not a valley (``upper_tail``), that could not be learned
-(``insufficient_events``), or that had too few parent events in the sample to be placed
-from the sample itself (``few_events``), that was placed from the T cells
-(``negative_reference``) or at the cohort's positive mode for want of the sample's own
-(``cohort_positive_mode``) carries a ``flag``; flags of gates whose parent
-holds at least ``flag_min_events`` events are reported per sample (``gate_flags``) and
-in the logs. ``annotate.thresholds.fixed`` / ``fixed_hi`` set a gate on the data scale
-of every sample (no registration; method ``fixed``).
+**Flags.** A gate carries a ``flag`` when it is not a valley (``upper_tail``), could not
+be learned (``insufficient_events``), had too few parent events in the sample to be
+placed or registered from the sample itself (``few_events``), was placed from the T cells
+(``negative_reference``), or sits at the cohort's positive mode for want of the sample's
+own (``cohort_positive_mode``). Flags of gates whose parent holds at least
+``flag_min_events`` events are reported per sample (``gate_flags``) and in the logs.
+
+**Lymphocytes by markers** (``lymphocyte_gate``): T and B cells by their gates, NK cells
+as lineage-negative events inside the T and B cells' own scatter core; see there.
+
+``annotate.thresholds.fixed`` / ``fixed_hi`` set a gate on the data scale of every sample
+(no registration; method ``fixed``).
 """
 
 from __future__ import annotations
@@ -519,6 +523,9 @@ def _learn_positive(marker: str, stage: str, landmarks: Mapping[str, Landmarks |
             lm = landmarks.get(s)
             method = f"{fit.method}/{registration.kind}"
             flag = _flag(fit.method, present[s], marker, settings)
+            if not flag and registration.kind == "unaligned" and np.isfinite(threshold):
+                # Too few parent events to register: the cohort's gate, as is.
+                flag = _flag("few_events", present[s], marker, settings)
             state[s].add(marker, "pos", threshold, parent=parent, method=method,
                          n_events=present[s], flag=flag,
                          low=lm.low if lm else float("nan"),

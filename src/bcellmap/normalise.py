@@ -282,21 +282,10 @@ def normalisation_options(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _marker_columns(adata: Any, markers: Sequence[str], *, path: object,
                     sample_id: str | None) -> list[int]:
-    if "canonical" not in adata.var.columns:
-        raise InputError("var has no 'canonical' column; run ingest-flow first",
-                         path=path, sample_id=sample_id)
-    canonical = adata.var["canonical"].astype(str).to_numpy()
-    missing = [m for m in markers if (canonical == m).sum() == 0]
-    if missing:
-        present = ", ".join(sorted(set(canonical) - {""}))
-        raise InputError(f"normalisation marker(s) {', '.join(missing)} not found in this "
-                         f"sample (canonical markers present: {present})",
-                         path=path, sample_id=sample_id)
-    repeated = [m for m in markers if (canonical == m).sum() > 1]
-    if repeated:
-        raise InputError(f"normalisation marker(s) {', '.join(repeated)} map to several "
-                         f"channels", path=path, sample_id=sample_id)
-    return [int(np.flatnonzero(canonical == m)[0]) for m in markers]
+    from .cluster_flow import marker_indices
+
+    return marker_indices(adata, markers, purpose="normalisation", path=path,
+                          sample_id=sample_id)
 
 
 def _dense(matrix: Any) -> np.ndarray:
