@@ -195,9 +195,28 @@ def test_cli_annotate_writes_h5ad_and_counts(tmp_path):
     assert abs(table.loc[0, "plasmablast_count"] - 40) <= 2  # 200 x 0.2 simulated
 
 
-def test_cli_annotate_without_cd3_fails_and_writes_nothing(tmp_path):
-    adata = _labelled_sample(np.random.default_rng(1), scale=0.1)
+def test_cli_annotate_without_cd3_calls_b_cells_and_flags_the_panel(tmp_path):
+    # A B-cell panel without CD3: B cells are CD19+ or CD20+; T and NK are not told apart.
+    adata = _labelled_sample(np.random.default_rng(1), scale=0.2)
+    truth = adata.obs["truth"].to_numpy()
     adata = adata[:, [m != "CD3" for m in adata.var["canonical"]]].copy()
+    mapped, sheet, thresholds = _write_inputs(tmp_path, adata)
+    out, counts = tmp_path / "out.h5ad", tmp_path / "counts.tsv"
+    args = ["annotate", "--samples", str(sheet), "--sample-id", "S1", "--input", str(mapped),
+            "--thresholds", str(thresholds), "--gates", str(tmp_path / "gates.tsv"),
+            "--out", str(out), "--counts", str(counts)]
+    assert main(args) == 0
+    row = pd.read_csv(counts, sep="\t").iloc[0]
+    assert abs(row["b_cells"] - np.isin(truth, SUBSETS).sum()) <= 3
+    assert pd.isna(row["t_cells"]) and pd.isna(row["nk_cells"])
+    assert "no_cd3_in_panel" in row["sample_flags"].split(";")
+    called = ad.read_h5ad(out).obs["cell_type"].to_numpy()
+    assert set(called[truth == "T"]) == {"lymphocyte_unresolved"}
+
+
+def test_cli_annotate_without_cd19_and_cd20_fails_and_writes_nothing(tmp_path):
+    adata = _labelled_sample(np.random.default_rng(1), scale=0.1)
+    adata = adata[:, [m not in ("CD19", "CD20") for m in adata.var["canonical"]]].copy()
     mapped, sheet, thresholds = _write_inputs(tmp_path, adata)
     out, counts = tmp_path / "out.h5ad", tmp_path / "counts.tsv"
     args = ["annotate", "--samples", str(sheet), "--sample-id", "S1", "--input", str(mapped),
@@ -228,3 +247,25 @@ def test_a_marker_without_a_threshold_is_not_measured_rather_than_zero(learned):
     assert row["b_cells"] > 0
     assert pd.isna(row["cd19_pos"]) and pd.isna(row["cd19neg_cd20pos"])
     assert row["cd20_pos"] > 0
+
+
+def test_implausible_results_are_flagged_in_the_counts(learned):
+    thresholds, rules, sample = learned
+    _, counts = annotate_sample(sample, thresholds, rules, sample_id="x", day=-3)
+    assert counts.iloc[0]["sample_flags"] == ""  # a healthy-looking baseline
+    # Values compensated and transformed twice: every lineage marker squashed near 0.
+    squashed = sample.copy()
+    squashed.X = squashed.X * 0.01
+    _, counts = annotate_sample(squashed, thresholds, rules, sample_id="x", day=-3)
+    flags = counts.iloc[0]["sample_flags"].split(";")
+    assert "compressed_values" in flags
+    # A baseline whose CD3 gate finds no T cells, and one without B cells.
+    no_t = sample[sample.obs["truth"] != "T"].copy()
+    _, counts = annotate_sample(no_t, thresholds, rules, sample_id="x", day=-3)
+    assert "few_t_cells_at_baseline" in counts.iloc[0]["sample_flags"].split(";")
+    no_b = sample[~sample.obs["truth"].isin(SUBSETS)].copy()
+    _, counts = annotate_sample(no_b, thresholds, rules, sample_id="x", day=-3)
+    assert "few_b_cells_at_baseline" in counts.iloc[0]["sample_flags"].split(";")
+    # The same sample after infusion (day 30) is aplasia, not implausible.
+    _, counts = annotate_sample(no_b, thresholds, rules, sample_id="x", day=30)
+    assert counts.iloc[0]["sample_flags"] == ""

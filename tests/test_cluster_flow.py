@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -95,11 +96,20 @@ def test_empty_sample_maps_to_zero_events(tmp_path):
     assert mapped.n_obs == 0 and {"som_node", "metacluster"} <= set(mapped.obs.columns)
 
 
-def test_missing_marker_names_sample_and_marker(tmp_path):
+def test_mixed_panels_cluster_on_shared_markers_and_name_what_is_missing(tmp_path):
+    import json
+
     _flow_h5ad(tmp_path / "a.h5ad", "a", n=600, seed=1)
     _flow_h5ad(tmp_path / "b.h5ad", "b", n=600, seed=2, channels=["FSC-A", "CD3", "CD19", ""])
-    with pytest.raises(InputError, match=r"sample 'b'.*CD20"):
-        _train(tmp_path, [tmp_path / "a.h5ad", tmp_path / "b.h5ad"], _config(tmp_path))
+    args = _train(tmp_path, [tmp_path / "a.h5ad", tmp_path / "b.h5ad"], _config(tmp_path))
+    assert list(np.load(args.model)["markers"]) == ["CD3", "CD19"]
+    assert json.loads(Path(args.info).read_text())["markers_dropped"] == {"CD20": ["b"]}
+    # No shared marker: every sample and what it lacks, at once; no model.
+    _flow_h5ad(tmp_path / "c.h5ad", "c", n=600, seed=3, channels=["FSC-A", "", "", "CD20"])
+    (tmp_path / "model.npz").unlink()
+    with pytest.raises(InputError, match=r"CD3: missing in c; CD19: missing in c; CD20: missing in b"):
+        _train(tmp_path, [tmp_path / n for n in ("a.h5ad", "b.h5ad", "c.h5ad")],
+               _config(tmp_path))
     assert not (tmp_path / "model.npz").exists()  # nothing written on failure
 
 

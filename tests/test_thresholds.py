@@ -169,3 +169,18 @@ def test_tied_pool_puts_the_threshold_above_the_tie():
     mostly_tied = np.r_[np.zeros(6_000), rng.normal(0.5, 0.2, 4_000)]
     fit = learn_marker_threshold(mostly_tied)
     assert (mostly_tied[:6_000] >= fit.threshold).sum() == 0
+
+
+def test_panels_are_never_pooled_and_instrument_mixes_are_split():
+    from bcellmap.thresholds import split_instrument_mix, threshold_group
+
+    assert threshold_group({"panel": "", "batch": "b1"}, "pooled") == "all"
+    assert threshold_group({"panel": "cytof", "batch": "b1"}, "pooled") == "cytof"
+    assert threshold_group({"panel": "", "batch": "b1"}, "batch") == "b1"
+    assert threshold_group({"panel": "cytof", "batch": "b1"}, "batch") == "cytof:b1"
+    groups = {"a": "all", "b": "all", "c": "all", "d": "lyo"}
+    kinds = {"a": "fluorescence", "b": "mass_cytometry", "c": "fluorescence",
+             "d": "fluorescence"}
+    assert split_instrument_mix(groups, kinds) == {
+        "a": "all:fluorescence", "b": "all:mass_cytometry", "c": "all:fluorescence",
+        "d": "lyo"}

@@ -42,7 +42,7 @@ COUNT_COLUMNS = ("sample_id", "modality", "events_total", "events_qc_pass", "lym
                  "t_cells", "b_cells", "cd19_pos", "cd20_pos", "cd19neg_cd20pos",
                  *(f"{s}_count" for s in SUBSETS), "subsets_not_called",
                  "cluster_discordant_events", "car_t_count", "car_t_pct_t", "nk_cells",
-                 "lymphocyte_purity_pct", "gate_flags")
+                 "lymphocyte_purity_pct", "gate_flags", "sample_flags")
 # Keys under which ingest may record the number of events in the FCS file.
 _EVENT_TOTAL_KEYS = ("n_events", "events", "n_events_total", "events_total", "tot", "$TOT")
 
@@ -173,7 +173,8 @@ def call_events(
     Returns
     -------
     calls
-        Columns ``cell_type`` (B, T, NK, other), ``lymphocyte`` (T, B or NK), ``b_subset``
+        Columns ``cell_type`` (B, T, NK, other; ``lymphocyte_unresolved`` instead of T and
+        NK when the panel has no CD3), ``lymphocyte`` (T, B or NK), ``b_subset``
         (empty for non-B and unmatched B), ``cd19_pos``, ``cd20_pos`` (bool; False when the
         marker is absent). ``calls.attrs["lymphocyte_gate"]`` says how NK cells were called.
     not_called
@@ -181,15 +182,15 @@ def call_events(
     """
     from .gating import lymphocyte_gate
 
-    if "CD3" not in columns or not np.isfinite(thresholds.get("CD3", {}).get("pos", np.nan)):
-        raise InputError("cell types need the CD3 marker and its threshold")
     if not any(m in columns and np.isfinite(thresholds.get(m, {}).get("pos", np.nan))
                for m in ("CD19", "CD20")):
         raise InputError("cell types need CD19 or CD20 and a threshold for it")
     lineage, info = lymphocyte_gate(columns, thresholds, scatter=scatter,
                                     max_mahalanobis=max_mahalanobis)
+    # Without CD3, non-B lymphocytes are T or NK cells: their lineage is not resolved.
+    other_lymphocyte = "NK" if info["has_cd3"] else "lymphocyte_unresolved"
     cell_type = np.where(lineage["T"], "T", np.where(
-        lineage["B"], "B", np.where(lineage["NK"], "NK", "other"))).astype(object)
+        lineage["B"], "B", np.where(lineage["NK"], other_lymphocyte, "other"))).astype(object)
     subset, not_called = call_subsets(columns, lineage["B"], thresholds, rules)
     calls = pd.DataFrame({"cell_type": cell_type, "lymphocyte": lineage["lymphocyte"],
                           "b_subset": subset, "cd19_pos": lineage["cd19_pos"],
@@ -261,6 +262,7 @@ def annotate_sample(
     threshold_table: pd.DataFrame | None = None,
     gate_table: pd.DataFrame | None = None,
     max_mahalanobis: float = 3.5,
+    day: int | None = None,
 ) -> tuple[Any, pd.DataFrame]:
     """Annotate one mapped sample.
 
@@ -281,6 +283,8 @@ def annotate_sample(
         flags go to the counts table's ``gate_flags``.
     max_mahalanobis
         Radius of the lymphocyte core around the T and B cells' scatter.
+    day
+        The visit's day (baseline when <= 0), for the plausibility flags.
 
     Returns
     -------
@@ -297,8 +301,8 @@ def annotate_sample(
                                   *(m for rule in rules for m in rule.levels)]))
     annotated = adata.copy()
     columns = _marker_columns(annotated, markers)
-    if "CD3" not in columns or not ({"CD19", "CD20"} & set(columns)):
-        raise InputError("the panel lacks CD3 or both CD19 and CD20; cannot call B cells",
+    if not ({"CD19", "CD20"} & set(columns)):
+        raise InputError("the panel lacks both CD19 and CD20; cannot call B cells",
                          sample_id=sample_id)
     calls, not_called = call_events(columns, thresholds, rules, scatter=_scatter(annotated),
                                     max_mahalanobis=max_mahalanobis)
@@ -340,7 +344,8 @@ def annotate_sample(
     annotated.uns["annotate"] = {
         "subset_precedence": [rule.name for rule in rules],
         "subsets_not_called": ";".join(not_called),
-        "b_cell_rule": "CD3- and (CD19+ or CD20+)",
+        "b_cell_rule": ("CD3- and (CD19+ or CD20+)" if "CD3" in columns
+                        else "CD19+ or CD20+ (no CD3 in the panel)"),
         "nk_rule": str(lymphocyte_info.get("nk_rule", "")),
     }
 
@@ -361,7 +366,8 @@ def annotate_sample(
         # Lymphocytes by markers (T + B + NK inside the lymphocyte core), not every event
         # of the scatter gate: lysed whole blood puts myeloid events there.
         "lymphocytes": lymphocytes,
-        "t_cells": int((cell_type == "T").sum()),
+        # Without CD3, T and NK cells are not told apart: not measured (empty), never 0.
+        "t_cells": int((cell_type == "T").sum()) if "CD3" in columns else None,
         "b_cells": int(b_cell.sum()),
         # A marker without a usable threshold is not measured: empty, never a false 0.
         "cd19_pos": int((b_cell & calls["cd19_pos"].to_numpy()).sum())
@@ -371,7 +377,7 @@ def annotate_sample(
         "cd19neg_cd20pos": int((b_cell & ~calls["cd19_pos"].to_numpy()
                                 & calls["cd20_pos"].to_numpy()).sum())
         if {"CD19", "CD20"} <= measured else None,
-        "nk_cells": int((cell_type == "NK").sum()),
+        "nk_cells": int((cell_type == "NK").sum()) if "CD3" in columns else None,
         "lymphocyte_purity_pct": 100.0 * lymphocytes / n_events if n_events else None,
         "gate_flags": flags,
     }
@@ -384,9 +390,57 @@ def annotate_sample(
     record["cluster_discordant_events"] = discordant
     record["car_t_count"] = None
     record["car_t_pct_t"] = None
+    record["sample_flags"] = ";".join(plausibility_flags(
+        columns, record, day=day, groups=set(gate_table.get("group", pd.Series(dtype=str)))))
+    if record["sample_flags"]:
+        log.warning("%s: implausible or incomplete result, check it: %s", sample_id,
+                    record["sample_flags"])
     counts = pd.DataFrame([record], columns=list(COUNT_COLUMNS))
     counts.attrs["lymphocyte_gate"] = lymphocyte_info
     return annotated, counts
+
+
+#: A baseline with fewer T cells (% of lymphocytes) than this is implausible: CD3 failed.
+_MIN_BASELINE_T_PCT = 5.0
+#: ... and with fewer B cells: prior B-cell depletion, or the CD19/CD20 gates failed.
+_MIN_BASELINE_B_PCT = 1.0
+#: Lineage markers whose 0.5-99.5% range is below this (transformed units) look squashed.
+_MIN_MARKER_RANGE = 0.5
+
+
+def plausibility_flags(columns: Mapping[str, np.ndarray], record: Mapping[str, Any], *,
+                       day: int | None, groups: set[str]) -> list[str]:
+    """Sample-level flags of results a user must check before reading them.
+
+    - ``no_cd3_in_panel``: B cells are CD19+ or CD20+ among lymphocytes; T and NK cells are
+      not told apart (``lymphocyte_unresolved``).
+    - ``compressed_values``: every lineage marker (CD3, CD19, CD20) spans less than 0.5
+      transformed units: values that look compensated/transformed twice (set
+      ``compensation: {source: none}`` / ``transform: {method: none}`` for that panel).
+    - ``few_t_cells_at_baseline`` (< 5% of lymphocytes) and ``few_b_cells_at_baseline``
+      (< 1%): a baseline (day <= 0) without them is implausible before CAR-T, or shows prior
+      B-cell depletion (rituximab) or failed gates.
+    - ``instrument_mix``: the sample's gates were learned apart from samples of the other
+      kind of instrument (mass vs fluorescence cytometry) in its panel group.
+    """
+    flags = []
+    if "CD3" not in columns:
+        flags.append("no_cd3_in_panel")
+    lineage = [columns[m] for m in ("CD3", "CD19", "CD20") if m in columns]
+    if lineage and len(lineage[0]) >= 100:
+        spans = [np.subtract(*np.nanquantile(v, [0.995, 0.005])) for v in lineage]
+        if max(spans) < _MIN_MARKER_RANGE:
+            flags.append("compressed_values")
+    lymphocytes = record.get("lymphocytes") or 0
+    if day is not None and day <= 0 and lymphocytes >= 100:
+        t_cells = record.get("t_cells")
+        if t_cells is not None and 100.0 * t_cells / lymphocytes < _MIN_BASELINE_T_PCT:
+            flags.append("few_t_cells_at_baseline")
+        if 100.0 * record["b_cells"] / lymphocytes < _MIN_BASELINE_B_PCT:
+            flags.append("few_b_cells_at_baseline")
+    if any(str(g).endswith((":mass_cytometry", ":fluorescence")) for g in groups):
+        flags.append("instrument_mix")
+    return flags
 
 
 def lineage_qc_row(counts: pd.DataFrame) -> pd.DataFrame:
@@ -401,7 +455,9 @@ def lineage_qc_row(counts: pd.DataFrame) -> pd.DataFrame:
     lymphocytes = int(row["lymphocytes"])
 
     def share(count: Any) -> float:
-        return 100.0 * float(count) / lymphocytes if lymphocytes else float("nan")
+        if count is None or pd.isna(count) or not lymphocytes:
+            return float("nan")  # not measured (e.g. T and NK without CD3 in the panel)
+        return 100.0 * float(count) / lymphocytes
 
     t_pct, b_pct, nk_pct = share(row["t_cells"]), share(row["b_cells"]), share(row["nk_cells"])
     purity = 100.0 * lymphocytes / events_in if events_in else float("nan")
@@ -424,22 +480,20 @@ def cli_annotate(args: argparse.Namespace) -> None:
     from .config import load_config
     from .gating import gates_for_sample
     from .samplesheet import read_sample_sheet, sample_row
-    from .thresholds import _settings, read_thresholds, threshold_group
+    from .thresholds import read_thresholds
 
     config = load_config(args.config)
     sheet = read_sample_sheet(args.samples, check_files=False)
     row = sample_row(sheet, args.sample_id, path=args.samples)
     rules = load_subset_rules(config)
     table = read_thresholds(args.thresholds)
-    group = threshold_group(row, _settings(config)["method"])
-    used = table[table["group"].astype(str) == group]
-    if used.empty:
-        used = table[table["group"].astype(str) == "all"]
     gates = read_thresholds(args.gates, required=("sample_id", "marker", "level", "threshold"))
     thresholds, gate_rows = gates_for_sample(gates, args.sample_id)
     if gate_rows.empty:
         raise InputError("the gates table has no gates for this sample (was it learned "
                          "without it?)", path=args.gates, sample_id=args.sample_id)
+    group = str(gate_rows["group"].iloc[0]) if "group" in gate_rows.columns else "all"
+    used = table[table["group"].astype(str) == group]
     try:
         adata = ad.read_h5ad(args.input)
     except OSError as exc:
@@ -449,7 +503,8 @@ def cli_annotate(args: argparse.Namespace) -> None:
     annotated, counts = annotate_sample(
         adata, thresholds, rules, sample_id=args.sample_id, modality=str(row["modality"]),
         threshold_table=used, gate_table=gate_rows,
-        max_mahalanobis=float(gating.get("lymphocyte_max_mahalanobis", 3.5)))
+        max_mahalanobis=float(gating.get("lymphocyte_max_mahalanobis", 3.5)),
+        day=int(row["day"]))
     outputs = [Path(args.out), Path(args.counts)]
     try:
         write_h5ad(annotated, args.out)

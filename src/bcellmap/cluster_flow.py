@@ -133,6 +133,45 @@ def _cluster_options(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def shared_markers(paths: Sequence[str | Path], markers: Sequence[str]
+                   ) -> tuple[list[str], dict[str, list[str]]]:
+    """The ``cluster.markers`` every sample has, and who lacks each dropped one.
+
+    One cohort SOM needs the same markers in every sample. Cohorts mixing panels cluster on
+    the markers the panels share (named in the log); no shared marker is an error that
+    lists every sample and what it lacks, at once.
+    """
+    import anndata as ad
+
+    lacking: dict[str, list[str]] = {}
+    for raw_path in paths:
+        path = Path(raw_path)
+        try:
+            adata = ad.read_h5ad(path, backed="r")
+        except OSError as exc:
+            raise InputError(f"cannot read the flow h5ad ({exc})", path=path) from None
+        try:
+            canonical = set(adata.var["canonical"].astype(str)) if "canonical" in \
+                adata.var.columns else set()
+        finally:
+            adata.file.close()
+        for marker in markers:
+            if marker not in canonical:
+                lacking.setdefault(marker, []).append(path.name.removesuffix(".h5ad"))
+    lacking = {m: lacking[m] for m in markers if m in lacking}  # in cluster.markers order
+    kept = [m for m in markers if m not in lacking]
+    if not kept:
+        detail = "; ".join(f"{m}: missing in {', '.join(s)}" for m, s in lacking.items())
+        raise InputError(f"cluster.markers: no marker is in every flow sample "
+                         f"({detail}); set cluster.markers to markers all panels share")
+    if lacking:
+        log.warning("cluster.markers: clustering on the markers every sample has (%s); "
+                    "dropped %s", ", ".join(kept),
+                    "; ".join(f"{m} (missing in {len(s)} sample(s): {', '.join(s[:5])}"
+                              f"{', ...' if len(s) > 5 else ''})" for m, s in lacking.items()))
+    return kept, lacking
+
+
 def cli_train_flow(args: argparse.Namespace) -> None:
     """Fit the cohort SOM and metaclusters (``bcellmap train-flow``).
 
@@ -143,6 +182,7 @@ def cli_train_flow(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)
     options = _cluster_options(config)
+    options["markers"], dropped = shared_markers(args.inputs, options["markers"])
     backend = get_backend(config)
     blocks, provenance = [], []
     for raw_path in args.inputs:
@@ -187,6 +227,7 @@ def cli_train_flow(args: argparse.Namespace) -> None:
     info = {
         "bcellmap_version": __version__,
         "parameters": {**options, "alpha": list(options["alpha"])},
+        "markers_dropped": dropped,
         "device": backend.device,
         "device_reason": backend.reason,
         "training_events": int(training.shape[0]),

@@ -687,7 +687,10 @@ def lymphocyte_gate(
     count as NK cells only inside it (and, where the panel has them, only when CD45+, CD14-
     and CD56+ or CD16+). Without scatter channels, or with fewer than
     ``min_reference_events`` T and B cells, every lineage-negative event that passes the
-    marker conditions is counted (recorded in the returned info).
+    marker conditions is counted (recorded in the returned info). A panel without CD3 (a
+    B-cell panel) cannot tell T from NK cells: its non-B lymphocytes are the CD19-CD20-
+    events inside the B cells' scatter core (CD45+ and CD14- where measured), returned as
+    ``NK`` and reported by the caller as lymphocytes of unresolved lineage.
 
     Returns
     -------
@@ -710,7 +713,8 @@ def lymphocyte_gate(
     cd19 = cd19 if cd19 is not None else np.zeros(n, dtype=bool)
     cd20 = cd20 if cd20 is not None else np.zeros(n, dtype=bool)
     b_cell = ~t_cell & (cd19 | cd20)
-    rule = ["CD3-", "CD19-", "CD20-"]
+    rule = ["CD3-" if cd3 is not None else "(no CD3: T and NK cells not told apart)",
+            "CD19-", "CD20-"]
     nk = ~t_cell & ~b_cell
     for marker, wanted in (("CD45", True), ("CD14", False)):
         call = positive(marker)
@@ -718,7 +722,7 @@ def lymphocyte_gate(
             nk &= call == wanted
             rule.append(f"{marker}{'+' if wanted else '-'}")
     nk_markers = [call for call in (positive("CD56"), positive("CD16")) if call is not None]
-    if nk_markers:
+    if nk_markers and cd3 is not None:
         nk &= np.logical_or.reduce(nk_markers)
         rule.append("CD56+ or CD16+")
     info: dict[str, Any] = {}
@@ -735,6 +739,7 @@ def lymphocyte_gate(
         rule.append("scatter gate only (too few T and B cells to place the lymphocyte core)")
     else:
         rule.append("no scatter channels")
-    info.update(nk_rule=" ".join(rule), scatter_reference_events=int(reference.sum()))
+    info.update(nk_rule=" ".join(rule), scatter_reference_events=int(reference.sum()),
+                has_cd3=cd3 is not None)
     return {"T": t_cell, "B": b_cell, "NK": nk, "lymphocyte": t_cell | b_cell | nk,
             "cd19_pos": cd19, "cd20_pos": cd20}, info

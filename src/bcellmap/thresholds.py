@@ -292,11 +292,46 @@ def read_thresholds(path: str | os.PathLike, *,
 
 
 def threshold_group(row: Mapping[str, Any], method: str) -> str:
-    """The thresholds group a sample uses: its batch under ``method: batch``, else ``all``."""
-    if method == "batch":
-        batch = str(row.get("batch", "") or "")
-        return batch if batch else ALL_SAMPLES
-    return ALL_SAMPLES
+    """The gating group of a sample: its panel (``all`` for the default one), and under
+    ``method: batch`` its batch too (``batch`` alone for the default panel).
+
+    Panels are never pooled: a CyTOF panel and a fluorescence panel, or two fluorescence
+    panels with other fluorochromes, have other scales.
+    """
+    panel = str(row.get("panel", "") or "")
+    panel = "" if panel in ("default", "nan") else panel
+    batch = str(row.get("batch", "") or "") if method == "batch" else ""
+    batch = "" if batch == "nan" else batch
+    if panel and batch:
+        return f"{panel}:{batch}"
+    return panel or batch or ALL_SAMPLES
+
+
+def _instrument_kind(path: Path) -> str:
+    """``mass_cytometry`` or ``fluorescence``, as ingest recorded it in ``uns["source"]``."""
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+        mass = bool(adata.uns.get("source", {}).get("mass_cytometry", False))
+        adata.file.close()
+    except (OSError, KeyError, TypeError):
+        return "fluorescence"
+    return "mass_cytometry" if mass else "fluorescence"
+
+
+def split_instrument_mix(groups: Mapping[str, str], kinds: Mapping[str, str]) -> dict[str, str]:
+    """Split every group that holds both mass and fluorescence cytometry samples.
+
+    Their scales differ, so one pooled gate would fit neither: each kind gets its own
+    group, ``{group}:mass_cytometry`` / ``{group}:fluorescence`` (flagged downstream).
+    """
+    mixed = {g for g in set(groups.values())
+             if len({kinds[s] for s, group in groups.items() if group == g}) > 1}
+    for group in sorted(mixed):
+        log.warning("gating group %r mixes mass and fluorescence cytometry samples; their gates "
+                    "are learned apart (flagged instrument_mix)", group)
+    return {s: f"{g}:{kinds[s]}" if g in mixed else g for s, g in groups.items()}
 
 
 def cli_thresholds(args: argparse.Namespace) -> None:
@@ -324,6 +359,8 @@ def cli_thresholds(args: argparse.Namespace) -> None:
                                     if lv in ("hi", "lo")))
     # The lymphocyte gate uses these where the panel has them (see annotate).
     pos_markers += [m for m in ("CD45", "CD14", "CD56", "CD16") if m not in pos_markers]
+    if "CD3" not in pos_markers:
+        pos_markers.insert(0, "CD3")
 
     paths: dict[str, Path] = {}
     for path in map(Path, args.inputs):
@@ -342,7 +379,9 @@ def cli_thresholds(args: argparse.Namespace) -> None:
                                  sample_id=sample_id) from None
         return _read
 
-    groups = {s: threshold_group(sheet.loc[s], settings["method"]) for s in paths}
+    groups = split_instrument_mix(
+        {s: threshold_group(sheet.loc[s], settings["method"]) for s in paths},
+        {s: _instrument_kind(p) for s, p in paths.items()})
     learners = set(paths)
     if settings["method"] == "baseline":
         learners = {s for s in paths if int(sheet.loc[s, "day"]) <= 0}
