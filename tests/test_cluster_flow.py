@@ -107,7 +107,8 @@ def test_mixed_panels_cluster_on_shared_markers_and_name_what_is_missing(tmp_pat
     # No shared marker: every sample and what it lacks, at once; no model.
     _flow_h5ad(tmp_path / "c.h5ad", "c", n=600, seed=3, channels=["FSC-A", "", "", "CD20"])
     (tmp_path / "model.npz").unlink()
-    with pytest.raises(InputError, match=r"CD3: missing in c; CD19: missing in c; CD20: missing in b"):
+    with pytest.raises(InputError,
+                       match=r"CD3: missing in c; CD19: missing in c; CD20: missing in b"):
         _train(tmp_path, [tmp_path / n for n in ("a.h5ad", "b.h5ad", "c.h5ad")],
                _config(tmp_path))
     assert not (tmp_path / "model.npz").exists()  # nothing written on failure
