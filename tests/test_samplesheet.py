@@ -75,3 +75,50 @@ def test_check_samples_command_exits_non_zero(tmp_path, capsys):
     assert main(["check-samples", "--samples", str(path)]) == 1
     message = capsys.readouterr().err
     assert "line 3" in message and "sample_id" in message and "duplicate" in message
+
+
+def test_comma_separated_sheet_is_recognised(tmp_path):
+    path = _sheet(tmp_path, ["s1,P1,0,flow,data/a.fcs,"], header=HEADER.replace("\t", ","))
+    with pytest.raises(SampleSheetError, match="comma-separated") as caught:
+        read_sample_sheet(path)
+    assert "required column" not in str(caught.value)
+
+
+def test_every_sheet_error_is_listed_at_once(tmp_path):
+    (tmp_path / "data" / "folder").mkdir(parents=True)
+    (tmp_path / "data" / "events.csv").write_text("FSC-A,SSC-A\n1,2\n")
+    path = _sheet(tmp_path, ["s1\tP1\tx\tflow\tdata/a.fcs\t",
+                             "s2\tP1\t7\tcytof\tdata/b.fcs\t-1",
+                             "s3\tP1\t14\tflow\tdata/folder\t",
+                             "s4\tP1\t21\tflow\tdata/events.csv\t",
+                             "s4\tP1\t28\tflow\tdata/c.fcs\t"])
+    with pytest.raises(SampleSheetError) as caught:
+        read_sample_sheet(path)
+    message = str(caught.value)
+    for words in ("line 2, column 'day'", "line 3, column 'modality'",
+                  "line 3, column 'lymphocytes_per_ul'", "line 4, column 'path'",
+                  "is a directory", "line 5, column 'path'", "not an FCS file",
+                  "line 6, column 'sample_id'"):
+        assert words in message, words
+    assert len(caught.value.errors) == 6
+    assert caught.value.row == 2  # the first problem, as a single error would give
+
+
+def test_scrna_folder_is_not_refused_as_a_path(tmp_path):
+    (tmp_path / "data" / "mtx").mkdir(parents=True)
+    path = _sheet(tmp_path, ["s1\tP1\t0\tscrna\tdata/mtx\t"])
+    assert read_sample_sheet(path).loc["s1", "modality"] == "scrna"
+
+
+def test_lymphodepletion_day_is_an_optional_integer(tmp_path):
+    header = HEADER.rstrip("\n") + "\tlymphodepletion_day\n"
+    path = _sheet(tmp_path, ["s1\tP1\t0\tflow\tdata/a.fcs\t\t-5",
+                             "s2\tP1\t30\tflow\tdata/b.fcs\t\t"], header=header)
+    sheet = read_sample_sheet(path)
+    assert sheet.loc["s1", "lymphodepletion_day"] == -5
+    assert sheet["lymphodepletion_day"].isna().tolist() == [False, True]
+    path.write_text(header + "s1\tP1\t0\tflow\tdata/a.fcs\t\tday -5\n")
+    with pytest.raises(SampleSheetError, match="lymphodepletion_day 'day -5' is not an integer"):
+        read_sample_sheet(path)
+    plain = _sheet(tmp_path, ["s1\tP1\t0\tflow\tdata/a.fcs\t"])
+    assert read_sample_sheet(plain)["lymphodepletion_day"].isna().all()

@@ -18,7 +18,8 @@ from . import __version__
 _COMMANDS: dict[str, tuple[str, str, str]] = {
     "simulate": ("bcellmap.simulate", "cli_simulate",
                  "write the simulated demo cohort (FCS files, sample sheet, truth tables)"),
-    "check-samples": ("bcellmap.cli", "_cli_check_samples", "validate a sample sheet"),
+    "check-samples": ("bcellmap.cli", "_cli_check_samples",
+                      "validate a sample sheet (--deep: and every file's header)"),
     "ingest-flow": ("bcellmap.ingest", "cli_ingest_flow",
                     "read one FCS sample: compensate, transform, QC -> h5ad"),
     "collect-qc": ("bcellmap.qc", "cli_collect_qc", "combine per-sample QC tables"),
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = p["check-samples"]
     _add_common(s)
     s.add_argument("--samples", required=True, metavar="TSV")
+    s.add_argument("--deep", action="store_true",
+                   help="also read every file's header: markers per panel, compensation, "
+                        "already compensated/transformed values, mixed instruments, GPU; "
+                        "report every problem at once")
 
     s = p["ingest-flow"]
     _add_common(s)
@@ -212,6 +217,15 @@ def _cli_check_samples(args: argparse.Namespace) -> None:
     from .samplesheet import normalisation_active, read_sample_sheet
 
     config = load_config(args.config)
+    if getattr(args, "deep", False):
+        from .errors import BcellmapError
+        from .preflight import run_preflight
+
+        report = run_preflight(args.samples, config)
+        print(report.format())
+        if not report.ok:
+            raise BcellmapError(f"{len(report.errors)} problem(s) in {args.samples}, listed "
+                                "above")
     sheet = read_sample_sheet(args.samples, panels=list(config.get("panels", {})))
     method = str((config.get("normalisation") or {}).get("method", "auto"))
     if normalisation_active(sheet, method=method, path=args.samples):

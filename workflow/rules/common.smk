@@ -13,7 +13,14 @@ from bcellmap.config import default_config, merge  # noqa: E402
 from bcellmap.errors import BcellmapError  # noqa: E402
 from bcellmap.samplesheet import read_sample_sheet  # noqa: E402
 
-# Package defaults under the user's values (config.yaml, --configfile, --config).
+# Package defaults under the user's values (config.yaml, --configfile, --config); an
+# unknown key (a typo such as `devise`) is an error with a "did you mean".
+from bcellmap.config import check_config_keys  # noqa: E402
+
+try:
+    check_config_keys(dict(config), source="config")
+except BcellmapError as error:
+    raise WorkflowError(str(error)) from None
 _merged = merge(default_config(), config)
 config.clear()
 config.update(_merged)
@@ -35,6 +42,30 @@ def _sample_sheet_path() -> Path:
 
 
 SAMPLE_SHEET = _sample_sheet_path().resolve()
+# Preflight (bcellmap.preflight, as `bcellmap check-samples --deep`): every sheet line and
+# every file's header, all problems listed at once, before any job. Only in the main
+# process (not in cluster jobs) and not for --lint; the GPU is checked in onstart (below),
+# where it is known whether jobs run on this machine.
+if workflow.is_main_process and "--lint" not in sys.argv:
+    from bcellmap.preflight import run_preflight
+
+    _preflight = run_preflight(SAMPLE_SHEET, config, check_gpu=False)
+    if not _preflight.ok:
+        raise WorkflowError(_preflight.format())
+    for _finding in _preflight.warnings:
+        logger.warning(f"bcellmap preflight: {_finding.text}")
+
+
+onstart:
+    if workflow.local_exec and config["device"] != "cpu":
+        from bcellmap.preflight import PreflightReport, _check_device
+
+        _gpu = PreflightReport(sheet=str(SAMPLE_SHEET))
+        _check_device(_gpu, config)
+        if not _gpu.ok:
+            raise WorkflowError(f"bcellmap preflight: {_gpu.errors[0].text}")
+
+
 try:
     samples = read_sample_sheet(SAMPLE_SHEET, panels=list(config["panels"]))
 except BcellmapError as error:
