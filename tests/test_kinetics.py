@@ -11,7 +11,7 @@ import pytest
 from bcellmap.annotate import SUBSETS
 from bcellmap.cli import main
 from bcellmap.config import load_config
-from bcellmap.errors import SampleSheetError
+from bcellmap.errors import InputError, SampleSheetError
 from bcellmap.kinetics import KINETICS_COLUMNS, cohort_summary, patient_kinetics
 from bcellmap.samplesheet import read_sample_sheet
 
@@ -103,7 +103,12 @@ def test_depletion_reconstitution_and_subsets(kinetics):
     assert (row["baseline_value"], row["depletion_day"], row["reconstitution_day"]) == (
         10.0, 7, 120)
     assert row["aplasia_days"] == 113 and not row["censored"] and row["last_day"] == 150
-    assert row["nadir_value"] == 0.0 and "below_lloq" in _flags(row)
+    # 0 of 20000 resolves 0.1 % (upper bound 0.018 %): the depletion call is certain, so
+    # no below_lloq; the nadir itself is below the LLOQ.
+    assert row["nadir_value"] == 0.0 and "below_lloq" not in _flags(row)
+    assert bool(row["nadir_below_lloq"])
+    assert row["time_to_reconstitution_days"] == 120
+    assert "not_in_kaplan_meier" not in _flags(row) and "low_baseline" not in _flags(row)
     assert row["naive_pct_b_at_reconstitution"] == 80.0
     assert row["memory_pct_b_at_reconstitution"] == 3.0
     assert row["transitional_pct_b_at_reconstitution"] == 15.0
@@ -112,9 +117,12 @@ def test_depletion_reconstitution_and_subsets(kinetics):
 
 
 def test_unconfirmed_censored_redepletion_no_depletion(kinetics):
+    # P2: 1.5 % on the last visit (day 100) and nothing after it: censored, not an event.
     p2 = _get(kinetics, "P2")
-    assert p2["reconstitution_day"] == 100 and "unconfirmed" in _flags(p2)
-    assert p2["aplasia_days"] == 86
+    assert pd.isna(p2["reconstitution_day"]) and "unconfirmed" in _flags(p2)
+    assert p2["censored"] and p2["unconfirmed_reconstitution_day"] == 100
+    assert p2["aplasia_days"] == 100 - 14 and p2["time_to_reconstitution_days"] == 100
+    assert pd.isna(p2["naive_pct_b_at_reconstitution"])
     p3 = _get(kinetics, "P3")
     assert p3["censored"] and pd.isna(p3["reconstitution_day"])
     assert p3["aplasia_days"] == 190 and p3["last_day"] == 200
@@ -122,6 +130,8 @@ def test_unconfirmed_censored_redepletion_no_depletion(kinetics):
     assert p4["reconstitution_day"] == 80 and "redepletion" in _flags(p4)
     p5 = _get(kinetics, "P5")
     assert "no_depletion" in _flags(p5) and pd.isna(p5["depletion_day"])
+    assert "not_in_kaplan_meier" in _flags(p5) and "not_evaluable" not in _flags(p5)
+    assert p5["not_evaluable_days"] == ""
     assert pd.isna(p5["aplasia_days"]) and pd.isna(p5["censored"])
 
 
@@ -137,8 +147,10 @@ def test_memory_return_discordance_baseline_events(kinetics):
     assert p8["depletion_day"] == 10 and p8["reconstitution_day"] == 100
     p9 = _get(kinetics, "P9")
     assert "no_events" in _flags(p9) and p9["depletion_day"] == 30
+    assert p9["not_evaluable_days"] == "10"
     p10 = _get(kinetics, "P10")
     assert "few_events" in _flags(p10) and p10["depletion_day"] == 30
+    assert p10["not_evaluable_days"] == "10"
 
 
 def test_absolute_counts_use_cells_per_ul(kinetics):
@@ -164,6 +176,109 @@ def test_duplicate_visit_days_are_refused_by_the_sample_sheet(tmp_path):
                    "path": "x.fcs"} for s in ("a", "b")]).to_csv(sheet, sep="\t", index=False)
     with pytest.raises(SampleSheetError, match="two flow samples on day 30"):
         read_sample_sheet(sheet, check_files=False)
+
+
+def test_confirmation_skips_a_visit_that_cannot_resolve_the_threshold():
+    # Day 110: 0 B of 200 lymphocytes, LLOQ 3 / 200 = 1.5 % > 1 %: it neither confirms nor
+    # refutes; day 130 (2 %) confirms day 100. Day 110 is also below 0.1 % without
+    # resolving it: not evaluable for depletion (few_events).
+    rows = [_visit("R", -1, 5.0), _visit("R", 10, 0.0), _visit("R", 100, 2.0),
+            _visit("R", 110, 0.0, lymphocytes=200), _visit("R", 130, 2.0)]
+    row = _get(patient_kinetics(pd.DataFrame(rows), config=load_config()), "R")
+    assert (row["depletion_day"], row["reconstitution_day"]) == (10, 100)
+    assert row["time_to_reconstitution_days"] == 100 and row["aplasia_days"] == 90
+    assert not row["censored"] and "unconfirmed" not in _flags(row)
+    assert row["not_evaluable_days"] == "110" and "few_events" in _flags(row)
+    # A resolving low visit (0 of 20000) between the two breaks the confirmation: day 130
+    # is then a qualifying last visit, unconfirmed and censored at 130.
+    rows[3] = _visit("R", 110, 0.0)
+    row = _get(patient_kinetics(pd.DataFrame(rows), config=load_config()), "R")
+    assert row["censored"] and pd.isna(row["reconstitution_day"])
+    assert row["unconfirmed_reconstitution_day"] == 130 and "unconfirmed" in _flags(row)
+    assert row["aplasia_days"] == 120 and row["time_to_reconstitution_days"] == 130
+
+
+def test_unresolvable_visits_are_not_evaluable_never_no_depletion():
+    rows = [
+        # N1: 0 B of 1000 lymphocytes (LLOQ 0.3 % > 0.1 %) and 0.5 % after: could have
+        # been depleted on day 10, cannot be told.
+        _visit("N1", -1, 5.0), _visit("N1", 10, 0.0, lymphocytes=1000), _visit("N1", 30, 0.5),
+        # N2: no events on day 10; day 30 is not depleted.
+        _visit("N2", -1, 5.0), _visit("N2", 10, 0.0, lymphocytes=0), _visit("N2", 30, 0.5),
+        # N3: never a lymphocyte.
+        _visit("N3", -1, 0.0, lymphocytes=0), _visit("N3", 10, 0.0, lymphocytes=0),
+    ]
+    table = patient_kinetics(pd.DataFrame(rows), config=load_config())
+    for patient, days in (("N1", "10"), ("N2", "10"), ("N3", "10")):
+        row = _get(table, patient)
+        flags = _flags(row)
+        assert "not_evaluable" in flags and "no_depletion" not in flags, patient
+        assert "not_in_kaplan_meier" in flags, patient
+        assert pd.isna(row["depletion_day"]) and pd.isna(row["censored"]), patient
+        assert row["not_evaluable_days"] == days, patient
+    assert _get(table, "N3")["n_evaluable"] == 0
+    cohort = cohort_summary(table, config=load_config())
+    b = cohort[cohort["measure"] == "b"].set_index("statistic")
+    assert b.loc["patients", "value"] == 3
+    assert b.loc["patients_not_evaluable", "value"] == 3
+    assert b.loc["patients_not_in_kaplan_meier", "value"] == 3
+    assert b.loc["patients_depleted", "value"] == 0
+
+
+def test_low_baseline_and_baseline_after_lymphodepletion():
+    rows = [
+        # L1: baseline 0.5 % < 1 % (reconstitution threshold): already low.
+        _visit("L1", -7, 0.5), _visit("L1", 14, 0.0),
+        # L2: baseline 1.5 %: low only with kinetics.low_baseline.pct_lymphocytes 2.
+        _visit("L2", -7, 1.5), _visit("L2", 14, 0.0),
+        # L3: 1000 lymphocytes/µL x 0.8 % = 8 cells/µL < 10 /µL.
+        _visit("L3", -7, 0.8, per_ul=1000), _visit("L3", 14, 0.0, per_ul=1000),
+        # L4: baseline drawn on day -3, lymphodepletion on day -5: after it.
+        _visit("L4", -3, 5.0), _visit("L4", 14, 0.0),
+        # L5: baseline on day -7, before lymphodepletion on day -5.
+        _visit("L5", -7, 5.0), _visit("L5", 14, 0.0),
+    ]
+    frame = pd.DataFrame(rows)
+    frame["lymphodepletion_day"] = np.where(frame["patient_id"].isin(["L4", "L5"]), -5,
+                                            np.nan)
+    table = patient_kinetics(frame, config=load_config())
+    flagged = {p for p in ("L1", "L2", "L3", "L4", "L5")
+               if "low_baseline" in _flags(_get(table, p))}
+    assert flagged == {"L1", "L3"}
+    after = {p for p in ("L1", "L2", "L3", "L4", "L5")
+             if "baseline_after_lymphodepletion" in _flags(_get(table, p))}
+    assert after == {"L4"}
+    assert _get(table, "L4")["lymphodepletion_day"] == -5
+    assert _get(table, "L3")["depletion_day"] == 14  # the flag changes no call
+    config = load_config()
+    config["kinetics"]["low_baseline"] = {"per_ul": 50.0, "pct_lymphocytes": 2.0}
+    table = patient_kinetics(frame, config=config)
+    assert "low_baseline" in _flags(_get(table, "L2"))
+    assert _get(table, "L2")["low_baseline_threshold"] == 2.0
+    # One lymphodepletion day per patient.
+    frame.loc[frame.index[-1], "lymphodepletion_day"] = -4
+    with pytest.raises(InputError, match="lymphodepletion_day"):
+        patient_kinetics(frame, config=load_config())
+
+
+def test_below_lloq_only_where_the_depletion_call_is_uncertain():
+    # 0 B of 3300 lymphocytes: LLOQ 3 / 3300 = 0.0909 % <= 0.1 % calls depletion, but the
+    # two-sided 95% upper bound 100 * (1 - 0.025^(1/3300)) = 0.1118 % is above 0.1 %.
+    # 0 of 20000: upper bound 0.0184 % < 0.1 %: no flag.
+    upper_3300 = 100 * (1 - 0.025 ** (1 / 3300))
+    assert upper_3300 == pytest.approx(0.1118, abs=1e-4)
+    rows = [_visit("U", -1, 5.0), _visit("U", 10, 0.0, lymphocytes=3300),
+            _visit("C", -1, 5.0), _visit("C", 10, 0.0)]
+    frame = pd.DataFrame(rows)
+    table = patient_kinetics(frame, config=load_config())  # bound from the counts
+    assert "below_lloq" in _flags(_get(table, "U"))
+    assert _get(table, "U")["depletion_day"] == 10
+    assert "below_lloq" not in _flags(_get(table, "C"))
+    # The same from quantify's interval column.
+    frame["b_pct_lymphocytes_ci_high"] = [10.0, upper_3300, 10.0, 0.0184]
+    table = patient_kinetics(frame, config=load_config())
+    assert "below_lloq" in _flags(_get(table, "U"))
+    assert "below_lloq" not in _flags(_get(table, "C"))
 
 
 def _cohort_input() -> pd.DataFrame:
@@ -204,6 +319,75 @@ def test_cohort_aplasia_and_kaplan_meier_against_hand_computation():
     assert naive.loc["baseline", "value"] == 70.0 and naive.loc["baseline", "n"] == 5
     assert naive.loc["reconstitution", "value"] == 80.0
     assert naive.loc["reconstitution", "n"] == 3
+    # Time from infusion (primary): 100, 120, 200 -> mean 140, SD sqrt(2800), median 120.
+    assert value["time_to_reconstitution_days_mean"] == pytest.approx(140.0)
+    assert value["time_to_reconstitution_days_sd"] == pytest.approx(math.sqrt(2800.0))
+    assert value["time_to_reconstitution_days_median"] == 120.0
+    assert (value["time_to_reconstitution_days_min"],
+            value["time_to_reconstitution_days_max"]) == (100.0, 200.0)
+    assert set(cohort["unit"]) == {"unspecified"}  # this input has no unit column
+
+
+def test_cohort_never_pools_units():
+    # cells/µL: reconstitution on days 100 and 140; % of lymphocytes: 60 and 80, and one
+    # censored on day 50.
+    rows = []
+    for patient, unit, recon, last in (("A", "cells_per_ul", 100, 130),
+                                       ("B", "cells_per_ul", 140, 170),
+                                       ("C", "pct_lymphocytes", 60, 90),
+                                       ("D", "pct_lymphocytes", 80, 110),
+                                       ("E", "pct_lymphocytes", None, 50)):
+        row = {"patient_id": patient, "modality": "flow", "measure": "b", "unit": unit,
+               "depletion_day": 10, "reconstitution_day": recon, "last_day": last,
+               "censored": recon is None, "aplasia_days": (recon or last) - 10, "flags": ""}
+        for subset in SUBSETS:
+            row[f"{subset}_pct_b_at_baseline"] = HEALTHY[subset]
+            row[f"{subset}_pct_b_at_reconstitution"] = RETURNING[subset] if recon else math.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["reconstitution_day"] = frame["reconstitution_day"].astype("Int64")
+    cohort = cohort_summary(frame, config=load_config())
+    per_ul = cohort[cohort["unit"] == "cells_per_ul"].set_index("statistic")
+    pct = cohort[cohort["unit"] == "pct_lymphocytes"].set_index("statistic")
+    assert len(per_ul) + len(pct) == len(cohort)
+    assert per_ul.loc["patients", "value"] == 2 and pct.loc["patients", "value"] == 3
+    assert per_ul.loc["time_to_reconstitution_days_mean", "value"] == pytest.approx(120.0)
+    assert per_ul.loc["time_to_reconstitution_days_sd", "value"] == pytest.approx(
+        math.sqrt(800.0))
+    assert pct.loc["time_to_reconstitution_days_mean", "value"] == pytest.approx(70.0)
+    # % KM by hand: censored 50 (3 at risk, no step); 60: 2 at risk -> 1/2 (the median);
+    # 80: 1 at risk -> 0.
+    assert pct.loc["km_median_days_to_reconstitution", "value"] == 60.0
+    assert pct.loc["km_not_reconstituted_at_day_90", "value"] == pytest.approx(0.0)
+    assert per_ul.loc["km_median_days_to_reconstitution", "value"] == 100.0
+    assert per_ul.loc["km_not_reconstituted_at_day_90", "value"] == pytest.approx(1.0)
+
+
+def test_unconfirmed_return_is_censored_in_the_kaplan_meier_estimate():
+    rows = [
+        # U1: back on 100, confirmed 130. U3: back on 120, confirmed 160.
+        _visit("U1", -1, 5.0), _visit("U1", 10, 0.0), _visit("U1", 100, 2.0),
+        _visit("U1", 130, 2.0),
+        # U2: 2 % only on the last visit (150): censored at 150, not an event.
+        _visit("U2", -1, 5.0), _visit("U2", 10, 0.0), _visit("U2", 60, 0.0),
+        _visit("U2", 150, 2.0),
+        _visit("U3", -1, 5.0), _visit("U3", 10, 0.0), _visit("U3", 120, 2.0),
+        _visit("U3", 160, 3.0),
+    ]
+    cohort = cohort_summary(patient_kinetics(pd.DataFrame(rows), config=load_config()),
+                            config=load_config())
+    b = cohort[cohort["measure"] == "b"].set_index("statistic")
+    assert set(b["unit"]) == {"pct_lymphocytes"}
+    assert (b.loc["patients_reconstituted", "value"], b.loc["patients_censored", "value"],
+            b.loc["patients_unconfirmed", "value"]) == (2, 1, 1)
+    # KM by hand: 100: 3 at risk -> 2/3; 120: 2 at risk -> 1/3; 150 censored (no step).
+    # Counting U2 as an event would give 0 at day 180.
+    assert b.loc["km_median_days_to_reconstitution", "value"] == 120.0
+    assert b.loc["km_not_reconstituted_at_day_90", "value"] == pytest.approx(1.0)
+    assert b.loc["km_not_reconstituted_at_day_180", "value"] == pytest.approx(1 / 3)
+    # Time from infusion 100 and 120 -> 110; aplasia 90 and 110 -> 100.
+    assert b.loc["time_to_reconstitution_days_mean", "value"] == pytest.approx(110.0)
+    assert b.loc["aplasia_days_mean", "value"] == pytest.approx(100.0)
 
 
 def test_cli_kinetics_writes_both_tables(tmp_path):
@@ -219,7 +403,8 @@ def test_cli_kinetics_writes_both_tables(tmp_path):
     b = kinetics[kinetics["measure"] == "b"].iloc[0]
     assert (b["depletion_day"], b["reconstitution_day"], b["aplasia_days"]) == (7, 120, 113)
     summary = pd.read_csv(cohort, sep="\t")
-    assert list(summary.columns) == ["statistic", "modality", "measure", "value", "n", "detail"]
+    assert list(summary.columns) == ["statistic", "modality", "measure", "value", "n", "detail",
+                                     "unit"]
     assert np.isfinite(summary["n"]).all()
 
 
@@ -249,3 +434,17 @@ def test_discordance_flag_rests_on_a_confidence_bound(b_events, cd19neg, flagged
 
     bound = discordance_lower_bound(pd.Series([cd19neg]), pd.Series([b_events])).iloc[0]
     assert bound == pytest.approx(beta.ppf(0.05, cd19neg, b_events - cd19neg + 1))
+
+
+def test_memory_dominant_return_needs_quantifiable_b_events():
+    # 2% of 20,000 lymphocytes = 400 B events: a finding. 2% of 1,000 = 20 B events, below
+    # the 50-event limit of quantification: said, but not as a finding.
+    for lymphocytes, flag in ((20000, "memory_dominant_return"),
+                              (1000, "memory_dominant_return_below_loq")):
+        rows = [_visit("Q", -1, 5.0), _visit("Q", 20, 0.0, lymphocytes=20000),
+                _visit("Q", 100, 2.0, lymphocytes=lymphocytes, subsets=MEMORY_RETURN),
+                _visit("Q", 130, 2.0)]
+        flags = _flags(_get(patient_kinetics(pd.DataFrame(rows), config=load_config()), "Q"))
+        assert flag in flags
+        other = {"memory_dominant_return", "memory_dominant_return_below_loq"} - {flag}
+        assert not other & set(flags)

@@ -104,3 +104,98 @@ def test_cli_quantify(tmp_path):
     assert table.loc["A", "b_per_ul"] == pytest.approx(100.0)  # 5 % of 2000
     assert table.loc["B", "lloq_pct_lymphocytes"] == pytest.approx(0.0375)
     assert len(read_counts(paths)) == 2
+
+
+# Exact interval limits from their closed forms (k = 0 or k = n: (alpha/2)^(1/n) and the
+# exponential quantile -ln(0.025)) or published tables (Garwood 1936 Poisson limits;
+# Clopper-Pearson binomial limits), not from the code.
+GARWOOD_0 = (0.0, -math.log(0.025))    # 0 events: (0, 3.6889)
+GARWOOD_1 = (-math.log(0.975), 5.5716)  # 1 event: (0.0253, 5.5716)
+GARWOOD_5 = (1.6235, 11.6683)
+GARWOOD_10 = (4.7954, 18.3904)
+
+
+def test_confidence_intervals_loq_and_subsets_per_ul():
+    counts = pd.DataFrame([
+        # A: 2000 B of 20000 lymphocytes, 1500 lymphocytes/µL.
+        _counts("A", 20000, 2000, 1900, 1950, 100,
+                {"naive": 1400, "transitional": 60, "switched_memory": 300,
+                 "unswitched_memory": 200, "double_negative": 30, "plasmablast": 10}),
+        # B: aplastic, 0 of 15000 lymphocytes, 800/µL.
+        _counts("B", 15000, 0, 0, 0, 0, {}),
+        # C: 5 B of 10 lymphocytes (1 naive, 5 transitional), 1000/µL.
+        _counts("C", 10, 5, 5, 1, 0, {"naive": 1, "transitional": 5}),
+    ])
+    table = quantify(counts, _sheet({"A": 1500.0, "B": 800.0, "C": 1000.0}),
+                     loq_events=50).set_index("sample_id")
+    # Poisson (Garwood) intervals on counts.
+    assert table.loc["B", "b_cells_ci_low"] == 0.0
+    assert table.loc["B", "b_cells_ci_high"] == pytest.approx(GARWOOD_0[1], rel=1e-6)
+    assert table.loc["C", "cd20_pos_ci_low"] == pytest.approx(GARWOOD_1[0], rel=1e-4)
+    assert table.loc["C", "cd20_pos_ci_high"] == pytest.approx(GARWOOD_1[1], rel=1e-4)
+    assert table.loc["C", "b_cells_ci_low"] == pytest.approx(GARWOOD_5[0], rel=1e-4)
+    assert table.loc["C", "b_cells_ci_high"] == pytest.approx(GARWOOD_5[1], rel=1e-4)
+    assert table.loc["A", "plasmablast_count_ci_low"] == pytest.approx(GARWOOD_10[0], rel=1e-4)
+    assert table.loc["A", "plasmablast_count_ci_high"] == pytest.approx(GARWOOD_10[1],
+                                                                        rel=1e-4)
+    # Clopper-Pearson on frequencies. 0 of 15000: (0, 1 - 0.025^(1/15000)).
+    upper = 1 - 0.025 ** (1 / 15000)
+    assert table.loc["B", "b_pct_lymphocytes_ci_low"] == 0.0
+    assert table.loc["B", "b_pct_lymphocytes_ci_high"] == pytest.approx(100 * upper)
+    # ... in cells/µL: the same interval times 800 lymphocytes/µL.
+    assert table.loc["B", "b_per_ul_ci_high"] == pytest.approx(800 * upper)
+    # 5 of 10 (tables: 0.1871-0.8129), 1000/µL -> 187.1-812.9 cells/µL.
+    assert table.loc["C", "b_pct_lymphocytes_ci_low"] == pytest.approx(18.71, abs=0.01)
+    assert table.loc["C", "b_pct_lymphocytes_ci_high"] == pytest.approx(81.29, abs=0.01)
+    assert table.loc["C", "b_per_ul_ci_low"] == pytest.approx(187.1, abs=0.1)
+    assert table.loc["C", "b_per_ul_ci_high"] == pytest.approx(812.9, abs=0.1)
+    # CD19+: also 5 of 10 lymphocytes.
+    assert table.loc["C", "cd19_pct_lymphocytes_ci_low"] == pytest.approx(18.71, abs=0.01)
+    # Subsets as % of B: 5 of 5 transitional: (100 * 0.025^(1/5), 100);
+    # 1 of 5 naive: (100 * (1 - 0.975^(1/5)), 71.64 from the tables).
+    assert table.loc["C", "transitional_pct_b_ci_low"] == pytest.approx(100 * 0.025 ** 0.2)
+    assert table.loc["C", "transitional_pct_b_ci_high"] == 100.0
+    assert table.loc["C", "naive_pct_b_ci_low"] == pytest.approx(100 * (1 - 0.975 ** 0.2))
+    assert table.loc["C", "naive_pct_b_ci_high"] == pytest.approx(71.64, abs=0.01)
+    # Subset cells/µL: 1400 naive of 20000 lymphocytes x 1500/µL = 105; interval of 1 of
+    # 10 lymphocytes (C's naive) x 1000/µL: (1000 * (1 - 0.975^(1/10)), 445.0 from tables).
+    assert table.loc["A", "naive_per_ul"] == pytest.approx(105.0)
+    assert table.loc["C", "naive_per_ul"] == pytest.approx(100.0)
+    assert table.loc["C", "naive_per_ul_ci_low"] == pytest.approx(1000 * (1 - 0.975 ** 0.1))
+    assert table.loc["C", "naive_per_ul_ci_high"] == pytest.approx(445.0, abs=0.1)
+    assert pd.isna(table.loc["B", "naive_pct_b_ci_low"])  # no B cells: no share
+    # The "LLOQ" is the upper 95% bound at zero: 3 / 20000 * 100 = 0.015 %; 0.015 % of 1500.
+    assert table.loc["A", "upper95_at_zero_pct_lymphocytes"] == pytest.approx(0.015)
+    assert table.loc["A", "upper95_at_zero_per_ul"] == pytest.approx(0.225)
+    assert (table["upper95_at_zero_pct_lymphocytes"] == table["lloq_pct_lymphocytes"]).all()
+    # LOQ: 50 / 20000 * 100 = 0.25 % = 3.75 cells/µL at 1500/µL; 50 / 15000 -> 0.333 %.
+    assert table.loc["A", "loq_pct_lymphocytes"] == pytest.approx(0.25)
+    assert table.loc["A", "loq_per_ul"] == pytest.approx(3.75)
+    assert table.loc["B", "loq_pct_lymphocytes"] == pytest.approx(100 * 50 / 15000)
+    # below_loq: 2000 B events >= 50; 0 and 5 < 50.
+    assert list(table.loc[["A", "B", "C"], "below_loq"]) == [False, True, True]
+
+
+def test_loq_is_configurable_and_empty_without_lymphocytes():
+    counts = pd.DataFrame([_counts("A", 20000, 49, 49, 49, 0, {"naive": 49}),
+                           _counts("B", 20000, 50, 50, 50, 0, {"naive": 50}),
+                           _counts("C", 0, 0, 0, 0, 0, {})])
+    table = quantify(counts, _sheet({}), loq_events=50).set_index("sample_id")
+    assert bool(table.loc["A", "below_loq"]) and not bool(table.loc["B", "below_loq"])
+    assert pd.isna(table.loc["C", "below_loq"]) and pd.isna(table.loc["C", "loq_pct_lymphocytes"])
+    assert pd.isna(table.loc["C", "b_pct_lymphocytes_ci_high"])
+    table = quantify(counts, _sheet({}), loq_events=20).set_index("sample_id")
+    assert table.loc["A", "loq_pct_lymphocytes"] == pytest.approx(0.1)  # 20 / 20000
+    assert not bool(table.loc["A", "below_loq"])
+
+
+def test_lymphodepletion_day_is_carried_from_the_sheet():
+    counts = pd.DataFrame([_counts(s, 1000, 10, 10, 10, 0, {}) for s in ("A", "B", "C")])
+    sheet = _sheet({}).assign(lymphodepletion_day=["-5", "-5", ""])
+    table = quantify(counts, sheet).set_index("sample_id")
+    assert table.loc["A", "lymphodepletion_day"] == -5
+    assert pd.isna(table.loc["C", "lymphodepletion_day"])
+    # Without the column: an empty column.
+    assert quantify(counts, _sheet({}))["lymphodepletion_day"].isna().all()
+    with pytest.raises(InputError, match="lymphodepletion_day"):
+        quantify(counts, _sheet({}).assign(lymphodepletion_day=["-5.5", "", ""]))

@@ -9,7 +9,7 @@ rule quantify:
     params:
         config=CONFIG_FILE,
         sheet=SAMPLE_SHEET,
-        settings=lambda wildcards: config["kinetics"]["lloq_events"],
+        settings=lambda wildcards: [config["kinetics"]["lloq_events"], config["kinetics"]["loq_events"]],
     log:
         "logs/quantify.log",
     conda:
