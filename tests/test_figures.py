@@ -199,6 +199,33 @@ def test_cli_report_writes_every_figure(tmp_path, tables):
         f"{s}.{e}" for s in stems for e in ("png", "svg"))
 
 
+def _marker_is(collection, marker: str) -> bool:
+    """True when a scatter's marker path is matplotlib's ``marker`` path."""
+    from matplotlib.markers import MarkerStyle
+
+    style = MarkerStyle(marker)
+    expected = style.get_path().transformed(style.get_transform()).vertices
+    drawn = collection.get_paths()[0].vertices
+    return drawn.shape == expected.shape and np.allclose(drawn, expected)
+
+
+def _is_open(collection) -> bool:
+    """Open (white-filled) markers."""
+    return bool(np.allclose(collection.get_facecolors()[:, :3], 1.0))
+
+
+def _joined_pairs(line) -> list[tuple[float, float]]:
+    """(x0, x1) of every segment a Line2D draws: consecutive points both finite."""
+    x = np.asarray(line.get_xdata(), dtype=float)
+    y = np.asarray(line.get_ydata(), dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    return [(x[i], x[i + 1]) for i in range(len(x) - 1) if ok[i] and ok[i + 1]]
+
+
+def _offset_days(collection) -> list[float]:
+    return sorted(np.asarray(collection.get_offsets())[:, 0].tolist())
+
+
 def test_patient_lloq_and_levels_per_ul(tables):
     samples, kinetics, _ = tables
     fig = figures.plot_patient(samples, kinetics, "P03")
@@ -207,22 +234,39 @@ def test_patient_lloq_and_levels_per_ul(tables):
     expected_lloq = 3.0 / rows["lymphocytes"] * 100 / 100 * rows["lymphocytes_per_ul"]
     np.testing.assert_allclose(lloq.get_ydata(), expected_lloq.to_numpy(), rtol=1e-9)
     assert "cells/µL" in fig.axes[0].get_ylabel()
-    # During aplasia (0 events) CD19 is drawn at the LLOQ, after return at its level per µL.
-    cd19 = np.asarray(_by_gid(fig, "level_cd19_flow").get_ydata(), dtype=float)
+    # During aplasia (0 events) CD19 is an upper bound: an open down-triangle at the LLOQ, and
+    # the measured line is broken there (NaN), so no segment joins unmeasured visits.
+    line = _by_gid(fig, "level_cd19_flow")
+    cd19 = np.asarray(line.get_ydata(), dtype=float)
     aplastic = ((rows["day"] > 0) & (rows["day"] < 112)).to_numpy()
-    np.testing.assert_allclose(cd19[aplastic], expected_lloq.to_numpy()[aplastic])
+    assert np.isnan(cd19[aplastic]).all()
+    aplastic_days = set(rows["day"][aplastic])
+    assert _joined_pairs(line), "measured visits are still joined"
+    assert not [p for p in _joined_pairs(line) if set(p) & aplastic_days]
+    bounds = _by_gid(fig, "below_lloq_cd19_flow")
+    assert _offset_days(bounds) == sorted(rows["day"][aplastic])
+    np.testing.assert_allclose(np.asarray(bounds.get_offsets())[:, 1],
+                               expected_lloq.to_numpy()[aplastic])
+    assert _marker_is(bounds, "v") and _is_open(bounds)
     after = (rows["day"] >= 112).to_numpy()
     expected_cd19 = (rows["cd19_pos"] / rows["lymphocytes"] * rows["lymphocytes_per_ul"])
     np.testing.assert_allclose(cd19[after], expected_cd19.to_numpy()[after], rtol=1e-9)
+    measured = _by_gid(fig, "measured_cd19_flow")
+    assert _marker_is(measured, "o") and not _is_open(measured)
+    assert _offset_days(measured) == sorted(rows["day"][~aplastic])
     # CD20 above CD19 on return: the CD19-CD20+ cells are visible.
     cd20 = np.asarray(_by_gid(fig, "level_cd20_flow").get_ydata(), dtype=float)
     assert np.all(cd20[after] > cd19[after] * 1.5)
     assert fig.axes[0].get_yscale() == "log"
-    open_markers = _by_gid(fig, "below_lloq_cd19_flow").get_offsets()
-    assert sorted(np.asarray(open_markers)[:, 0]) == sorted(rows["day"][aplastic])
     assert _by_gid(fig, "depletion").get_xdata()[0] == 3
     assert _by_gid(fig, "reconstitution").get_xdata()[0] == 112
     assert _by_gid(fig, "day0").get_xdata()[0] == 0
+    # An old table (no loq_* and no *_ci_* columns): no LOQ line, no CI bars, nothing hollow.
+    gids = {a.get_gid() for a in fig.findobj()}
+    assert not {"loq_flow", "ci_cd19_flow", "ci_cd20_flow"} & gids
+    assert len(_by_gid(fig, "below_loq_cd19_flow").get_offsets()) == 0
+    # No discordance flag in the kinetics table: nothing drawn for it.
+    assert not {"discordance_flow", "discordance_note"} & gids
 
 
 def test_patient_percent_without_absolute_counts_and_scrna_only():
@@ -237,8 +281,110 @@ def test_patient_percent_without_absolute_counts_and_scrna_only():
     fig = figures.plot_patient(samples, kinetics, "S9")
     assert "% of lymphocytes" in fig.axes[0].get_ylabel()
     np.testing.assert_allclose(_by_gid(fig, "lloq_scrna").get_ydata(), [3 / 4000 * 100] * 3)
-    np.testing.assert_allclose(_by_gid(fig, "level_cd20_scrna").get_ydata(),
-                               [3 / 4000 * 100] * 3)
+    # Zero events everywhere: no measured line at all, three upper bounds at the LLOQ.
+    assert np.isnan(np.asarray(_by_gid(fig, "level_cd20_scrna").get_ydata(), float)).all()
+    np.testing.assert_allclose(
+        np.asarray(_by_gid(fig, "below_lloq_cd20_scrna").get_offsets())[:, 1],
+        [3 / 4000 * 100] * 3)
+
+
+def _quantified_patient() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One patient with the new samples.tsv columns: loq_*, below_loq and 95% CI bounds.
+
+    B events per visit (20,000 lymphocyte events, 1,000 lymphocytes/µL): baseline 2,000;
+    days 7 and 14 none; day 28 two (below the 3-event LLOQ); days 60 and 90 20 and 40 (above
+    the LLOQ, below the 50-event LOQ); day 120 400. CI bounds are made-up numbers, distinct
+    per visit, so the test can see that the figure draws exactly them.
+    """
+    events = {-5: 2000, 7: 0, 14: 0, 28: 2, 60: 20, 90: 40, 120: 400}
+    lymphocyte_events, per_ul = 20000, 1000.0
+    rows = []
+    for day, b in events.items():
+        row = _sample_row("Q1", day, b_per_ul=b / lymphocyte_events * per_ul,
+                          cd19_negative_share=0.0, lymphocytes_per_ul=per_ul,
+                          lymphocyte_events=lymphocyte_events, mix=BASELINE_MIX)
+        assert row["b_cells"] == b
+        row["lloq_per_ul"] = 3 / lymphocyte_events * per_ul
+        row["loq_pct_lymphocytes"] = 50 / lymphocyte_events * 100
+        row["loq_per_ul"] = 50 / lymphocyte_events * per_ul
+        row["below_loq"] = b < 50
+        for measure in ("b", "cd19", "cd20"):
+            level = row[f"{measure}_pct_lymphocytes"]
+            row[f"{measure}_pct_lymphocytes_ci_low"] = level * 0.5
+            row[f"{measure}_pct_lymphocytes_ci_high"] = level * 2.0 + 0.001 * (day + 10)
+            row[f"{measure}_per_ul_ci_low"] = level / 100 * per_ul * 0.5
+            row[f"{measure}_per_ul_ci_high"] = level / 100 * per_ul * 2.0 + 0.01 * (day + 10)
+        rows.append(row)
+    kinetics = pd.DataFrame([{
+        "patient_id": "Q1", "modality": "flow", "measure": "b", "depletion_day": 7,
+        "reconstitution_day": np.nan, "aplasia_days": 113, "censored": True, "last_day": 120,
+        "flags": "unconfirmed"}])
+    return pd.DataFrame(rows), kinetics
+
+
+def test_patient_loq_ci_and_upper_bounds():
+    samples, kinetics = _quantified_patient()
+    fig = figures.plot_patient(samples, kinetics, "Q1")
+    line = _by_gid(fig, "level_cd19_flow")
+    y = np.asarray(line.get_ydata(), dtype=float)
+    days = np.asarray(line.get_xdata(), dtype=float)
+    # Below the LLOQ (0, 0 and 2 events of a 3-event LLOQ): not measured, not joined.
+    below_lloq = {7.0, 14.0, 28.0}
+    assert np.isnan(y[np.isin(days, list(below_lloq))]).all()
+    pairs = _joined_pairs(line)
+    assert not [p for p in pairs if set(p) & below_lloq]
+    # Below the LOQ but above the LLOQ: measured (joined), drawn hollow at its value.
+    assert (60.0, 90.0) in pairs and (90.0, 120.0) in pairs
+    hollow = _by_gid(fig, "below_loq_cd19_flow")
+    assert _offset_days(hollow) == [60.0, 90.0] and _is_open(hollow)
+    assert _marker_is(hollow, "o")
+    np.testing.assert_allclose(np.asarray(hollow.get_offsets())[:, 1], [1.0, 2.0])  # 20, 40 /µL
+    filled = _by_gid(fig, "measured_cd19_flow")
+    assert _offset_days(filled) == [-5.0, 120.0] and not _is_open(filled)
+    bounds = _by_gid(fig, "below_lloq_cd19_flow")
+    assert _offset_days(bounds) == [7.0, 14.0, 28.0] and _marker_is(bounds, "v")
+    np.testing.assert_allclose(np.asarray(bounds.get_offsets())[:, 1], [0.15] * 3)  # 3/20000*1000
+    np.testing.assert_allclose(_by_gid(fig, "loq_flow").get_ydata(), [2.5] * 7)  # 50/20000*1000
+    # 95% CI bars exactly at the table's bounds, at measured visits only.
+    segments = {float(s[0, 0]): (float(s[0, 1]), float(s[1, 1]))
+                for s in _by_gid(fig, "ci_cd19_flow").get_segments()}
+    assert sorted(segments) == [-5.0, 60.0, 90.0, 120.0]
+    for day, b in ((-5, 2000), (60, 20), (90, 40), (120, 400)):
+        level = b / 20000 * 1000
+        assert segments[float(day)] == pytest.approx((level * 0.5, level * 2 + 0.01 * (day + 10)))
+    # Censored (unconfirmed last visit): said on the plot.
+    assert "censored" in _by_gid(fig, "censored").get_text()
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("upper bound" in t for t in legend) and any("below LOQ" in t for t in legend)
+    assert "95% CI" in legend and any(t.startswith("LOQ (50 events)") for t in legend)
+
+
+def test_patient_unconfirmed_reconstitution_is_dotted():
+    samples, kinetics = _quantified_patient()
+    kinetics = kinetics.assign(reconstitution_day=120, censored=False, aplasia_days=113)
+    fig = figures.plot_patient(samples, kinetics, "Q1")
+    line = _by_gid(fig, "reconstitution")
+    assert line.get_xdata()[0] == 120 and line.get_linestyle() == ":"
+    assert "unconfirmed" in line.get_label()
+
+
+def test_patient_discordance_only_for_flagged_patient(tables):
+    samples, kinetics, _ = tables
+    kinetics = kinetics.copy()
+    kinetics.loc[kinetics["patient_id"] == "P03", "flags"] = "cd19_cd20_discordance;x"
+    fig = figures.plot_patient(samples, kinetics, "P03")
+    rows = samples[samples["patient_id"] == "P03"]
+    marks = _by_gid(fig, "discordance_flow")
+    # CD19-CD20+ events exist from the return on day 112 (40% of B cells).
+    assert _offset_days(marks) == sorted(rows.loc[rows["cd19neg_cd20pos"] > 0, "day"])
+    assert _offset_days(marks) == [d for d in DAYS if d >= 112]
+    assert "possible CD19 loss/masking" in _by_gid(fig, "discordance_note").get_text()
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("CD19−CD20+" in t for t in legend)
+    for patient in ("P01", "P05"):
+        other = figures.plot_patient(samples, kinetics, patient)
+        gids = {a.get_gid() for a in other.findobj()}
+        assert not {"discordance_flow", "discordance_note"} & gids, patient
 
 
 def test_swimmer_bars_equal_aplasia_days(tables):
@@ -287,9 +433,36 @@ def test_cohort_trajectories_one_line_per_patient(tables):
         line = _by_gid(fig, f"trajectory_{patient}")
         rows = samples[samples["patient_id"] == patient].sort_values("day")
         assert line.get_ydata()[0] == pytest.approx(rows["b_per_ul"].iloc[0], rel=1e-9)
-    # One patient alone still draws.
+        # Aplastic visits (0 events) are upper bounds at the LLOQ, never joined by the line.
+        aplastic = set(rows.loc[rows["b_cells"] == 0, "day"].astype(float))
+        assert aplastic and set(_offset_days(_by_gid(fig, f"below_lloq_{patient}"))) == aplastic
+        assert not [p for p in _joined_pairs(line) if set(p) & aplastic]
+        assert np.isnan(np.asarray(line.get_ydata(), float)[rows["b_cells"].to_numpy() == 0]).all()
+        assert _marker_is(_by_gid(fig, f"below_lloq_{patient}"), "v")
+    # One patient alone still draws; P05 never returns: only its baseline is measured.
     single = figures.plot_cohort_trajectories(samples[samples["patient_id"] == "P05"], kinetics)
-    assert _by_gid(single, "trajectory_P05").get_ydata().size == len(DAYS)
+    line = _by_gid(single, "trajectory_P05")
+    assert line.get_ydata().size == len(DAYS)
+    assert _joined_pairs(line) == []
+    assert _offset_days(_by_gid(single, "measured_P05")) == [-5.0]
+
+
+def test_cohort_trajectories_loq_and_ci():
+    samples, kinetics = _quantified_patient()
+    fig = figures.plot_cohort_trajectories(samples, kinetics)
+    assert _offset_days(_by_gid(fig, "below_loq_Q1")) == [60.0, 90.0]
+    assert _offset_days(_by_gid(fig, "below_lloq_Q1")) == [7.0, 14.0, 28.0]
+    assert _joined_pairs(_by_gid(fig, "trajectory_Q1")) == [(60.0, 90.0), (90.0, 120.0)]
+    segments = {float(s[0, 0]): float(s[1, 1]) for s in _by_gid(fig, "ci_Q1").get_segments()}
+    assert segments[120.0] == pytest.approx(400 / 20000 * 1000 * 2 + 0.01 * 130)
+    # The same table without below_loq, loq_* and CI columns (an older table) still draws.
+    old = samples.drop(columns=[c for c in samples.columns
+                                if "ci_" in c or "loq_" in c and not c.startswith("lloq")
+                                or c == "below_loq"])
+    fig = figures.plot_cohort_trajectories(old, kinetics)
+    assert len(_by_gid(fig, "below_loq_Q1").get_offsets()) == 0
+    assert _offset_days(_by_gid(fig, "measured_Q1")) == [-5.0, 60.0, 90.0, 120.0]
+    assert "ci_Q1" not in {a.get_gid() for a in fig.findobj()}
 
 
 def test_composition_visits_heights_and_hatching(tables):
@@ -305,7 +478,29 @@ def test_composition_visits_heights_and_hatching(tables):
     few.loc[few["sample_id"] == "P01_d84", "b_cells"] = 30
     fig = figures.plot_composition_visits(few, min_b_events=50)
     assert _by_gid(fig, "P01_d84:naive").get_hatch()
+    assert _by_gid(fig, "P01_d84:n_b_events").get_text() == "n = 30 B events"
     assert _by_gid(fig, "P01_d7:no_b_events").get_hatch()
+    assert _by_gid(fig, "P01_d7:n_b_events").get_text() == "n = 0 B events"
+    # Visits with enough B events carry no count label.
+    gids = {a.get_gid() for a in fig.findobj()}
+    assert "P01_d-5:n_b_events" not in gids and "P01_d112:n_b_events" not in gids
+
+
+def test_composition_one_plasmablast_event_is_not_a_composition(tables):
+    samples, _, _ = tables
+    aplastic = samples.copy()
+    row = aplastic["sample_id"] == "P02_d28"
+    aplastic.loc[row, ["b_cells", "plasmablast_count"]] = 1
+    for subset in SUBSETS:
+        aplastic.loc[row, f"{subset}_pct_b"] = 100.0 if subset == "plasmablast" else 0.0
+    fig = figures.plot_composition_visits(aplastic, min_b_events=50)
+    bar = _by_gid(fig, "P02_d28:plasmablast")
+    assert bar.get_height() == pytest.approx(100.0)
+    assert bar.get_hatch() and bar.get_alpha() < 0.5  # hatched and pale, not a solid bar
+    label = _by_gid(fig, "P02_d28:n_b_events")
+    assert label.get_text() == "n = 1 B event"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("< 50 B events" in t for t in legend)
 
 
 def test_composition_baseline_vs_reconstitution_means(tables):
@@ -321,6 +516,28 @@ def test_composition_baseline_vs_reconstitution_means(tables):
                 RETURN_MIX[subset])
         # P05 never reconstitutes: four patients at reconstitution.
         assert len(_by_gid(fig, f"points_reconstitution_{subset}").get_offsets()) == 4
+    assert "few_events_note" not in {a.get_gid() for a in fig.findobj()}
+
+
+def test_composition_baseline_vs_reconstitution_few_events_not_averaged(tables):
+    samples, kinetics, _ = tables
+    few = samples.copy()
+    # P04 reconstitutes on day 150 with 12 B events, all switched memory.
+    row = few["sample_id"] == "P04_d150"
+    few.loc[row, "b_cells"] = 12
+    for subset in SUBSETS:
+        few.loc[row, f"{subset}_pct_b"] = 100.0 if subset == "switched_memory" else 0.0
+    fig = figures.plot_composition_baseline_vs_reconstitution(few, kinetics, min_b_events=50)
+    # Mean over P01-P03 only (P04 has too few events): unchanged return mix.
+    assert _by_gid(fig, "mean_reconstitution_switched_memory").get_height() == pytest.approx(
+        RETURN_MIX["switched_memory"])
+    assert len(_by_gid(fig, "points_reconstitution_naive").get_offsets()) == 3
+    shown = np.asarray(_by_gid(fig, "few_reconstitution_switched_memory").get_offsets())
+    assert shown[:, 1].tolist() == [100.0]
+    note = _by_gid(fig, "few_events_note").get_text()
+    assert "P04 reconstitution: n = 12 B events" in note
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(t.startswith("reconstitution (n = 3 patients") for t in legend)
 
 
 def test_cluster_heatmap_medians_and_labels(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from test_workflow import _snakemake
 
 REALFCS = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfcs"

@@ -7,8 +7,13 @@ reads the workflow's tables and writes each figure as PNG and SVG under fixed fi
 
 Conventions shared by the figures: colour-blind-safe Okabe-Ito colours, at most 7 inches wide,
 fonts of at least 7 pt, B-cell levels on a log axis. A level at or below zero, or below the
-limit of quantification (LLOQ, from ``lloq_pct_lymphocytes``), is drawn at the LLOQ with an open
-marker, because zero events out of N lymphocytes is not zero B cells.
+LLOQ (``lloq_*``: the 95% upper bound at zero events, 3 events), is an upper bound: an open
+down-triangle at the LLOQ that no line joins, because zero events out of N lymphocytes is not
+zero B cells. A level above the LLOQ but below the limit of quantification (``loq_*``,
+``below_loq``, when the table has them) is drawn hollow; 95% CI bars come from
+``*_ci_low``/``*_ci_high`` when present. Older tables without those columns still draw.
+Composition bars resting on fewer than ``report.min_b_events_composition`` B events are
+pale, hatched and labelled with their event count.
 """
 
 from __future__ import annotations
@@ -140,20 +145,61 @@ def _has_absolute_counts(samples: pd.DataFrame) -> bool:
     return bool(b_per_ul.notna().all() and _lymphocytes_per_ul(samples).notna().all())
 
 
+def _column_values(samples: pd.DataFrame, column: str) -> np.ndarray:
+    """A numeric column as floats, all NaN when the table does not have it."""
+    if column not in samples.columns:
+        return np.full(len(samples), np.nan)
+    return pd.to_numeric(samples[column], errors="coerce").to_numpy(float)
+
+
+def _per_ul_or_converted(samples: pd.DataFrame, per_ul_column: str, pct: np.ndarray,
+                         lymphocytes: np.ndarray) -> np.ndarray:
+    """``per_ul_column`` where the table has a value, else ``pct`` converted with the count."""
+    values = _column_values(samples, per_ul_column)
+    return np.where(np.isnan(values), pct / 100.0 * lymphocytes, values)
+
+
 def _levels(samples: pd.DataFrame, measure: str, *, per_ul: bool) -> tuple[np.ndarray, np.ndarray]:
     """Values of one measure (``b``, ``cd19``, ``cd20``) and their LLOQ, in the chosen unit."""
-    pct = pd.to_numeric(samples[f"{measure}_pct_lymphocytes"], errors="coerce").to_numpy(float)
-    lloq_pct = pd.to_numeric(samples["lloq_pct_lymphocytes"], errors="coerce").to_numpy(float)
+    pct = _column_values(samples, f"{measure}_pct_lymphocytes")
+    lloq_pct = _column_values(samples, "lloq_pct_lymphocytes")
     if not per_ul:
         return pct, lloq_pct
     lymphocytes = _lymphocytes_per_ul(samples).to_numpy(float)
-    column = f"{measure}_per_ul"
-    if column in samples.columns:
-        values = pd.to_numeric(samples[column], errors="coerce").to_numpy(float)
-        values = np.where(np.isnan(values), pct / 100.0 * lymphocytes, values)
-    else:
-        values = pct / 100.0 * lymphocytes
-    return values, lloq_pct / 100.0 * lymphocytes
+    return (_per_ul_or_converted(samples, f"{measure}_per_ul", pct, lymphocytes),
+            _per_ul_or_converted(samples, "lloq_per_ul", lloq_pct, lymphocytes))
+
+
+_COUNT_COLUMNS = {"b": "b_cells", "cd19": "cd19_pos", "cd20": "cd20_pos"}
+
+
+def _loq_and_ci(samples: pd.DataFrame, measure: str, *,
+                per_ul: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Limit of quantification and 95% CI bounds of one measure, NaN where not in the table.
+
+    Read from ``loq_pct_lymphocytes`` / ``loq_per_ul`` and ``{value column}_ci_low`` /
+    ``_ci_high`` (``{measure}_pct_lymphocytes_ci_*``, ``{measure}_per_ul_ci_*``); where only
+    the % columns (or the event-count columns ``b_cells_ci_*``) have them, they are converted
+    with the lymphocyte counts. Older tables without these columns give NaN: no LOQ line and
+    no error bars are drawn.
+    """
+    lymphocyte_events = _column_values(samples, "lymphocytes")
+    loq = _column_values(samples, "loq_pct_lymphocytes")
+    bounds = []
+    for side in ("ci_low", "ci_high"):
+        pct = _column_values(samples, f"{measure}_pct_lymphocytes_{side}")
+        count = _column_values(samples, f"{_COUNT_COLUMNS[measure]}_{side}")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            from_count = np.where(lymphocyte_events > 0, count / lymphocyte_events * 100.0,
+                                  np.nan)
+        bounds.append(np.where(np.isnan(pct), from_count, pct))
+    if not per_ul:
+        return loq, bounds[0], bounds[1]
+    lymphocytes = _lymphocytes_per_ul(samples).to_numpy(float)
+    loq = _per_ul_or_converted(samples, "loq_per_ul", loq, lymphocytes)
+    low = _per_ul_or_converted(samples, f"{measure}_per_ul_ci_low", bounds[0], lymphocytes)
+    high = _per_ul_or_converted(samples, f"{measure}_per_ul_ci_high", bounds[1], lymphocytes)
+    return loq, low, high
 
 
 def _unit_label(per_ul: bool) -> str:
@@ -170,6 +216,96 @@ def _plotted_levels(values: np.ndarray, lloq: np.ndarray) -> tuple[np.ndarray, n
     below &= ~np.isnan(values)
     shown = np.where(below, np.where(lloq > 0, lloq, np.nan), values)
     return shown, below
+
+
+@dataclass
+class _Trace:
+    """One measure of one patient and modality, split by how each visit may be read.
+
+    ``below_lloq``: an upper bound only (fewer events than the 95% upper bound at zero
+    events, zero included), drawn as an open down-triangle at the LLOQ (``shown``).
+    ``imprecise``: measured but below the limit of quantification (LOQ), a hollow marker at
+    its value. ``precise``: everything else that was measured, a filled marker. ``line``
+    holds the measured values with NaN at below-LLOQ visits, so no line segment runs through
+    a visit that was not measured.
+    """
+
+    days: np.ndarray
+    values: np.ndarray
+    lloq: np.ndarray
+    loq: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    shown: np.ndarray
+    line: np.ndarray
+    below_lloq: np.ndarray
+    imprecise: np.ndarray
+    precise: np.ndarray
+
+
+def _trace(part: pd.DataFrame, measure: str, *, per_ul: bool) -> _Trace:
+    """The :class:`_Trace` of ``measure`` over the (day-sorted) rows of ``part``."""
+    values, lloq = _levels(part, measure, per_ul=per_ul)
+    loq, ci_low, ci_high = _loq_and_ci(part, measure, per_ul=per_ul)
+    shown, below_lloq = _plotted_levels(values, lloq)
+    measured = np.isfinite(values) & ~below_lloq
+    imprecise = measured & np.isfinite(loq) & (values < loq)
+    if measure == "b" and "below_loq" in part.columns:
+        flagged = np.array([_as_bool(v) for v in part["below_loq"]], dtype=bool)
+        imprecise |= measured & flagged
+    return _Trace(days=part["day"].to_numpy(float), values=values, lloq=lloq, loq=loq,
+                  ci_low=ci_low, ci_high=ci_high, shown=shown,
+                  line=np.where(below_lloq, np.nan, values), below_lloq=below_lloq,
+                  imprecise=imprecise, precise=measured & ~imprecise)
+
+
+def _draw_ci(ax, trace: _Trace, colour: str, gid: str, *, lw: float = 0.8) -> bool:
+    """95% CI bars at measured visits (none at upper-bound-only visits); True if any drawn."""
+    low = np.where(np.isfinite(trace.ci_low), trace.ci_low, trace.line)
+    high = np.where(np.isfinite(trace.ci_high), trace.ci_high, trace.line)
+    usable = (~trace.below_lloq & np.isfinite(trace.line)
+              & (np.isfinite(trace.ci_low) | np.isfinite(trace.ci_high)))
+    if not usable.any():
+        return False
+    # A lower bound of 0 cannot be drawn on the log axis: the bar runs to the axis bottom.
+    low = np.where(low > 0, low, np.nan)
+    floor = float(np.nanmin(np.concatenate([low[usable], trace.line[usable]]))) / 10.0
+    low = np.where(np.isnan(low), floor, low)
+    ax.vlines(trace.days[usable], low[usable], high[usable], colors=colour, lw=lw, zorder=2,
+              gid=gid)
+    return True
+
+
+def _limit_events(samples: pd.DataFrame, column: str, default: str) -> str:
+    """The event count behind a limit column (``3``, ``50``), for legend labels."""
+    pct = _column_values(samples, column)
+    events = pct / 100.0 * _column_values(samples, "lymphocytes")
+    events = events[np.isfinite(events)]
+    if events.size == 0:
+        return default
+    rounded = np.unique(np.round(events, 1))
+    return f"{rounded[0]:g}" if rounded.size == 1 else default
+
+
+def _flags(row: pd.Series | None) -> set[str]:
+    """The semicolon-separated flags of a kinetics row."""
+    if row is None:
+        return set()
+    value = row.get("flags")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return set()
+    return {flag.strip() for flag in str(value).split(";") if flag.strip()}
+
+
+def _patient_flags(kinetics: pd.DataFrame, patient_id: str, modality: str) -> set[str]:
+    """Flags on any kinetics row (any measure) of one patient and modality."""
+    if "flags" not in kinetics.columns:
+        return set()
+    rows = kinetics[(kinetics["patient_id"] == patient_id) & (kinetics["modality"] == modality)]
+    flags: set[str] = set()
+    for _, row in rows.iterrows():
+        flags |= _flags(row)
+    return flags
 
 
 def _axis_floor(*arrays: np.ndarray) -> float:
@@ -253,6 +389,51 @@ def _palette(labels: Sequence[str]) -> dict[str, str]:
 # Per patient and cohort kinetics
 
 
+_DISCORDANCE_COLOUR = "#CC79A7"
+_DISCORDANCE_TEXT = "CD19−CD20+ B cells: possible CD19 loss/masking"
+
+
+def _draw_trace(ax, trace: _Trace, *, colour: str, marker: str, size: float, style: str,
+                lw: float, label: str | None, gid: str, alpha: float = 1.0,
+                ci_gid: str | None = None) -> None:
+    """One trace: measured line (broken at below-LLOQ visits), filled/hollow/triangle markers.
+
+    Gids: ``level_{gid}`` (line; the caller may rename), ``measured_{gid}`` (filled: at or
+    above the LOQ), ``below_loq_{gid}`` (hollow, at the value: above the LLOQ, below the
+    LOQ), ``below_lloq_{gid}`` (open down-triangles at the LLOQ: upper bounds), and
+    ``ci_gid`` for the 95% CI bars when the table has them.
+    """
+    ax.plot(trace.days, trace.line, style, color=colour, lw=lw, alpha=alpha, label=label,
+            gid=gid)
+    suffix = gid.removeprefix("level_").removeprefix("trajectory_")
+    ax.scatter(trace.days[trace.precise], trace.line[trace.precise], marker=marker, s=size,
+               color=colour, zorder=3, gid=f"measured_{suffix}")
+    ax.scatter(trace.days[trace.imprecise], trace.line[trace.imprecise], marker=marker, s=size,
+               facecolors="white", edgecolors=colour, linewidths=1.0, zorder=3,
+               gid=f"below_loq_{suffix}")
+    bound = trace.below_lloq & np.isfinite(trace.shown)
+    ax.scatter(trace.days[bound], trace.shown[bound], marker="v", s=size * 1.2,
+               facecolors="white", edgecolors=colour, linewidths=1.0, zorder=3,
+               gid=f"below_lloq_{suffix}")
+    if ci_gid is not None:
+        _draw_ci(ax, trace, colour, ci_gid)
+
+
+def _limit_legend(handles: list, labels: list, traces: Sequence[_Trace]) -> None:
+    """Legend entries for the marker kinds actually drawn."""
+    if any(t.imprecise.any() for t in traces):
+        handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="white",
+                              markeredgecolor="#444444"))
+        labels.append("below LOQ: measured, imprecise")
+    if any((t.below_lloq & np.isfinite(t.shown)).any() for t in traces):
+        handles.append(Line2D([], [], marker="v", ls="", markerfacecolor="white",
+                              markeredgecolor="#444444"))
+        labels.append("< LLOQ: upper bound, drawn at LLOQ,\nnot joined (not measured)")
+    if any(np.isfinite(t.ci_low).any() or np.isfinite(t.ci_high).any() for t in traces):
+        handles.append(Line2D([], [], marker="|", ls="", color="#444444", markersize=8))
+        labels.append("95% CI")
+
+
 def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str) -> Figure:
     """CD19+ and CD20+ B cells of one patient over time, on a log axis.
 
@@ -262,16 +443,23 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
         ``results/tables/samples.tsv``.
     kinetics
         ``results/tables/kinetics.tsv``; depletion and reconstitution days are read from the
-        patient's measure ``b`` row (flow when the patient has flow data, else scRNA).
+        patient's measure ``b`` row (flow when the patient has flow data, else scRNA); its
+        ``flags`` (any measure) give ``cd19_cd20_discordance``, ``unconfirmed``.
     patient_id
         The patient to draw.
 
     Returns
     -------
     The figure. Cells/µL when every sample of the patient has an absolute count, else % of
-    lymphocytes. Artists with gids: ``level_{measure}_{modality}`` (lines, y = plotted level),
-    ``lloq_{modality}`` (the LLOQ line, y per visit), ``day0``, ``depletion``,
-    ``reconstitution``.
+    lymphocytes. A visit below its LLOQ is an upper bound: an open down-triangle at the LLOQ
+    and never joined by the measured line; one above the LLOQ but below the LOQ (when the
+    table has ``loq_*``) is a hollow marker at its value. Artists with gids:
+    ``level_{measure}_{modality}`` (lines, y = measured level, NaN at below-LLOQ visits),
+    ``measured_*``, ``below_loq_*``, ``below_lloq_*`` (markers, same suffix), ``ci_*`` (95%
+    CI bars, when the table has ``*_ci_low``/``*_ci_high``), ``lloq_{modality}`` and
+    ``loq_{modality}`` (limit lines, y per visit), ``discordance_{modality}`` (markers at the
+    visits with CD19−CD20+ B events when the patient is flagged ``cd19_cd20_discordance``),
+    ``discordance_note``, ``day0``, ``depletion``, ``reconstitution``, ``censored``.
     """
     rows = samples[samples["patient_id"] == patient_id].sort_values(["modality", "day"])
     per_ul = _has_absolute_counts(rows)
@@ -283,53 +471,78 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
             _message_axes(ax, f"No samples for patient {patient_id}")
             return fig
         drawn: list[np.ndarray] = []
-        any_below = False
-        floor_points: list[tuple[np.ndarray, np.ndarray, str, str]] = []
+        traces: list[_Trace] = []
+        floor_points: list[tuple[np.ndarray, str]] = []
+        discordant: list[tuple[np.ndarray, np.ndarray, str]] = []
+        flagged_discordance = False
         modalities = [m for m in ("flow", "scrna") if m in set(rows["modality"])]
         for modality in modalities:
             part = rows[rows["modality"] == modality]
-            days = part["day"].to_numpy(float)
             style = "--" if modality == "scrna" and len(modalities) > 1 else "-"
             name = "flow" if modality == "flow" else "scRNA"
             suffix = "" if len(modalities) == 1 else f" ({name})"
-            lloq = None
+            by_measure: dict[str, _Trace] = {}
             # CD19 wider and bigger beneath CD20, so both stay visible where they coincide.
             for measure, marker, width, size in (("cd19", "o", 2.4, 42), ("cd20", "s", 1.0, 14)):
-                values, lloq = _levels(part, measure, per_ul=per_ul)
-                shown, below = _plotted_levels(values, lloq)
+                trace = _trace(part, measure, per_ul=per_ul)
+                by_measure[measure] = trace
                 colour = _MARKER_COLOURS[measure]
-                ax.plot(days, shown, style, color=colour, marker=None, lw=width,
-                                label=f"{_MARKER_LABELS[measure]}{suffix}",
-                                gid=f"level_{measure}_{modality}")
-                ax.scatter(days[~below], shown[~below], marker=marker, s=size, color=colour,
-                           zorder=3)
-                ax.scatter(days[below], shown[below], marker=marker, s=size, facecolors="white",
-                           edgecolors=colour, linewidths=1.0, zorder=3,
-                           gid=f"below_lloq_{measure}_{modality}")
-                any_below |= bool(below.any())
-                drawn.append(shown)
-                missing = below & np.isnan(shown)
+                _draw_trace(ax, trace, colour=colour, marker=marker, size=size, style=style,
+                            lw=width, label=f"{_MARKER_LABELS[measure]}{suffix}",
+                            gid=f"level_{measure}_{modality}",
+                            ci_gid=f"ci_{measure}_{modality}")
+                traces.append(trace)
+                drawn += [trace.shown, trace.ci_high]
+                missing = trace.below_lloq & np.isnan(trace.shown)
                 if missing.any():
-                    floor_points.append((days[missing], missing, colour, marker))
-            if lloq is not None and np.isfinite(lloq).any():
-                ax.plot(days, lloq, ":", color=_LLOQ_COLOUR, lw=1.0, drawstyle="default",
-                        label=f"LLOQ (3 events){suffix}", gid=f"lloq_{modality}")
+                    floor_points.append((trace.days[missing], colour))
+            lloq = by_measure["cd19"].lloq
+            if np.isfinite(lloq).any():
+                events = _limit_events(part, "lloq_pct_lymphocytes", "3")
+                ax.plot(by_measure["cd19"].days, lloq, ":", color=_LLOQ_COLOUR, lw=1.0,
+                        label=f"LLOQ ({events} events){suffix}", gid=f"lloq_{modality}")
                 drawn.append(lloq)
+            loq = by_measure["cd19"].loq
+            if np.isfinite(loq).any():
+                events = _limit_events(part, "loq_pct_lymphocytes", "LOQ")
+                ax.plot(by_measure["cd19"].days, loq, "-.", color=_LLOQ_COLOUR, lw=0.8,
+                        label=f"LOQ ({events} events){suffix}", gid=f"loq_{modality}")
+                drawn.append(loq)
+            if "cd19_cd20_discordance" in _patient_flags(kinetics, patient_id, modality):
+                flagged_discordance = True
+                cd20 = by_measure["cd20"]
+                present = _column_values(part, "cd19neg_cd20pos") > 0
+                level = np.where(np.isfinite(cd20.line), cd20.line, cd20.shown)
+                present &= np.isfinite(level)
+                discordant.append((cd20.days[present], level[present], modality))
+        for _, level, _ in discordant:
+            drawn.append(level * 2.2 * 1.6)  # room for the discordance stars
         floor = _axis_floor(*drawn)
-        for days, _, colour, _marker in floor_points:
+        for days, colour in floor_points:
             ax.scatter(days, np.full(days.shape, floor), marker="v", s=18, facecolors="white",
                        edgecolors=colour, zorder=3, gid="zero_no_lloq")
         _log_axis(ax, floor, drawn)
-        _mark_kinetics(ax, kinetic)
+        for days, level, modality in discordant:
+            # Above the CD20 marker (log axis: a constant factor is a constant distance).
+            ax.scatter(days, level * 2.2, marker="*", s=55, color=_DISCORDANCE_COLOUR,
+                       edgecolors="#000000", linewidths=0.4, zorder=4,
+                       gid=f"discordance_{modality}")
+        _mark_kinetics(ax, kinetic, _patient_flags(kinetics, patient_id, modality_main)
+                       if modality_main else set())
         handles, labels = ax.get_legend_handles_labels()
-        if any_below:
-            handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="white",
-                                  markeredgecolor="#444444"))
-            labels.append("below LLOQ (drawn at LLOQ)")
+        _limit_legend(handles, labels, traces)
         if floor_points:
             handles.append(Line2D([], [], marker="v", ls="", markerfacecolor="white",
                                   markeredgecolor="#444444"))
             labels.append("0 events, no LLOQ (axis floor)")
+        if flagged_discordance:
+            handles.append(Line2D([], [], marker="*", ls="", color=_DISCORDANCE_COLOUR,
+                                  markeredgecolor="#000000", markersize=8))
+            labels.append("CD19−CD20+ B cells present:\npossible CD19 loss/masking")
+            note = ax.set_title("★ " + _DISCORDANCE_TEXT, loc="right", fontsize=7,
+                                bbox={"boxstyle": "round,pad=0.2", "fc": "#F5DDEB",
+                                      "ec": _DISCORDANCE_COLOUR, "lw": 0.6})
+            note.set_gid("discordance_note")
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.set_xlabel("days after CAR-T infusion")
         ax.set_ylabel(f"B cells (CD3−), {_unit_label(per_ul)}")
@@ -337,25 +550,44 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
     return fig
 
 
-def _mark_kinetics(ax, kinetic: pd.Series | None) -> None:
-    """Day 0, and the depletion and reconstitution days of the patient's measure b row."""
+def _mark_kinetics(ax, kinetic: pd.Series | None, flags: set[str] | None = None) -> None:
+    """Day 0, and the depletion and reconstitution days of the patient's measure b row.
+
+    An ``unconfirmed`` reconstitution (no later sample to confirm it) is drawn dotted and
+    says so; a censored aplasia ends in an arrow labelled with the last day.
+    """
     ax.axvline(0, color="#000000", lw=0.8, ls="-", gid="day0", label="CAR-T infusion (day 0)")
     if kinetic is None:
         return
+    flags = flags or set()
     depletion = _number(kinetic.get("depletion_day"))
     reconstitution = _number(kinetic.get("reconstitution_day"))
     censored = _as_bool(kinetic.get("censored"))
+    unconfirmed = "unconfirmed" in flags
     if math.isfinite(depletion):
         ax.axvline(depletion, color=_DEPLETION_COLOUR, lw=1.0, ls="--", gid="depletion",
                    label=f"depletion (day {depletion:g})")
     if math.isfinite(reconstitution):
-        ax.axvline(reconstitution, color=_RECONSTITUTION_COLOUR, lw=1.0, ls="--",
-                   gid="reconstitution", label=f"reconstitution (day {reconstitution:g})")
+        label = f"reconstitution (day {reconstitution:g})"
+        if unconfirmed:
+            label = f"reconstitution (day {reconstitution:g},\nunconfirmed: no later sample)"
+        ax.axvline(reconstitution, color=_RECONSTITUTION_COLOUR, lw=1.0,
+                   ls=":" if unconfirmed else "--", gid="reconstitution", label=label)
     if math.isfinite(depletion):
-        end = reconstitution if math.isfinite(reconstitution) else _number(kinetic.get("last_day"))
+        last_day = _number(kinetic.get("last_day"))
+        end = reconstitution if math.isfinite(reconstitution) and not censored else last_day
+        if not math.isfinite(end):
+            end = reconstitution
         if math.isfinite(end):
             label = "B-cell aplasia" + (" (censored)" if censored else "")
             ax.axvspan(depletion, end, color="#DDDDDD", alpha=0.5, lw=0, zorder=0, label=label)
+            if censored:
+                text = f"censored, day {end:g}" + (" (unconfirmed return)" if unconfirmed
+                                                    else "")
+                ax.annotate(text, xy=(end, 0.02), xycoords=("data", "axes fraction"),
+                            xytext=(-3, 0), textcoords="offset points", ha="right",
+                            va="bottom", fontsize=7, color="#444444", gid="censored",
+                            arrowprops=None)
 
 
 def plot_cohort_trajectories(samples: pd.DataFrame, kinetics: pd.DataFrame) -> Figure:
@@ -364,7 +596,11 @@ def plot_cohort_trajectories(samples: pd.DataFrame, kinetics: pd.DataFrame) -> F
     Each patient is drawn from flow samples when it has any, else from scRNA. Cells/µL when
     every drawn sample has an absolute count, else % of lymphocytes. Up to eight patients get
     one colour each; larger cohorts are coloured by reconstitution status. Lines carry the gid
-    ``trajectory_{patient_id}``.
+    ``trajectory_{patient_id}`` (y: measured level, NaN at visits below the LLOQ, so no
+    segment joins visits that were not measured); markers ``measured_{patient_id}``,
+    ``below_loq_{patient_id}`` (hollow: below the LOQ), ``below_lloq_{patient_id}`` (open
+    down-triangles at the LLOQ: upper bounds); 95% CI bars ``ci_{patient_id}`` when the table
+    has them.
     """
     patients = sorted(samples["patient_id"].unique())
     parts = {}
@@ -381,22 +617,19 @@ def plot_cohort_trajectories(samples: pd.DataFrame, kinetics: pd.DataFrame) -> F
         by_patient = len(patients) <= len(OKABE_ITO)
         colours = _palette(patients) if by_patient else {}
         status_colours = {True: _RECONSTITUTION_COLOUR, False: "#0072B2"}
-        drawn, any_below = [], False
+        drawn: list[np.ndarray] = []
+        traces: list[_Trace] = []
         for patient, part in parts.items():
-            values, lloq = _levels(part, "b", per_ul=per_ul)
-            shown, below = _plotted_levels(values, lloq)
+            trace = _trace(part, "b", per_ul=per_ul)
             kinetic = _kinetics_row(kinetics, patient, _patient_modality(samples, patient))
             reconstituted = kinetic is not None and math.isfinite(
                 _number(kinetic.get("reconstitution_day")))
             colour = colours[patient] if by_patient else status_colours[reconstituted]
-            days = part["day"].to_numpy(float)
-            ax.plot(days, shown, "-", color=colour, lw=1.1, alpha=0.9,
-                    label=patient if by_patient else None, gid=f"trajectory_{patient}")
-            ax.scatter(days[~below], shown[~below], s=12, color=colour, zorder=3)
-            ax.scatter(days[below], shown[below], s=12, facecolors="white", edgecolors=colour,
-                       zorder=3)
-            any_below |= bool(below.any())
-            drawn += [shown, lloq]
+            _draw_trace(ax, trace, colour=colour, marker="o", size=12, style="-", lw=1.1,
+                        alpha=0.9, label=patient if by_patient else None,
+                        gid=f"trajectory_{patient}", ci_gid=f"ci_{patient}")
+            traces.append(trace)
+            drawn += [trace.shown, trace.lloq]
         floor = _axis_floor(*drawn)
         _log_axis(ax, floor, drawn)
         ax.axvline(0, color="#000000", lw=0.8, label="CAR-T infusion (day 0)")
@@ -405,10 +638,7 @@ def plot_cohort_trajectories(samples: pd.DataFrame, kinetics: pd.DataFrame) -> F
             handles += [Line2D([], [], color=status_colours[True]),
                         Line2D([], [], color=status_colours[False])]
             labels += ["reconstituted", "not reconstituted"]
-        if any_below:
-            handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="white",
-                                  markeredgecolor="#444444"))
-            labels.append("below LLOQ (drawn at LLOQ)")
+        _limit_legend(handles, labels, traces)
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
                   title="patient" if by_patient else None)
         ax.set_xlabel("days after CAR-T infusion")
@@ -576,12 +806,21 @@ def _subset_percentages(rows: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _b_events_text(n: int) -> str:
+    """``n = 1 B event`` / ``n = 12 B events``."""
+    return f"n = {n} B event" + ("" if n == 1 else "s")
+
+
+_FEW_EVENTS_ALPHA = 0.25
+
+
 def plot_composition_visits(samples: pd.DataFrame, *, min_b_events: int = 50) -> Figure:
     """Stacked bars of B-cell subsets (% of B cells) per visit, one panel per patient.
 
-    Visits with fewer than ``min_b_events`` B events are drawn pale and hatched (their
-    percentages are unreliable); visits with no B events show an empty hatched frame. Bars
-    carry the gid ``{sample_id}:{subset}``.
+    Visits with fewer than ``min_b_events`` B events are drawn pale, hatched and labelled with
+    their event count (``n = 1 B event``, gid ``{sample_id}:n_b_events``): a bar made of one
+    plasmablast event is not "100% plasmablasts". Visits with no B events show an empty
+    hatched frame labelled ``n = 0 B events``. Bars carry the gid ``{sample_id}:{subset}``.
     """
     patients = sorted(samples["patient_id"].unique())
     ncols = min(3, max(len(patients), 1))
@@ -611,13 +850,21 @@ def plot_composition_visits(samples: pd.DataFrame, *, min_b_events: int = 50) ->
                     if height <= 0:
                         continue
                     ax.bar(x[i], height, bottom=bottom[i], width=0.8,
-                           color=_SUBSET_COLOURS[subset], alpha=0.35 if few[i] else 1.0,
+                           color=_SUBSET_COLOURS[subset],
+                           alpha=_FEW_EVENTS_ALPHA if few[i] else 1.0,
                            hatch="////" if few[i] else None, edgecolor="#555555" if few[i]
                            else "none", lw=0.3, gid=f"{sample_id}:{subset}")
                 bottom += heights
             for i in np.flatnonzero(bottom <= 0):
                 ax.bar(x[i], 100.0, width=0.8, color="none", edgecolor="#999999", hatch="////",
                        lw=0.5, gid=f"{rows['sample_id'].iloc[i]}:no_b_events")
+            for i in np.flatnonzero(few):
+                # Written up the bar, on white: legible over any subset colour.
+                ax.text(x[i], 50.0, _b_events_text(int(b_events[i])), rotation=90,
+                        ha="center", va="center", fontsize=7, color="#000000",
+                        gid=f"{rows['sample_id'].iloc[i]}:n_b_events",
+                        bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none",
+                              "alpha": 0.85})
             labels = [f"{day}" + (" sc" if modality == "scrna" else "")
                       for day, modality in zip(rows["day"], rows["modality"], strict=True)]
             ax.set_xticks(x, labels, rotation=90)
@@ -633,7 +880,8 @@ def plot_composition_visits(samples: pd.DataFrame, *, min_b_events: int = 50) ->
                    for s in (*SUBSETS, "unassigned")]
         if any_few:
             handles.append(Patch(facecolor="white", edgecolor="#555555", hatch="////",
-                                 label=f"< {min_b_events} B events (unreliable)"))
+                                 label=f"< {min_b_events} B events: not a composition\n"
+                                       "(n = B events written on the bar)"))
         fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
     return fig
 
@@ -643,63 +891,94 @@ def _baseline_and_reconstitution(samples: pd.DataFrame, kinetics: pd.DataFrame,
     """Subset % of B cells per patient at baseline and at reconstitution.
 
     Baseline: the last sample with day <= 0 of the patient's kinetics modality; reconstitution:
-    the sample on the measure-b reconstitution day. Samples with fewer than ``min_b_events``
-    B events are left out (their composition is unreliable).
+    the sample on the measure-b reconstitution day. Column ``b_events`` holds the B events
+    behind the percentages and ``enough`` whether they reach ``min_b_events``; a sample
+    below it is kept (to be shown as such) but is not part of a mean. At baseline the last
+    sample with enough B events is taken when there is one.
     """
     records = []
     for patient in sorted(samples["patient_id"].unique()):
         modality = _patient_modality(samples, patient)
         rows = samples[(samples["patient_id"] == patient) & (samples["modality"] == modality)]
-        rows = rows[pd.to_numeric(rows["b_cells"], errors="coerce").fillna(0) >= min_b_events]
+        events = pd.to_numeric(rows["b_cells"], errors="coerce").fillna(0)
         kinetic = _kinetics_row(kinetics, patient, modality)
-        chosen = {"baseline": rows[rows["day"] <= 0].sort_values("day").tail(1)}
+        before = rows[rows["day"] <= 0].sort_values("day")
+        enough_before = before[events[before.index] >= min_b_events]
+        chosen = {"baseline": (enough_before if not enough_before.empty else before).tail(1)}
         if kinetic is not None and math.isfinite(_number(kinetic.get("reconstitution_day"))):
             chosen["reconstitution"] = rows[rows["day"] == _number(kinetic["reconstitution_day"])]
         for timepoint, row in chosen.items():
             if row.empty:
                 continue
-            percentages = _subset_percentages(row.head(1)).iloc[0]
-            records.append({"patient_id": patient, "timepoint": timepoint, **percentages})
+            row = row.head(1)
+            n = int(events[row.index[0]])
+            percentages = _subset_percentages(row).iloc[0]
+            records.append({"patient_id": patient, "timepoint": timepoint, "b_events": n,
+                            "enough": n >= min_b_events and n > 0, **percentages})
     return pd.DataFrame.from_records(
-        records, columns=["patient_id", "timepoint", *SUBSETS, "unassigned"])
+        records, columns=["patient_id", "timepoint", "b_events", "enough", *SUBSETS,
+                          "unassigned"])
 
 
 def plot_composition_baseline_vs_reconstitution(samples: pd.DataFrame, kinetics: pd.DataFrame,
                                                 *, min_b_events: int = 50) -> Figure:
     """Cohort B-cell subset composition at baseline vs at reconstitution.
 
-    Bars: mean % of B cells per subset over the patients with that time point (gids
-    ``mean_{timepoint}_{subset}``); points: individual patients (gids
-    ``points_{timepoint}_{subset}``).
+    Bars: mean % of B cells per subset over the patients whose sample has at least
+    ``min_b_events`` B events (gids ``mean_{timepoint}_{subset}``); points: those patients
+    (gids ``points_{timepoint}_{subset}``). Samples with fewer B events are not averaged:
+    they are drawn as open grey points (gids ``few_{timepoint}_{subset}``) and named with
+    their event count below the panel (gid ``few_events_note``), e.g. ``P05 reconstitution:
+    n = 1 B event``.
     """
     table = _baseline_and_reconstitution(samples, kinetics, min_b_events=min_b_events)
     timepoints = (("baseline", "#999999"), ("reconstitution", _RECONSTITUTION_COLOUR))
     with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, 3.2), layout="constrained")
-        if table.empty:
-            _message_axes(ax, f"No baseline or reconstitution sample with >= {min_b_events} "
-                              "B events")
+        fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, 3.4), layout="constrained")
+        if table.empty or not (table["b_events"] > 0).any():
+            _message_axes(ax, "No baseline or reconstitution sample with B events")
             return fig
         x = np.arange(len(SUBSETS))
         width = 0.38
         rng = np.random.default_rng(0)  # jitter of points only; not a result
+        any_few = False
         for offset, (timepoint, colour) in zip((-width / 2, width / 2), timepoints, strict=True):
-            part = table[table["timepoint"] == timepoint]
+            part = table[(table["timepoint"] == timepoint) & table["enough"]]
+            few = table[(table["timepoint"] == timepoint) & ~table["enough"]
+                        & (table["b_events"] > 0)]
             n = len(part)
+            events = int(part["b_events"].sum())
             means = part[list(SUBSETS)].mean(axis=0).to_numpy() if n else np.full(len(SUBSETS),
                                                                                 np.nan)
+            label = f"{timepoint} (n = {n} patients, {events} B events)"
             for i, subset in enumerate(SUBSETS):
                 if n and math.isfinite(means[i]):
                     ax.bar(x[i] + offset, means[i], width=width, color=colour, alpha=0.8,
-                           gid=f"mean_{timepoint}_{subset}",
-                           label=f"{timepoint} (n={n})" if i == 0 else None)
+                           gid=f"mean_{timepoint}_{subset}", label=label if i == 0 else None)
                 values = part[subset].dropna().to_numpy()
                 ax.scatter(x[i] + offset + rng.uniform(-0.08, 0.08, values.size), values, s=10,
                            color="#000000", zorder=3, gid=f"points_{timepoint}_{subset}",
                            label="individual patients" if (i == 0 and timepoint == "baseline")
                            else None)
+                values = few[subset].dropna().to_numpy()
+                if values.size:
+                    any_few = True
+                    ax.scatter(x[i] + offset + rng.uniform(-0.08, 0.08, values.size), values,
+                               s=12, facecolors="white", edgecolors="#777777", zorder=3,
+                               gid=f"few_{timepoint}_{subset}")
             if n == 0:
-                ax.bar([], [], color=colour, label=f"{timepoint} (n=0)")
+                ax.bar([], [], color=colour, label=label)
+        if any_few:
+            ax.scatter([], [], s=12, facecolors="white", edgecolors="#777777",
+                       label=f"< {min_b_events} B events (not in the mean)")
+        few = table[~table["enough"]]
+        if not few.empty:
+            parts = [f"{row.patient_id} {row.timepoint}: {_b_events_text(int(row.b_events))}"
+                     for row in few.itertuples()]
+            lines = ["; ".join(parts[i:i + 3]) for i in range(0, len(parts), 3)]
+            ax.set_xlabel(f"Not averaged (< {min_b_events} B events): " + ";\n".join(lines),
+                          fontsize=7, color="#444444")
+            ax.xaxis.label.set_gid("few_events_note")
         ax.set_xticks(x, [_SUBSET_LABELS[s].replace(" ", "\n") for s in SUBSETS])
         ax.set_ylabel("% of B cells (bar: mean)")
         ax.set_ylim(0, 100)
