@@ -186,6 +186,7 @@ def test_cli_report_writes_every_figure(tmp_path, tables):
     stems = [f"patient_{p}" for p in PATIENTS] + [
         "cohort_trajectories", "swimmer", "kaplan_meier", "composition_visits",
         "composition_baseline_vs_reconstitution", "cluster_heatmap", "embedding", "qc_removed",
+        "flags",
     ] + [f"gates_{p}" for p in PATIENTS]  # every patient has flow rows
     for stem in stems:
         png = imread(outdir / f"{stem}.png")
@@ -870,3 +871,32 @@ def test_cli_report_writes_gate_figures(tmp_path, tables):
     assert float(root.get("width").removesuffix("pt")) <= 7 * 72 + 1
     svg = (outdir / "gates_P01.svg").read_text()
     assert "day -5 · P01_d-5" in svg and "day 112 · P01_d112" in svg
+
+
+def test_flags_figure_lists_every_flagged_sample_gate_and_patient():
+    from bcellmap.figures import flag_rows, plot_flags
+
+    samples = pd.DataFrame({
+        "sample_id": ["a", "b", "c"], "patient_id": ["P1", "P1", "P2"], "day": [-3, 30, -1],
+        "modality": ["flow"] * 3,
+        "sample_flags": ["few_t_cells_at_baseline", "", ""],
+        "gate_flags": ["", "CD38:few_events;CD24:few_events", ""]})
+    kinetics = pd.DataFrame({
+        "patient_id": ["P1", "P2", "P2"], "modality": ["flow"] * 3,
+        "measure": ["b", "b", "cd19"],
+        "flags": ["below_lloq", "not_evaluable;below_lloq", "not_measured"]})
+    rows = flag_rows(samples, kinetics)
+    # Sample a's result flag, sample b's gate flags, P2's kinetics flag (below_lloq and
+    # other measures left out); sample c and P1's informational flag are not listed.
+    assert list(rows["kind"]) == ["result", "gate", "kinetics"]
+    assert rows.iloc[1]["flags"] == "CD38:few_events; CD24:few_events"
+    assert rows.iloc[2]["flags"] == "not_evaluable"
+    fig = plot_flags(samples, kinetics)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "result: few_t_cells_at_baseline" in texts
+    assert "kinetics: not_evaluable" in texts
+    matplotlib.pyplot.close(fig)
+    empty = plot_flags(samples.assign(sample_flags="", gate_flags=""),
+                       kinetics.assign(flags=""))
+    assert any("Nothing flagged" in t.get_text() for t in empty.axes[0].texts)
+    matplotlib.pyplot.close(empty)

@@ -68,7 +68,8 @@ def test_ingest_with_sheet_writes_the_contract(tmp_path):
     table = pd.read_csv(qc, sep="\t")
     assert list(table.columns) == ["sample_id", "step", "events_in", "events_removed",
                                    "events_out", "detail"]
-    assert list(table["step"]) == ["margin", "doublets", "dead", "debris", "time_anomaly"]
+    assert list(table["step"]) == ["non_finite", "margin", "doublets", "dead", "debris",
+                                   "time_anomaly"]
     assert table["events_out"].iloc[-1] == adata.obs["qc_pass"].sum()
     assert set(adata.obs["qc_reason"].cat.categories) >= {"pass", "margin"}
 

@@ -54,9 +54,10 @@ def _planted(composition, n=20000, seed=7):
     linear[saturated[:100], 3] = 262143.0        # saturated CD19
     linear[saturated[100:130], 2] = 262143.0     # saturated SSC-A
     linear[saturated[130:], 0] = -4.0e5          # impossible negative FSC-A
-    is_margin[saturated] = True
-    # Events that saturate on their own (e.g. doublets of large cells) are margin events too.
-    is_margin |= np.any(linear[:, :6] >= 262143.0, axis=1)
+    # Saturated CD19 is a bright cell: counted, not removed (default remove_saturated).
+    is_margin[saturated[100:]] = True
+    # Events that saturate scatter on their own (e.g. large doublets) are margin events too.
+    is_margin |= np.any(linear[:, :3] >= 262143.0, axis=1)
     truth = pd.DataFrame({"population": np.array(names)[population], "doublet": is_doublet,
                           "dead": is_dead, "time_anomaly": is_time_anomaly,
                           "margin": is_margin})
@@ -80,6 +81,7 @@ def test_each_step_removes_what_was_planted(composition):
                                    ranges=RANGES, settings=SETTINGS, seed=42)
     margin = flags["qc_margin"]
     np.testing.assert_array_equal(margin, truth["margin"].to_numpy())
+    assert learned["margin"]["counted"]["CD19"] >= 100 and not flags["qc_non_finite"].any()
 
     ok = ~truth["margin"].to_numpy()
     doublet = flags["qc_doublet"]
@@ -127,7 +129,7 @@ def test_steps_without_channels_are_skipped_and_recorded():
     details = {s["step"]: s["detail"] for s in steps}
     for step in ("doublets", "dead", "debris", "time_anomaly"):
         assert details[step].startswith("skipped:"), details[step]
-    assert all(s["events_removed"] == 0 for s in steps[1:])
+    assert all(s["events_removed"] == 0 for s in steps if s["step"] != "margin")
 
 
 def test_density_valley_and_single_peak():
@@ -161,4 +163,80 @@ def test_collect_qc_concatenates(tmp_path):
     out = tmp_path / "tables" / "qc.tsv"
     cli_collect_qc(argparse.Namespace(inputs=paths, out=str(out)))
     combined = pd.read_csv(out, sep="\t")
-    assert len(combined) == 10 and list(combined["sample_id"].unique()) == ["A", "B"]
+    assert len(combined) == 2 * len(STEPS) and list(combined["sample_id"].unique()) == ["A", "B"]
+
+
+def _log_channel_qc(remove_saturated):
+    """An FCS 2.0-like file: $PnR 1024, FL1 log-amplified over 4 decades (CellQuest)."""
+    from bcellmap.fcs import _linearise
+
+    meta = [{"pne": (0.0, 0.0), "png": 1.0, "pnr": 1024.0},
+            {"pne": (4.0, 1.0), "png": 1.0, "pnr": 1024.0}]
+    raw = np.array([[500.0, 800.0], [600.0, 1000.0], [700.0, 1022.0], [650.0, 1023.0],
+                    [1023.0, 300.0]])
+    linear = _linearise(raw.copy(), meta, datatype="I", time_index=None)
+    ranges = np.array([1024.0, 1024.0])
+    saturation = _linearise((ranges - 1)[None, :].copy(), meta, datatype="I",
+                            time_index=None)[0]
+    settings = {"margin": {"scatter_min": -111, "remove_saturated": remove_saturated}}
+    return run_qc(linear.astype(np.float32), linear, canonicals=["FSC-H", "CD19"],
+                  kinds=["scatter", "fluorescence"], ranges=ranges, settings=settings, seed=0,
+                  saturation=saturation)
+
+
+def test_saturation_is_judged_on_raw_channels_of_log_data():
+    # Hand-computed: raw 800 of 1024 over 4 decades is 10**(3200/1024) = 1333.5, above the
+    # old (wrong) limit $PnR - 1 = 1023 but not saturated; raw 1023 is saturated.
+    assert 10 ** (4 * 800 / 1024) == pytest.approx(1333.52, rel=1e-4)
+    flags, steps, learned = _log_channel_qc(["scatter"])
+    # Only the saturated scatter event (raw FSC 1023) is removed; CD19 at raw 1023 counted.
+    np.testing.assert_array_equal(flags["qc_margin"], [False, False, False, False, True])
+    assert learned["margin"]["counted"] == {"CD19": 1}
+    assert learned["margin"]["removed"] == {"FSC-H": 1}
+    margin = next(s for s in steps if s["step"] == "margin")
+    assert margin["events_removed"] == 1 and "kept (counted): CD19 1" in margin["detail"]
+    flags, _, _ = _log_channel_qc(["scatter", "fluorescence"])
+    np.testing.assert_array_equal(flags["qc_margin"], [False, False, False, True, True])
+
+
+def test_non_finite_events_are_a_step_of_their_own_before_the_others():
+    linear, _ = _planted({"lymphocyte": 1.0}, n=3000)
+    linear[[5, 17], 3] = np.nan
+    linear[40, 0] = np.inf
+    X = _transform(linear)
+    flags, steps, _ = run_qc(X, linear, canonicals=CANON, kinds=KINDS, ranges=RANGES,
+                             settings=SETTINGS, seed=3)
+    assert steps[0]["step"] == STEPS[0] == "non_finite"
+    assert steps[0]["events_removed"] == 3 and steps[0]["events_out"] == 2997
+    np.testing.assert_array_equal(np.flatnonzero(flags["qc_non_finite"]), [5, 17, 40])
+    reason = qc_reason(flags)
+    assert set(reason[[5, 17, 40]]) == {"non_finite"}
+    # Disabling is not possible: later steps could not fit on NaN.
+    flags, steps, _ = run_qc(X, linear, canonicals=CANON, kinds=KINDS, ranges=RANGES,
+                             settings={**SETTINGS, "non_finite": {"enabled": False}}, seed=3)
+    assert steps[0]["events_removed"] == 3
+
+
+def test_ingest_with_nan_and_inf_events_counts_and_removes_them(tmp_path):
+    import flowio
+
+    from bcellmap.config import load_config, merge
+    from bcellmap.ingest import ingest_flow
+
+    linear, _ = _planted({"lymphocyte": 0.8, "debris": 0.2}, n=3000, seed=11)
+    linear = np.clip(linear, -1e5, 262000).astype(np.float32)
+    linear[[3, 99], 3] = np.nan
+    linear[500, 0] = np.inf
+    names = ["FSC-A", "FSC-H", "SSC-A", "PE-A", "FITC-A", "APC-Cy7-A", "Time"]
+    path = tmp_path / "nan.fcs"
+    with open(path, "wb") as handle:
+        flowio.create_fcs(handle, linear.ravel().tolist(), names,
+                          opt_channel_names=["", "", "", "CD19", "CD3", "Live", ""])
+    config = merge(load_config(), {"ingest": {"required_markers": [],
+                                              "compensation": {"source": "none"}}})
+    adata = ingest_flow(path, config=config, sample_id="nan")
+    assert np.isfinite(adata.X).all() and np.isfinite(adata.layers["compensated"]).all()
+    np.testing.assert_array_equal(np.flatnonzero(adata.obs["qc_non_finite"]), [3, 99, 500])
+    assert not adata.obs["qc_pass"].to_numpy()[[3, 99, 500]].any()
+    table = adata.uns["qc"]["table"]
+    assert list(table["step"]) == list(STEPS) and table["events_removed"][0] == 3

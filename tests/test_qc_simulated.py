@@ -52,9 +52,20 @@ def test_qc_removes_planted_artefacts_and_keeps_lymphocytes(cohort, kind):
     kept = adata.obs["qc_pass"].to_numpy()
     assert len(kept) == len(category) == row.events_total
 
-    for planted in ("debris", "doublets", "dead", "margin"):
+    for planted in ("debris", "doublets", "dead"):
         removed = 1.0 - kept[category == planted].mean()
         assert removed >= REMOVED_AT_LEAST, f"{planted}: {removed:.3f} removed"
+    # Saturation: removed on scatter; on fluorescence counted, not removed (by default).
+    import flowio
+
+    fcs = flowio.FlowData(str(cohort / f"{row.sample_id}.fcs"))
+    raw = np.reshape(np.asarray(fcs.events, dtype=np.float64), (-1, fcs.channel_count))
+    saturated = raw[:, :-1] >= simulate.MARGIN_VALUE
+    on_scatter = saturated[:, :3].any(axis=1)
+    assert (category[on_scatter] == "margin").all()
+    assert 1.0 - kept[on_scatter].mean() >= REMOVED_AT_LEAST
+    only_fluorescence = saturated[:, 3:].any(axis=1) & ~on_scatter
+    assert not adata.obs["qc_margin"].to_numpy()[only_fluorescence].any()
 
     time = adata.X[:, list(adata.var["canonical"]).index("Time")]
     in_anomaly = np.zeros(len(kept), dtype=bool)

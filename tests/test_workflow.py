@@ -194,8 +194,8 @@ def test_report_bundles_every_figure(demo_run):
     figures = sorted((demo_run / "results" / "report").glob("*.png"))
     sheet = pd.read_csv(demo_run / "demo" / "samples.tsv", sep="\t")
     flow_patients = sheet.loc[sheet["modality"] == "flow", "patient_id"].nunique()
-    # One kinetics and one gate figure per patient (gates: flow patients), 8 cohort figures.
-    assert len(figures) == sheet["patient_id"].nunique() + flow_patients + 8
+    # One kinetics and one gate figure per patient (gates: flow patients), 9 cohort figures.
+    assert len(figures) == sheet["patient_id"].nunique() + flow_patients + 9
     assert {f"gates_{p}.png" for p in sheet["patient_id"]} <= {f.name for f in figures}
     for figure in figures:
         assert figure.stat().st_size > 5_000, figure

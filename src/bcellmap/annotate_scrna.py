@@ -43,6 +43,22 @@ table (``annotate_scrna(..., protein_thresholds=None)``) the gates are learned, 
 on the sample alone (pool ``sample``, with a warning). ``obs["b_protein"]`` marks the
 protein-defined B cells (CD3- and CD19+ or CD20+) when CD19 or CD20 protein is measured.
 
+Lineage (``obs["cell_type"]``; ``obs["lineage_source"]`` = ``protein`` or ``rna``): where CITE-seq
+lineage proteins are gated they decide (:func:`protein_lineage`): CD3+ is T even where RNA
+says NK; CD3- CD19+ or CD20+ is B; CD14+ monocyte; CD3- CD56+, or CD16+ with a non-myeloid
+RNA call, NK. RNA decides the rest (no lineage protein positive, or none measured): the
+protein-decided calls join the per-cell calls whose cluster majority labels those cells.
+``obs["cell_type_rna"]`` keeps the RNA call, ``obs["cell_type_protein"]`` the protein one. In
+RNA, a best-NK cell with at least ``t_core_min_counts`` UMIs of the CD3 genes is T (effector
+CD8 and CAR-T cells express NKG7/GNLY/KLRD1 as highly as NK cells), and a best-plasmablast
+cell with at least ``pdc_min_counts`` UMIs of the ``pDC`` set is a pDC (pDCs express MZB1 and
+JCHAIN); pDCs are not lymphocytes.
+
+CAR-T cells: a T cell is CAR+ with at least ``car_min_counts`` CAR UMIs and more than the
+``car_ambient_quantile`` Poisson quantile of the ambient CAR UMIs expected in it
+(:func:`car_thresholds`: the sample's ambient rate, estimated on cells that cannot carry a CAR,
+times the cell's UMIs); ``uns["car_ambient"]`` records the rate.
+
 Missing marker genes: populations are scored with the genes present (partial scoring, listed in
 ``uns["annotation"]["missing_genes"]`` and logged); a population with none is not scored (and
 cannot be called). No pan-B gene at all is an error: B cells could not be called.
@@ -56,7 +72,8 @@ protein for that marker: CD19 mRNA drops out in most B cells, so an RNA-only "CD
 B cell is no evidence of CD19 loss, and counting it would raise false CD19/CD20 discordance.
 ``cd19neg_cd20pos`` needs both proteins. ``obs["cd19_rna"]``/``obs["cd20_rna"]`` keep the
 transcript calls (at least one CD19/MS4A1 UMI) for inspection. ``car_t_count``: T cells with
-at least ``scrna.annotate.car_min_counts`` UMIs of ``scrna.car_feature``; ``car_t_pct_t`` =
+at least ``scrna.annotate.car_min_counts`` UMIs of ``scrna.car_feature`` and above the
+ambient threshold (above); ``car_t_pct_t`` =
 100 x car_t_count / t_cells (empty without a CAR feature or without T cells).
 """
 
@@ -74,7 +91,7 @@ import scipy.sparse as sp
 
 from .annotate import COUNT_COLUMNS as _SHARED_COUNT_COLUMNS
 from .annotate import SUBSETS
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .thresholds import ThresholdFit, learn_marker_threshold
 
 log = logging.getLogger(__name__)
@@ -85,7 +102,8 @@ COUNT_COLUMNS = (*_SHARED_COUNT_COLUMNS,
                  *(() if "gate_flags" in _SHARED_COUNT_COLUMNS else ("gate_flags",)))
 #: Parent population of each protein gate (the rest: CD20+ B cells). Gates are learned level
 #: by level, in this order, each on the parent defined by the gates above it.
-GATE_PARENTS = {"CD3": "all", "CD19": "CD3-", "CD20": "CD3-"}
+GATE_PARENTS = {"CD3": "all", "CD14": "all", "CD19": "CD3-", "CD20": "CD3-", "CD56": "CD3-",
+                "CD16": "CD3-"}
 SUBSET_PARENT = "CD20+ B"
 _GATE_LEVELS = ("all", "CD3-", SUBSET_PARENT)
 #: Methods of a trusted gate; any other is flagged.
@@ -95,6 +113,11 @@ PROTEIN_THRESHOLD_COLUMNS = ("marker", "parent", "threshold", "method", "n_event
                              "n_samples", "pool", "flag")
 LYMPHOCYTE_TYPES = ("T", "B", "NK")
 UNASSIGNED = "unassigned"
+#: ``obs["lineage_source"]`` values: the gated lineage proteins decided, or the RNA call.
+PROTEIN, RNA = "protein", "rna"
+#: RNA calls under which a CD16+ CD56- (CD14-) cell is a myeloid cell, not an NK cell:
+#: CD16 (FCGR3A) also marks non-classical monocytes, which are CD14 dim.
+_MYELOID = ("monocyte", "DC", "pDC")
 _CLUSTER_KEY = "leiden"
 
 
@@ -201,6 +224,55 @@ def protein_parents(columns: Mapping[str, np.ndarray], cuts: Mapping[str, float]
     cd20_b = b_cell & (columns["CD20"] >= cuts["CD20"]) if b_cell is not None \
         and gated("CD20") else b_cell
     return {"all": np.ones(n, dtype=bool), "CD3-": cd3_neg, "B": b_cell, SUBSET_PARENT: cd20_b}
+
+
+def protein_lineage(positive: Mapping[str, np.ndarray], rna_call: np.ndarray | None, *,
+                    n: int) -> np.ndarray:
+    """Lineage decided by the gated lineage proteins; ``""`` where they do not decide.
+
+    Parameters
+    ----------
+    positive
+        Protein -> boolean call (at or above its gate), only for gated proteins.
+    rna_call
+        Per-cell RNA call, used where a protein is not measured (CD3-: not called T) and to
+        tell a CD16+ CD56- cell's lineage (CD16 also marks non-classical monocytes); None:
+        no RNA call.
+    n
+        Number of cells.
+
+    Returns
+    -------
+    numpy.ndarray of object
+        In this order of precedence: ``T`` (CD3+); ``B`` (CD3-, CD19+ or CD20+);
+        ``monocyte`` (CD3-, not B, CD14+); ``NK`` (CD3-, not B, not CD14+, and CD56+, or
+        CD16+ with an RNA call that is not myeloid); ``""`` otherwise: no lineage protein
+        positive (DC, pDC, dim staining) or no lineage protein measured, where RNA decides.
+    """
+    out = np.full(n, "", dtype=object)
+    rna = None if rna_call is None else np.asarray(rna_call, dtype=object)
+    lineage = {"CD3", "CD19", "CD20", "CD14", "CD56", "CD16"} & set(positive)
+    if not n or not lineage:
+        return out
+    if "CD3" in positive:
+        cd3_pos = np.asarray(positive["CD3"], dtype=bool)
+        cd3_neg = ~cd3_pos
+        out[cd3_pos] = "T"
+    else:  # no CD3 protein: the RNA call stands in for CD3- (as for the gate parents)
+        cd3_neg = np.ones(n, dtype=bool) if rna is None else rna != "T"
+
+    def pos(marker: str) -> np.ndarray:
+        values = positive.get(marker)
+        return np.zeros(n, dtype=bool) if values is None else np.asarray(values, dtype=bool)
+
+    b_cell = cd3_neg & (pos("CD19") | pos("CD20"))
+    out[b_cell] = "B"
+    monocyte = cd3_neg & ~b_cell & pos("CD14")
+    out[monocyte] = "monocyte"
+    rest = cd3_neg & ~b_cell & ~monocyte
+    not_myeloid = np.ones(n, dtype=bool) if rna is None else ~np.isin(rna, _MYELOID)
+    out[rest & (pos("CD56") | (pos("CD16") & not_myeloid))] = "NK"
+    return out
 
 
 def learn_protein_thresholds(samples: Iterable[tuple[str, Mapping[str, np.ndarray], RnaCall]],
@@ -360,16 +432,151 @@ def _population_scores(adata, marker_sets: Mapping[str, list[str]], *, seed: int
     return scores, missing
 
 
-def _per_cell_call(scores: Mapping[str, np.ndarray], n: int, min_score: float) -> np.ndarray:
-    """Best-scoring population per cell (plasmablast -> B; at or below min_score: unassigned)."""
+def _per_cell_call(scores: Mapping[str, np.ndarray], n: int, min_score: float, *,
+                   cd3_counts: np.ndarray | None = None, cd3_min_counts: float = 2.0,
+                   pdc_counts: np.ndarray | None = None, pdc_min_counts: float = 2.0
+                   ) -> np.ndarray:
+    """Best-scoring population per cell (plasmablast -> B; at or below min_score: unassigned).
+
+    T versus NK: effector CD8 and CAR-T cells express the cytotoxic NK program (NKG7, GNLY,
+    KLRD1) as highly as NK cells while keeping the CD3 genes, so a cell whose best score is
+    NK but which carries at least ``cd3_min_counts`` UMIs of the CD3 genes (``cd3_counts``)
+    is a T cell; an NK call needs the CD3 genes absent or nearly so. pDC versus plasmablast:
+    pDCs express MZB1 and JCHAIN too, so a cell whose best score is plasmablast but which
+    carries at least ``pdc_min_counts`` UMIs of the pDC genes (``pdc_counts``) is a pDC.
+    """
     populations = list(scores)
     if not n or not populations:
         return np.full(n, UNASSIGNED, dtype=object)
     matrix = np.column_stack([scores[p] for p in populations])
     best = np.asarray(populations, dtype=object)[matrix.argmax(axis=1)]
     per_cell = np.where(best == "plasmablast", "B", best).astype(object)
+    if cd3_counts is not None and "T" in scores:
+        per_cell[(best == "NK") & (np.asarray(cd3_counts) >= cd3_min_counts)] = "T"
+    if pdc_counts is not None and "pDC" in scores:
+        per_cell[(best == "plasmablast") & (np.asarray(pdc_counts) >= pdc_min_counts)] = "pDC"
     per_cell[matrix.max(axis=1) <= min_score] = UNASSIGNED
     return per_cell
+
+
+def _cd3_counts(adata, acfg: Mapping[str, Any]) -> np.ndarray | None:
+    """UMIs of the T-core genes (``scrna.annotate.t_core_genes``) per cell; None: none present."""
+    return _set_counts(adata, list(acfg.get("t_core_genes", ["CD3D", "CD3E", "CD3G"])))
+
+
+def _pdc_counts(adata, acfg: Mapping[str, Any]) -> np.ndarray | None:
+    """UMIs of the pDC marker genes per cell; None: no pDC set or none of its genes present."""
+    return _set_counts(adata, list(acfg["markers"].get("pDC", [])))
+
+
+def _set_counts(adata, genes: list[str]) -> np.ndarray | None:
+    genes, _ = _present(adata, genes)
+    if not genes:
+        return None
+    return np.sum([_counts_of(adata, g) for g in genes], axis=0) if adata.n_obs \
+        else np.zeros(0)
+
+
+def _rna_call(adata, scores: Mapping[str, np.ndarray], acfg: Mapping[str, Any]) -> np.ndarray:
+    return _per_cell_call(scores, adata.n_obs, float(acfg["min_score"]),
+                          cd3_counts=_cd3_counts(adata, acfg),
+                          cd3_min_counts=float(acfg.get("t_core_min_counts", 2)),
+                          pdc_counts=_pdc_counts(adata, acfg),
+                          pdc_min_counts=float(acfg.get("pdc_min_counts", 2)))
+
+
+def _total_counts(adata) -> np.ndarray | None:
+    """UMIs per cell (``layers["counts"]``, else ``obs["total_counts"]``); None: unknown."""
+    if "counts" in adata.layers:
+        return np.asarray(adata.layers["counts"].sum(axis=1), dtype=float).ravel()
+    if "total_counts" in adata.obs:
+        return adata.obs["total_counts"].to_numpy(dtype=float)
+    return None
+
+
+def ambient_rate(car_umis: np.ndarray, totals: np.ndarray) -> tuple[float, str]:
+    """Ambient CAR UMIs per UMI of a droplet, from cells that cannot carry a CAR.
+
+    Droplets draw ambient UMIs as Poisson(rate x their UMIs); the rate is solved from the
+    share of those cells with no CAR UMI, ``mean(exp(-rate x totals)) = share``, which a few
+    doublets with a CAR-T cell (many CAR UMIs in one droplet) barely move; when every such
+    cell carries CAR UMIs, the pooled ratio of CAR UMIs to UMIs.
+    """
+    from scipy.optimize import brentq
+
+    car_umis = np.asarray(car_umis, dtype=float)
+    totals = np.maximum(np.asarray(totals, dtype=float), 1.0)
+    zero = float(np.mean(car_umis == 0))
+    if zero == 1.0:
+        return 0.0, "zero_fraction"
+    if zero == 0.0:
+        return float(car_umis.sum() / totals.sum()), "ratio"
+
+    def excess(rate: float) -> float:
+        return float(np.mean(np.exp(-rate * totals))) - zero
+
+    high = 1.0 / float(np.median(totals))
+    while excess(high) > 0:
+        high *= 4.0
+    return float(brentq(excess, 0.0, high, xtol=1e-12)), "zero_fraction"
+
+
+def car_thresholds(car_umis: np.ndarray, totals: np.ndarray | None, *, reference: np.ndarray,
+                   min_counts: float, quantile: float = 0.999, min_cells: int = 50
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per-cell CAR UMIs that make a cell CAR+ despite the sample's ambient CAR RNA.
+
+    Parameters
+    ----------
+    car_umis
+        CAR-feature UMIs per cell.
+    totals
+        UMIs per cell (None: unknown, only ``min_counts`` applies).
+    reference
+        Cells that cannot carry a CAR (B cells, monocytes, DCs): their CAR UMIs are ambient.
+    min_counts
+        ``scrna.annotate.car_min_counts``: the floor of every threshold.
+    quantile
+        A cell is CAR+ with more CAR UMIs than this Poisson quantile of the ambient UMIs
+        expected in it (rate x its UMIs).
+    min_cells
+        Fewer reference cells: no ambient estimate (only ``min_counts``; flagged).
+
+    Returns
+    -------
+    (threshold per cell: ``max(min_counts, Poisson quantile + 1)``, a summary dict: rate,
+    method, n_reference, quantile)
+    """
+    from scipy.stats import poisson
+
+    if not 0.0 < quantile < 1.0:
+        raise ConfigError(f"scrna.annotate.car_ambient_quantile must be in (0, 1), not "
+                          f"{quantile}")
+    car_umis = np.asarray(car_umis, dtype=float)
+    reference = np.asarray(reference, dtype=bool)
+    n_reference = int(reference.sum())
+    info: dict[str, Any] = {"rate": float("nan"), "method": "", "n_reference": n_reference,
+                            "quantile": float(quantile), "min_counts": float(min_counts)}
+    floor = np.full(car_umis.shape, float(min_counts))
+    if totals is None:
+        info["method"] = "no_counts"
+        return floor, info
+    if n_reference < min_cells:
+        info["method"] = "too_few_reference_cells"
+        return floor, info
+    totals = np.asarray(totals, dtype=float)
+    # Reference droplets holding a CAR-T cell too (doublets) carry more CAR UMIs than ambient
+    # explains: left out, and the rate estimated again, until none is left out.
+    keep = reference.copy()
+    for _ in range(10):
+        rate, method = ambient_rate(car_umis[keep], totals[keep])
+        outlier = keep & (car_umis > poisson.ppf(quantile, rate * totals))
+        if not outlier.any() or (keep & ~outlier).sum() < max(min_cells, 1):
+            break
+        keep &= ~outlier
+    info.update(rate=rate, method=method, n_reference_outliers=int((reference & ~keep).sum()))
+    ambient = poisson.ppf(quantile, rate * totals) + 1.0
+    return np.maximum(floor, ambient), info
 
 
 def rna_cell_calls(adata, *, config: Mapping[str, Any], sample_id: str | None = None
@@ -379,7 +586,7 @@ def rna_cell_calls(adata, *, config: Mapping[str, Any], sample_id: str | None = 
     acfg = config["scrna"]["annotate"]
     scores, _ = _population_scores(adata, {k: list(v) for k, v in acfg["markers"].items()},
                                    seed=int(config["seed"]), sample_id=sample_id)
-    return _per_cell_call(scores, adata.n_obs, float(acfg["min_score"]))
+    return _rna_call(adata, scores, acfg)
 
 
 def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
@@ -437,20 +644,38 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
     populations = list(scores)
     for p in populations:
         adata.obs[f"score_{p}"] = scores[p].astype(np.float32)
-    per_cell = _per_cell_call(scores, n, float(acfg["min_score"]))
-    adata.obs["cell_type_cell"] = per_cell
+    rna_cell = _rna_call(adata, scores, acfg)
+    adata.obs["cell_type_rna"] = rna_cell
 
     has_clusters = _CLUSTER_KEY in adata.obs
-    if has_clusters and n:
-        clusters = adata.obs[_CLUSTER_KEY].astype(str).to_numpy()
-        majority = (pd.DataFrame({"c": clusters, "t": per_cell}).groupby("c")["t"]
-                    .agg(lambda s: s.value_counts().index[0]))
-        cluster_call = majority.reindex(clusters).to_numpy(dtype=object)
-    else:
-        cluster_call = per_cell.copy()
-    adata.obs["cluster_cell_type"] = cluster_call
+    clusters = adata.obs[_CLUSTER_KEY].astype(str).to_numpy() if has_clusters and n else None
     use_cluster = acfg["call"] == "cluster" and has_clusters
-    cell_type = cluster_call if use_cluster else per_cell
+
+    def majority(calls: np.ndarray) -> np.ndarray:
+        if clusters is None:
+            return calls.copy()
+        top = (pd.DataFrame({"c": clusters, "t": calls}).groupby("c")["t"]
+               .agg(lambda s: s.value_counts().index[0]))
+        return top.reindex(clusters).to_numpy(dtype=object)
+
+    rna_type = majority(rna_cell) if use_cluster else rna_cell
+    # Protein precedence (CITE-seq): cohort gates, each applied inside its parent population
+    # (parents defined by RNA where their protein is not measured). The gated lineage proteins
+    # decide a cell's lineage; RNA decides where they are absent or all negative.
+    protein, parents, gates = _protein_gates(adata, cell_type=np.asarray(rna_type, dtype=object),
+                                             config=config, table=protein_thresholds,
+                                             sample_id=sample_id)
+    by_protein = protein_lineage(protein, np.asarray(rna_type, dtype=object), n=n)
+    decided = by_protein != ""
+    per_cell = np.where(decided, by_protein, rna_cell).astype(object)
+    adata.obs["cell_type_protein"] = by_protein
+    adata.obs["cell_type_cell"] = per_cell
+    cluster_call = majority(per_cell)
+    adata.obs["cluster_cell_type"] = cluster_call
+    cell_type = np.where(decided, by_protein,
+                         cluster_call if use_cluster else rna_cell).astype(object)
+    adata.obs["lineage_source"] = pd.Categorical(np.where(decided, PROTEIN, RNA),
+                                                 categories=[PROTEIN, RNA])
     discordant = int((cluster_call != per_cell).sum()) if has_clusters else 0
     b_cell = cell_type == "B"
 
@@ -459,7 +684,11 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
     not_called = {"transitional", "double_negative"}
     pb = scores.get("plasmablast", np.full(n, -np.inf))
     pan_b = scores.get("B", np.full(n, -np.inf))
-    is_pb = b_cell & (pb > pan_b) & (pb > float(acfg["min_score"]))
+    pdc = scores.get("pDC", np.full(n, -np.inf))  # MZB1/JCHAIN also mark pDCs
+    is_pb = b_cell & (pb > pan_b) & (pb > pdc) & (pb > float(acfg["min_score"]))
+    pdc_umis = _pdc_counts(adata, acfg) if n else None
+    if pdc_umis is not None:
+        is_pb &= pdc_umis < float(acfg.get("pdc_min_counts", 2))
     subset[is_pb] = "plasmablast"
     if "plasmablast" not in scores:
         not_called.add("plasmablast")
@@ -474,10 +703,7 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
     else:
         not_called |= {"naive", "unswitched_memory", "switched_memory"}
 
-    # Protein precedence (CITE-seq): cohort gates, each applied inside its parent population.
-    protein, parents, gates = _protein_gates(adata, cell_type=np.asarray(cell_type, dtype=object),
-                                             config=config, table=protein_thresholds,
-                                             sample_id=sample_id)
+    # B-cell subsets from protein.
     if {"IgD", "CD27"} <= set(protein):
         igd, cd27 = protein["IgD"], protein["CD27"]
         target = b_cell & ~is_pb
@@ -519,11 +745,28 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
             raise InputError(f"scrna.car_feature {car_feature!r} is not a feature of this "
                              "sample; check the CAR transcript name of the product",
                              sample_id=sample_id)
-        car = (cell_type == "T") & (_counts_of(adata, car_feature)
-                                    >= float(acfg["car_min_counts"])) if n else \
-            np.zeros(0, dtype=bool)
+        car_umis = _counts_of(adata, car_feature) if n else np.zeros(0)
+        threshold, car_info = car_thresholds(
+            car_umis, _total_counts(adata),
+            reference=np.isin(cell_type, list(acfg.get("car_ambient_reference",
+                                                       ["B", "monocyte", "DC", "pDC"]))),
+            min_counts=float(acfg["car_min_counts"]),
+            quantile=float(acfg.get("car_ambient_quantile", 0.999)),
+            min_cells=int(acfg.get("car_ambient_min_cells", 50)))
+        car_positive = car_umis >= threshold
+        car = (cell_type == "T") & car_positive
+        adata.obs["car_umis"] = car_umis.astype(np.float32)
+        adata.obs["car_threshold"] = threshold.astype(np.float32)
+        adata.obs["car_positive"] = car_positive
         adata.obs["car_t"] = car
         car_count = int(car.sum())
+        car_info["car_positive_not_t"] = int((car_positive & (cell_type != "T")).sum())
+        adata.uns["car_ambient"] = car_info
+        (log.warning if car_info["method"] == "too_few_reference_cells" else log.info)(
+            "sample %s: ambient %s rate %s per UMI (%s, %d reference cells); %d CAR+ T cells, "
+            "%d CAR+ non-T cells", sample_id, car_feature, f"{car_info['rate']:.3g}",
+            car_info["method"], car_info["n_reference"], car_count,
+            car_info["car_positive_not_t"])
 
     if events_total is None:
         events_total = int(adata.uns.get("source", {}).get("cells", n))
@@ -554,6 +797,7 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
         "subsets_not_called": row["subsets_not_called"],
         "lymphocytes": "T, B and NK cells that passed QC",
         "b_cells_protein": -1 if b_protein is None else int(b_protein.sum()),
+        "lineage_by_protein": int(decided.sum()),
         "gate_flags": gate_flags,
     }
     adata.uns["protein_thresholds"] = gates

@@ -1779,6 +1779,67 @@ def plot_qc_removed(qc: pd.DataFrame) -> Figure:
     return fig
 
 
+_FLAG_COLUMNS = (("sample_flags", "result"), ("gate_flags", "gate"))
+#: Kinetics flags that describe the timeline rather than ask the user to check something.
+_INFORMATIONAL_FLAGS = {"below_lloq", "nadir_below_lloq"}
+
+
+def flag_rows(samples: pd.DataFrame, kinetics: pd.DataFrame) -> pd.DataFrame:
+    """Everything flagged, one row per sample or patient: patient, where, kind, flags."""
+    rows = []
+    for record in samples.sort_values(["patient_id", "day"]).itertuples(index=False):
+        for column, kind in _FLAG_COLUMNS:
+            value = getattr(record, column, "")
+            if isinstance(value, str) and value:
+                rows.append((str(record.patient_id),
+                             f"{record.sample_id} (day {int(record.day)}, {record.modality})",
+                             kind, value.replace(";", "; ")))
+    if "flags" in kinetics.columns:
+        for record in kinetics.sort_values(["patient_id", "modality"]).itertuples(index=False):
+            if getattr(record, "measure", "b") != "b" or not isinstance(record.flags, str):
+                continue
+            flags = [f for f in record.flags.split(";") if f and f not in _INFORMATIONAL_FLAGS]
+            if flags:
+                rows.append((str(record.patient_id), f"kinetics ({record.modality}, B cells)",
+                             "kinetics", "; ".join(flags)))
+    return pd.DataFrame(rows, columns=["patient_id", "where", "kind", "flags"])
+
+
+def plot_flags(samples: pd.DataFrame, kinetics: pd.DataFrame, *, max_rows: int = 70) -> Figure:
+    """What to check before reading the numbers: every flagged sample, gate and patient.
+
+    Rows come from ``samples.tsv`` (``sample_flags``: implausible results; ``gate_flags``:
+    gates that fell back or had few events) and ``kinetics.tsv`` (``flags`` of the B-cell
+    measure, less the informational ``below_lloq``). Text rows carry the gid
+    ``flag:{patient}:{row}``.
+    """
+    table = flag_rows(samples, kinetics)
+    shown = table.head(max_rows)
+    height = min(11.0, 1.0 + 0.19 * max(len(shown), 3))
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, height), layout="constrained")
+        ax.set_axis_off()
+        if table.empty:
+            _message_axes(ax, "Nothing flagged: no implausible result, no fallback gate, "
+                              "no kinetics flag")
+            return fig
+        ax.set_title("Check these before reading the numbers (samples.tsv: sample_flags, "
+                     "gate_flags; kinetics.tsv: flags)", loc="left", fontsize=8)
+        colours = {"result": "#D55E00", "gate": "#E69F00", "kinetics": "#0072B2"}
+        step = 1.0 / (len(shown) + 1)
+        for i, row in enumerate(shown.itertuples(index=False)):
+            y = 1.0 - (i + 1) * step
+            ax.text(0.0, y, row.patient_id, fontsize=7, va="center", transform=ax.transAxes)
+            ax.text(0.08, y, row.where, fontsize=7, va="center", transform=ax.transAxes)
+            text = ax.text(0.45, y, f"{row.kind}: {row.flags}", fontsize=7, va="center",
+                           color=colours[row.kind], transform=ax.transAxes)
+            text.set_gid(f"flag:{row.patient_id}:{i}")
+        if len(table) > max_rows:
+            ax.text(0.0, 0.0, f"... and {len(table) - max_rows} more rows: see samples.tsv and "
+                    "kinetics.tsv", fontsize=7, transform=ax.transAxes)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 
@@ -1838,6 +1899,7 @@ def cli_report(args: argparse.Namespace) -> None:
             ("composition_baseline_vs_reconstitution",
              plot_composition_baseline_vs_reconstitution(samples, kinetics, min_b_events=min_b)),
             ("qc_removed", plot_qc_removed(qc)),
+            ("flags", plot_flags(samples, kinetics)),
         ]
         pooled = pool_annotated(args.annotated, markers=config["cluster"]["markers"],
                                 events_per_sample=int(settings.get("heatmap_events_per_sample",

@@ -84,7 +84,7 @@ def ingest_flow(
     import pandas as pd
 
     from .compensation import compensate_events
-    from .fcs import read_fcs
+    from .fcs import read_fcs, spillover_keyword_problem
     from .panel import channel_kind, check_required, resolve_panel
     from .qc import FLAG_COLUMNS, STEPS, qc_reason, run_qc
     from .transform import is_mass_cytometry, transform_events
@@ -101,17 +101,37 @@ def ingest_flow(
                    markers=fcs.markers, **where)
     mass_cytometry = is_mass_cytometry(fcs.cytometer, fcs.channels)
 
+    compensation_settings = settings.get("compensation") or {}
+    if str(compensation_settings.get("source", "auto")).lower() == "auto":
+        problem = spillover_keyword_problem(fcs.text)
+        if problem:
+            raise InputError(f"{problem}; set ingest.compensation.source: none if the data are "
+                             "already compensated, or give the instrument's matrix as "
+                             "ingest.compensation.matrix_file (source: file)", **where)
+    # NaN/inf events: flagged by QC step non_finite, and zeroed so that compensation and
+    # the transforms see finite numbers and the AnnData holds no NaN/inf.
+    non_finite = ~np.isfinite(fcs.events).all(axis=1)
+    linear = fcs.events
+    if non_finite.any():
+        log.warning("%s: %d event(s) hold NaN or infinite values; flagged qc_non_finite and "
+                    "removed by QC", path, int(non_finite.sum()))
+        linear = np.where(np.isfinite(fcs.events), fcs.events, 0.0)
+
     compensated, compensation_info = compensate_events(
-        fcs.events, fcs.channels, kinds, settings=settings.get("compensation") or {},
+        linear, fcs.channels, kinds, settings=settings.get("compensation") or {},
         text=fcs.text, **where)
     X, methods, transform_parameters = transform_events(
         compensated, channels=fcs.channels, canonicals=canonicals, kinds=kinds,
         ranges=fcs.ranges, settings=settings.get("transform") or {},
         mass_cytometry=mass_cytometry, **where)
+    transformed_bad = ~np.isfinite(X).all(axis=1)
+    if transformed_bad.any():
+        non_finite = non_finite | transformed_bad
+        X = np.where(np.isfinite(X), X, 0).astype(X.dtype)
     flags, steps, learned = run_qc(
-        X, fcs.events, canonicals=canonicals, kinds=kinds, ranges=fcs.ranges,
+        X, linear, canonicals=canonicals, kinds=kinds, ranges=fcs.ranges,
         settings=settings.get("qc") or {}, seed=int(config.get("seed", 0)),
-        mass_cytometry=mass_cytometry)
+        mass_cytometry=mass_cytometry, saturation=fcs.saturation, non_finite=non_finite)
 
     obs = pd.DataFrame({"event_index": np.arange(fcs.n_events, dtype=np.int64)},
                        index=pd.Index([str(i) for i in range(fcs.n_events)]))
@@ -152,6 +172,9 @@ def ingest_flow(
         "timestep": fcs.timestep,
         "mass_cytometry": mass_cytometry,
         "offset_error_ignored": fcs.offset_error_ignored,
+        "data_set": fcs.data_set,
+        "n_data_sets": fcs.n_data_sets,
+        "read_notes": list(fcs.notes),
     }
     adata.uns["compensation"] = compensation_info
     # Column lists, not {channel: ...}: a $PnN may hold "/", which HDF5 keys cannot.

@@ -2,12 +2,22 @@
 
 Steps, in order (each flags events in ``obs`` and is counted in the per-sample QC table):
 
+``non_finite``
+    Events with a NaN or infinite value on any channel (as read, or after transform). They
+    are removed before every other step, so no step fits on them; their values are set to 0
+    in the AnnData (``ingest``), which therefore holds only finite numbers.
 ``margin``
     Detector saturation and impossible scatter, as FlowJo and PeacoQC's ``RemoveMargins``
-    do: an event is flagged when its *uncompensated* linear value is ``>= $PnR - 1`` on any
-    scatter or fluorescence channel, or when scatter area/height is below
-    ``qc.margin.scatter_min`` (default -111, PeacoQC's lower bound for BD instruments).
-    Skipped for mass cytometry, whose ``$PnR`` is not a detector limit.
+    do. Saturation is judged on the *raw* channel value, before ``$PnE`` log decoding and
+    ``$PnG`` gain: raw ``>= $PnR - 1`` (tested as linear ``>=`` the linearised value of raw
+    ``$PnR - 1``, ``FcsData.saturation``, which is the same test since decoding is monotone;
+    on an FCS 2.0 file with ``$PnR 1024`` and 4 log decades that is linear 9910, not 1023).
+    Saturated events are removed on the channel kinds in ``qc.margin.remove_saturated``
+    (default ``[scatter]``) and only counted (``detail``, ``uns["qc"]["margin"]``) on the
+    others: a saturated fluorescence event is usually a real bright cell (CD19/CD20 B cells,
+    CD38++ plasmablasts). Events with scatter area/height below ``qc.margin.scatter_min``
+    (default -111, PeacoQC's lower bound for BD instruments) are removed. Skipped for mass
+    cytometry, whose ``$PnR`` is not a detector limit.
 ``doublets``
     ``FSC-A / FSC-H`` above ``median + mad_cutoff * MAD`` (MAD scaled to a normal SD),
     learned on the events that passed ``margin``. Events with ``FSC-H <= 0`` are flagged.
@@ -43,16 +53,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-STEPS = ("margin", "doublets", "dead", "debris", "time_anomaly")
+STEPS = ("non_finite", "margin", "doublets", "dead", "debris", "time_anomaly")
 #: obs column per step.
-FLAG_COLUMNS = {"margin": "qc_margin", "doublets": "qc_doublet", "dead": "qc_dead",
+FLAG_COLUMNS = {"non_finite": "qc_non_finite",
+                "margin": "qc_margin", "doublets": "qc_doublet", "dead": "qc_dead",
                 "debris": "qc_debris", "time_anomaly": "qc_time_anomaly"}
 # config["ingest"]["qc"] section per step.
-_SETTINGS_KEY = {"margin": "margin", "doublets": "doublets", "dead": "dead",
+_SETTINGS_KEY = {"non_finite": "non_finite",
+                 "margin": "margin", "doublets": "doublets", "dead": "dead",
                  "debris": "scatter_gate", "time_anomaly": "time_anomaly"}
 QC_TABLE_COLUMNS = ("sample_id", "step", "events_in", "events_removed", "events_out", "detail")
 _MAD_TO_SD = 1.4826
@@ -68,22 +80,41 @@ def _robust_center_scale(values: np.ndarray) -> tuple[float, float]:
 
 
 def margin_flags(linear: np.ndarray, *, kinds: Sequence[str], canonicals: Sequence[str],
-                 ranges: Sequence[float], scatter_min: float) -> tuple[np.ndarray, dict]:
-    """Flag saturated events (``>= $PnR - 1``) and scatter below ``scatter_min``."""
+                 ranges: Sequence[float], scatter_min: float,
+                 saturation: Sequence[float] | None = None,
+                 remove_saturated: Sequence[str] = ("scatter",)
+                 ) -> tuple[np.ndarray, dict]:
+    """Flag saturated events and scatter below ``scatter_min``.
+
+    ``saturation`` is per channel the linear value of raw channel ``$PnR - 1`` (defaults to
+    ``ranges - 1``, right for linear channels without gain). Saturation flags an event only
+    on the channel kinds in ``remove_saturated``; on the others it is counted.
+
+    Returns the flags and ``{"removed": {channel: n}, "counted": {channel: n},
+    "below_scatter_min": {channel: n}}``.
+    """
+    limits = (np.asarray(ranges, dtype=float) - 1.0 if saturation is None
+              else np.asarray(saturation, dtype=float))
     flags = np.zeros(linear.shape[0], dtype=bool)
-    per_channel = {}
+    removed: dict[str, int] = {}
+    counted: dict[str, int] = {}
+    low: dict[str, int] = {}
     for index, kind in enumerate(kinds):
         if kind not in ("scatter", "fluorescence", "viability"):
             continue
+        name = canonicals[index] or str(index)
         column = linear[:, index]
-        hit = column >= ranges[index] - 1
+        saturated = column >= limits[index]
+        if saturated.any():
+            (removed if kind in remove_saturated else counted)[name] = int(saturated.sum())
+        if kind in remove_saturated:
+            flags |= saturated
         if canonicals[index] in _SCATTER_FOR_MARGIN:
-            hit |= column < scatter_min
-        count = int(hit.sum())
-        if count:
-            per_channel[canonicals[index] or str(index)] = count
-        flags |= hit
-    return flags, per_channel
+            below = column < scatter_min
+            if below.any():
+                low[name] = int(below.sum())
+            flags |= below
+    return flags, {"removed": removed, "counted": counted, "below_scatter_min": low}
 
 
 def doublet_flags(fsc_area: np.ndarray, fsc_height: np.ndarray, *, fit_mask: np.ndarray,
@@ -261,6 +292,8 @@ def run_qc(
     settings: Mapping[str, Any],
     seed: int,
     mass_cytometry: bool = False,
+    saturation: Sequence[float] | None = None,
+    non_finite: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
     """Run the QC steps on one sample.
 
@@ -278,6 +311,12 @@ def run_qc(
         Seed of the scatter-gate mixture fit and its subsample.
     mass_cytometry
         Skip the margin step (mass cytometry ``$PnR`` is no detector limit).
+    saturation
+        Per channel, the linear value of raw channel ``$PnR - 1`` (``FcsData.saturation``);
+        None: ``ranges - 1``.
+    non_finite
+        Events known to hold a NaN/inf (before they were zero-filled); None: found in ``X``
+        and ``linear``.
 
     Returns
     -------
@@ -297,17 +336,32 @@ def run_qc(
         flag = np.zeros(n_events, dtype=bool)
         info: dict[str, Any]
         skipped = None
-        if not step_settings.get("enabled", True):
+        if step == "non_finite":
+            # Always on: no later step can fit on NaN/inf, and none may pass QC.
+            flag = np.zeros(n_events, dtype=bool) if non_finite is None else \
+                np.asarray(non_finite, dtype=bool).copy()
+            flag |= ~np.isfinite(X).all(axis=1) | ~np.isfinite(linear).all(axis=1)
+            info = {"rule": "NaN or infinite value on any channel"}
+        elif not step_settings.get("enabled", True):
             skipped = "disabled in config"
         elif step == "margin":
             if mass_cytometry:
                 skipped = "mass cytometry: $PnR is not a detector limit"
             else:
+                remove_on = step_settings.get("remove_saturated", ["scatter"])
+                remove_on = [remove_on] if isinstance(remove_on, str) else list(remove_on or [])
+                unknown = sorted(set(remove_on) - {"scatter", "fluorescence", "viability"})
+                if unknown:
+                    raise ConfigError(f"ingest.qc.margin.remove_saturated: {unknown} are not "
+                                     "channel kinds (scatter, fluorescence, viability)")
                 flag, per_channel = margin_flags(
                     linear, kinds=kinds, canonicals=canonicals, ranges=ranges,
-                    scatter_min=float(step_settings.get("scatter_min", -111.0)))
-                info = {"rule": "value >= $PnR - 1 on scatter/fluorescence, or scatter < "
-                        f"{step_settings.get('scatter_min', -111.0)}", "per_channel": per_channel}
+                    scatter_min=float(step_settings.get("scatter_min", -111.0)),
+                    saturation=saturation, remove_saturated=remove_on)
+                info = {"rule": "raw value >= $PnR - 1 (removed on "
+                        f"{', '.join(remove_on) or 'no channel kind'}, counted on the others), "
+                        f"or scatter < {step_settings.get('scatter_min', -111.0)}",
+                        "remove_saturated": remove_on, **per_channel}
         elif step == "doublets":
             if "FSC-A" in where and "FSC-H" in where:
                 flag, info = doublet_flags(linear[:, where["FSC-A"]], linear[:, where["FSC-H"]],
@@ -363,9 +417,14 @@ def run_qc(
 
 def _detail(step: str, info: Mapping[str, Any]) -> str:
     """A short human-readable summary of what a step learned."""
+    if step == "non_finite":
+        return "events with a NaN or infinite value"
     if step == "margin":
-        return "saturated/out of range: " + (", ".join(
-            f"{k} {v}" for k, v in info["per_channel"].items()) or "none")
+        def _list(counts: Mapping[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+        return (f"saturated, removed: {_list(info['removed'])}; saturated, kept (counted): "
+                f"{_list(info['counted'])}; scatter below minimum: "
+                f"{_list(info['below_scatter_min'])}")
     if step == "doublets":
         return f"FSC-A/FSC-H ratio > {info['ratio_cutoff']:.4g}"
     if step == "dead":

@@ -53,6 +53,16 @@ _SUBSET_MARKERS: dict[str, dict[str, float]] = {
                     "IGHG1": 2e-2, "CD27": 1.5e-3, "CD38": 2e-3, "CD79A": 1e-3},
 }
 _OTHER_GENES = ("IGHG3", "IGHG4", "IGHA2", "CD4", "CD8A")
+# Optional populations (``effector_cd8_share``, ``pdc_share``): effector CD8 T cells keep the
+# CD3 genes (CD3E detected in ~90%) but express the cytotoxic NK program as highly as NK cells;
+# pDCs express MZB1 and JCHAIN (as plasmablasts do) with their own LILRA4/CLEC4C program.
+_EFFECTOR_CD8 = {"CD3D": 1e-3, "CD3E": 1e-3, "CD2": 8e-4, "IL7R": 1e-4, "CD8A": 1.5e-3,
+                 "CD8B": 8e-4, "NKG7": 6e-3, "GNLY": 6e-3, "KLRD1": 1.5e-3}
+_PDC = {"LILRA4": 2e-3, "CLEC4C": 1e-3, "IL3RA": 8e-4, "PLD4": 1.5e-3, "SERPINF1": 6e-4,
+        "IRF7": 1.5e-3, "TCF4": 1.5e-3, "MZB1": 2e-3, "JCHAIN": 3e-3, "HLA-DQA1": 1e-3}
+#: NK cells of the optional populations carry a few stray CD3E UMIs (~15% detected), as real
+#: NK cells do.
+_NK_CD3E = 5e-5
 _MT_GENES = tuple(f"MT-{g}" for g in ("CO1", "CO2", "CO3", "ND1", "ND2", "ND4", "ATP6", "CYB"))
 # Antibody-derived tags for the CITE-seq sample: the B-cell panel that ingest keeps and, with
 # ``extended_adt_panel``, the rest of a typical panel (lineage markers and an isotype control).
@@ -85,9 +95,10 @@ def _phase(day: int, reconstitution_day: int) -> str:
     return "reconstitution" if day >= reconstitution_day else "aplasia"
 
 
-def _gene_names(n_genes: int, car_feature: str | None) -> list[str]:
+def _gene_names(n_genes: int, car_feature: str | None, extra: bool = False) -> list[str]:
     named: list[str] = []
-    for table in (*_MARKERS.values(), *_SUBSET_MARKERS.values()):
+    for table in (*_MARKERS.values(), *_SUBSET_MARKERS.values(),
+                  *((_EFFECTOR_CD8, _PDC) if extra else ())):
         named.extend(g for g in table if g not in named)
     named.extend(g for g in (*_OTHER_GENES, *_MT_GENES) if g not in named)
     if car_feature:
@@ -96,8 +107,8 @@ def _gene_names(n_genes: int, car_feature: str | None) -> list[str]:
     return named + [f"GENE{i:05d}" for i in range(n_background)]
 
 
-def _profiles(genes: list[str], rng: np.random.Generator, car_feature: str | None
-              ) -> dict[str, np.ndarray]:
+def _profiles(genes: list[str], rng: np.random.Generator, car_feature: str | None,
+              extra: bool = False, car_expression: float = 1e-3) -> dict[str, np.ndarray]:
     """Expression profile (share of the library per gene) of every simulated population."""
     index = {g: i for i, g in enumerate(genes)}
     n = len(genes)
@@ -131,9 +142,15 @@ def _profiles(genes: list[str], rng: np.random.Generator, car_feature: str | Non
         for gene, share in markers.items():
             profile[index[gene]] = share
         profiles[f"B:{subset}"] = profile
-    if car_feature:
-        car = profiles["T"].copy()
-        car[index[car_feature]] = 1e-3
+    if extra:  # drawn after the default populations, which stay as they are
+        profiles["T:effector"] = profiles["T"].copy()
+        for gene, share in _EFFECTOR_CD8.items():
+            profiles["T:effector"][index[gene]] = share
+        profiles["pDC"] = program(_PDC)
+        profiles["NK"][index["CD3E"]] = _NK_CD3E
+    if car_feature:  # CAR-T cells are effector cells where those are simulated
+        car = profiles["T:effector" if extra else "T"].copy()
+        car[index[car_feature]] = car_expression
         profiles["T:car"] = car
     return {k: v / v.sum() for k, v in profiles.items()}
 
@@ -150,9 +167,14 @@ def _barcodes(n: int, rng: np.random.Generator) -> list[str]:
     return out
 
 
-def _composition(phase: str, b_share: float | None) -> dict[str, float]:
-    """Shares of all cells; with ``b_share``, B cells are that share of T + NK + B."""
+def _composition(phase: str, b_share: float | None, pdc_share: float = 0.0
+                 ) -> dict[str, float]:
+    """Shares of all cells; with ``b_share``, B cells are that share of T + NK + B; with
+    ``pdc_share``, pDCs are that share of all cells (the rest scaled down)."""
     composition = dict(_COMPOSITION[phase])
+    if pdc_share > 0:
+        composition = {k: v * (1.0 - pdc_share) for k, v in composition.items()}
+        composition["pDC"] = pdc_share
     if b_share is None:
         return composition
     lymphocytes = composition["T"] + composition["NK"] + composition["B"]
@@ -165,10 +187,12 @@ def _composition(phase: str, b_share: float | None) -> dict[str, float]:
 
 
 def _simulate_visit(phase: str, n_cells: int, genes: list[str], profiles: dict[str, np.ndarray],
-                    rng: np.random.Generator, b_share: float | None = None
+                    rng: np.random.Generator, b_share: float | None = None, *,
+                    pdc_share: float = 0.0, effector_cd8_share: float = 0.0,
+                    car_ambient: float = 0.0, car_feature: str | None = None
                     ) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray]:
     """Counts (cells x genes) and per-cell truth for one visit; also the population keys."""
-    composition = _composition(phase, b_share)
+    composition = _composition(phase, b_share, pdc_share)
     types = rng.choice(list(composition), size=n_cells, p=list(composition.values()))
     keys = types.astype(object)
     subsets = np.full(n_cells, "", dtype=object)
@@ -179,6 +203,8 @@ def _simulate_visit(phase: str, n_cells: int, genes: list[str], profiles: dict[s
         keys[b_cells] = ["B:" + s for s in subsets[b_cells]]
     car = np.zeros(n_cells, dtype=bool)
     t_cells = np.flatnonzero(types == "T")
+    if effector_cd8_share > 0 and t_cells.size:
+        keys[t_cells[rng.random(t_cells.size) < effector_cd8_share]] = "T:effector"
     if "T:car" in profiles and t_cells.size:
         car[t_cells] = rng.random(t_cells.size) < _CAR_SHARE_OF_T[phase]
         keys[car] = "T:car"
@@ -201,10 +227,20 @@ def _simulate_visit(phase: str, n_cells: int, genes: list[str], profiles: dict[s
     doublet = (rng.random(n_cells) < 0.04) & ~low_quality
     partners = rng.integers(0, n_cells, size=doublet.sum())
     counts[doublet] += counts[partners]
+    if car_ambient > 0 and car_feature:
+        # Ambient RNA: every droplet draws CAR UMIs from the soup (lysed CAR-T cells),
+        # Poisson with car_ambient x its UMIs.
+        column = genes.index(car_feature)
+        counts[:, column] += rng.poisson(car_ambient * counts.sum(axis=1))
     cell_type[doublet] = "doublet"
     subsets[low_quality | doublet] = ""
     car &= ~(low_quality | doublet)
     truth = pd.DataFrame({"cell_type": cell_type, "b_subset": subsets, "car_t": car})
+    if effector_cd8_share > 0 or pdc_share > 0:
+        population = keys.astype(object).copy()
+        population[low_quality] = "low_quality"
+        population[doublet] = "doublet"
+        truth["population"] = population
     return sp.csr_matrix(counts), truth, keys
 
 
@@ -212,7 +248,8 @@ def _protein_counts(truth: pd.DataFrame, keys: np.ndarray, rng: np.random.Genera
                     panel: Sequence[str] = _PROTEINS) -> np.ndarray:
     """ADT counts (cells x ``panel``): a background for every cell, a signal where expressed."""
     high = {p: np.zeros(len(truth)) for p in (*_PROTEINS, *_OTHER_PROTEINS)}
-    high["CD3"][(keys == "T") | (keys == "T:car")] = 1.0
+    is_t = np.array([str(k).startswith("T") for k in keys], dtype=bool)
+    high["CD3"][is_t] = 1.0
     b_keys = {f"B:{s}" for s in B_SUBSETS}
     is_b = np.isin(keys, list(b_keys))
     high["CD19"][is_b] = 1.0
@@ -225,8 +262,8 @@ def _protein_counts(truth: pd.DataFrame, keys: np.ndarray, rng: np.random.Genera
     high["CD38"][is_b & ~np.isin(keys, ["B:transitional", "B:plasmablast"])] = 0.3
     high["CD24"][is_b] = 0.6
     high["CD24"][keys == "B:transitional"] = 1.5
-    is_t = (keys == "T") | (keys == "T:car")
-    high["CD4"][is_t] = 1.0
+    high["CD4"][is_t & (keys != "T:effector")] = 1.0  # effector CD8 T cells: CD4-
+    high["CD16"][keys == "T:effector"] = 0.5  # some effector memory CD8 T cells are CD16+
     high["CD4"][keys == "monocyte"] = 0.6
     high["CD14"][keys == "monocyte"] = 1.5
     high["CD16"][keys == "NK"] = 1.2
@@ -283,6 +320,10 @@ def simulate_scrna_visits(
     b_share_of_lymphocytes: Mapping[tuple[str, int], float] | None = None,
     cite_seq_all_visits: bool = False,
     extended_adt_panel: bool = False,
+    effector_cd8_share: float = 0.0,
+    pdc_share: float = 0.0,
+    car_ambient: float = 0.0,
+    car_expression: float = 1e-3,
 ) -> list[dict[str, Any]]:
     """Write simulated scRNA visits of demo patients and return their sample-sheet rows.
 
@@ -320,6 +361,19 @@ def simulate_scrna_visits(
         CD56, HLA-DR, CD11c, CD45RA, IgG1-isotype) to the seven B-cell ones, as real panels
         have: ingest keeps only the configured markers, but every antibody enters each cell's
         CLR, so B cells are no longer compressed towards the negative cells.
+    effector_cd8_share
+        Share of the (non-CAR) T cells that are effector CD8 T cells (CD3 genes kept, CD3E
+        detected in ~90%, NKG7/GNLY as high as NK cells; CD3+ CD4- protein); with it or
+        ``pdc_share``, CAR-T cells carry the effector program too, NK cells a few stray CD3E
+        UMIs, and the truth a ``population`` column (``T:effector``, ``T:car``, ``pDC``, ...).
+    pdc_share
+        Share of all cells that are pDCs (truth cell_type ``pDC``): MZB1 and JCHAIN with
+        LILRA4, CLEC4C, IL3RA, PLD4, SERPINF1, IRF7, TCF4; negative for every lineage protein.
+    car_ambient
+        Ambient CAR UMIs per UMI of every droplet (Poisson), as from lysed CAR-T cells in the
+        soup: non-CAR cells then carry stray CAR UMIs.
+    car_expression
+        Share of a CAR-T cell's library that is the CAR transcript.
 
     Returns
     -------
@@ -329,9 +383,10 @@ def simulate_scrna_visits(
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    genes = _gene_names(n_genes, car_feature)
+    extra = effector_cd8_share > 0 or pdc_share > 0
+    genes = _gene_names(n_genes, car_feature, extra)
     gene_ids = [f"ENSGSIM{i:08d}" for i in range(len(genes))]
-    profiles = _profiles(genes, rng, car_feature)
+    profiles = _profiles(genes, rng, car_feature, extra, car_expression)
     panel = (*_PROTEINS, *_OTHER_PROTEINS) if extended_adt_panel else _PROTEINS
     recon = dict(reconstitution_days or {})
     rows: list[dict[str, Any]] = []
@@ -343,8 +398,10 @@ def simulate_scrna_visits(
             b_share = (b_share_of_lymphocytes or {}).get((patient, int(day)))
             if phase == "aplasia":
                 b_share = None  # no B cells at all
-            counts, truth, keys = _simulate_visit(phase, cells_per_sample, genes, profiles,
-                                                  visit_rng, b_share)
+            counts, truth, keys = _simulate_visit(
+                phase, cells_per_sample, genes, profiles, visit_rng, b_share,
+                pdc_share=pdc_share, effector_cd8_share=effector_cd8_share,
+                car_ambient=car_ambient, car_feature=car_feature)
             sample_id = f"{patient}_d{int(day)}_scrna"
             barcodes = _barcodes(cells_per_sample, visit_rng)
             truth.insert(0, "barcode", barcodes)

@@ -137,6 +137,7 @@ def report_figures() -> list[str]:
         "composition_visits",
         "composition_baseline_vs_reconstitution",
         "qc_removed",
+        "flags",
     ]
     if FLOW_SAMPLES:
         stems += ["cluster_heatmap", "embedding"]
@@ -177,6 +178,7 @@ _FIGURES = {
         "composition_baseline_vs_reconstitution.rst",
     ),
     "qc_removed": ("Quality control", "qc_removed.rst"),
+    "flags": ("Quality control", "flags.rst"),
     "cluster_heatmap": ("Clustering", "cluster_heatmap.rst"),
     "embedding": ("Clustering", "embedding.rst"),
 }
