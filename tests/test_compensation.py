@@ -98,3 +98,14 @@ def test_invalid_matrices_are_refused_unless_allowed(matrix, names, message):
 def test_valid_matrix_has_no_problems():
     assert matrix_problems(SPILL, ["FITC-A", "PE-A", "APC-A"], channels=CHANNELS,
                            kinds=KINDS) == []
+
+
+def test_spillover_naming_detectors_by_parameter_number_is_mapped_to_pnn():
+    from bcellmap.compensation import spillover_from_text
+
+    # As the Accuri C6 writes it: detectors 3 and 4 are parameters 3 and 4 ($P3N, $P4N).
+    text = {"p1n": "FSC-A", "p2n": "SSC-A", "p3n": "FL1-A", "p4n": "FL2-A",
+            "spillover": "2,3,4,1,0.1,0.02,1"}
+    matrix, names = spillover_from_text(text)
+    assert names == ["FL1-A", "FL2-A"]
+    np.testing.assert_allclose(matrix, [[1, 0.1], [0.02, 1]])

@@ -173,12 +173,9 @@ def test_fcsparser_peer(variants_dir, name):
     "fcsparser__Miltenyi_FCS_3.1_Well_A1.001.fcs"}))
 def test_variant_ingests_without_traceback(variants_dir, name):
     config = merge(load_config(), {"ingest": {"required_markers": []}})
-    if name.startswith("cytoflow__Accuri"):
-        # Its $SPILLOVER names detectors by number (3,4,...), not $PnN: refused in one line
-        # with the remedy, then read with compensation off (the matrix is the identity).
-        with pytest.raises(InputError, match="names not in the file: 3, 4.*source: none"):
-            ingest_flow(variants_dir / name, config=config, sample_id="v")
-        config = merge(config, {"ingest": {"compensation": {"source": "none"}}})
     adata = ingest_flow(variants_dir / name, config=config, sample_id="v")
+    if name.startswith("cytoflow__Accuri"):
+        # Its $SPILLOVER names detectors by parameter number (3, 4, ...): mapped to $PnN.
+        assert list(adata.uns["compensation"]["channels"])[:2] == ["FL1-A", "FL2-A"]
     assert adata.n_obs == FACTS[name][0] and np.isfinite(adata.X).all()
     assert list(adata.uns["qc"]["table"]["step"])[0] == "non_finite"

@@ -136,11 +136,17 @@ def test_fcs_files_read_back_with_keywords_and_spillover(cohort, truth, codes):
     assert np.allclose(np.diag(matrix), 1.0) and (matrix >= 0).all() and matrix.max() <= 1
     assert (matrix - np.eye(n)).max() > 0.05          # a realistic, not an identity, matrix
     assert np.all(np.diff(events[:, -1]) >= 0)
-    # Margin events, and only they, carry a value at $PnR - 1.
-    saturated = (events[:, :-1] >= 262143).any(axis=1)
+    # Margin events, and only they, carry a scatter value at $PnR - 1; a saturated
+    # fluorescence detector is the cell's brightest and the cell keeps its category.
+    saturated = (events[:, :3] >= 262143).any(axis=1)
     categories = _event_categories(cohort, codes, row.sample_id)
     assert np.array_equal(saturated, categories == "margin")
     assert saturated.sum() > 0
+    fluorescence = events[:, 3:-1]
+    bright = (fluorescence >= 262143).any(axis=1) & ~saturated
+    assert bright.sum() > 0 and (categories[bright] != "margin").all()
+    assert (fluorescence[bright].argmax(axis=1) == np.argmax(
+        fluorescence[bright] >= 262143, axis=1)).all()
 
 
 def test_kinetics_days_follow_from_true_counts(truth, patients):

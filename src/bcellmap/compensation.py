@@ -39,7 +39,8 @@ def spillover_from_text(text: Mapping[str, str], *, path: object = None,
     Returns
     -------
     (matrix, names) or None
-        The n x n spillover matrix and its n detector names ($PnN).
+        The n x n spillover matrix and its n detector names ($PnN; a keyword that names
+        detectors by parameter number, as the Accuri C6 writes it, is mapped to $PnN).
     """
     from flowutils.compensate import get_spill
 
@@ -51,7 +52,13 @@ def spillover_from_text(text: Mapping[str, str], *, path: object = None,
             except (ValueError, IndexError) as exc:
                 raise InputError(f"the {keyword.upper()} keyword is not a valid spillover "
                                  f"matrix ({exc})", path=path, sample_id=sample_id) from None
-            return np.asarray(matrix, dtype=float), [str(n) for n in names]
+            names = [str(n).strip() for n in names]
+            if names and all(n.isdigit() for n in names):
+                # Some instruments (Accuri C6) name detectors by parameter number: $PnN of n.
+                numbered = [text.get(f"p{int(n)}n") or text.get(f"$p{int(n)}n") for n in names]
+                if all(numbered):
+                    names = [str(n) for n in numbered]
+            return np.asarray(matrix, dtype=float), names
     return None
 
 

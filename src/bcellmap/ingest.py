@@ -131,7 +131,8 @@ def ingest_flow(
     flags, steps, learned = run_qc(
         X, linear, canonicals=canonicals, kinds=kinds, ranges=fcs.ranges,
         settings=settings.get("qc") or {}, seed=int(config.get("seed", 0)),
-        mass_cytometry=mass_cytometry, saturation=fcs.saturation, non_finite=non_finite)
+        mass_cytometry=mass_cytometry, saturation=fcs.saturation, non_finite=non_finite,
+        compensated=[c in set(compensation_info["channels"]) for c in fcs.channels])
 
     obs = pd.DataFrame({"event_index": np.arange(fcs.n_events, dtype=np.int64)},
                        index=pd.Index([str(i) for i in range(fcs.n_events)]))

@@ -12,11 +12,15 @@ Steps, in order (each flags events in ``obs`` and is counted in the per-sample Q
     ``$PnG`` gain: raw ``>= $PnR - 1`` (tested as linear ``>=`` the linearised value of raw
     ``$PnR - 1``, ``FcsData.saturation``, which is the same test since decoding is monotone;
     on an FCS 2.0 file with ``$PnR 1024`` and 4 log decades that is linear 9910, not 1023).
-    Saturated events are removed on the channel kinds in ``qc.margin.remove_saturated``
-    (default ``[scatter]``) and only counted (``detail``, ``uns["qc"]["margin"]``) on the
-    others: a saturated fluorescence event is usually a real bright cell (CD19/CD20 B cells,
-    CD38++ plasmablasts). Events with scatter area/height below ``qc.margin.scatter_min``
-    (default -111, PeacoQC's lower bound for BD instruments) are removed. Skipped for mass
+    Saturated events are removed on the channel kinds in ``qc.margin.remove_saturated`` and
+    only counted (``detail``, ``uns["qc"]["margin"]``) on the others. The default, ``auto``,
+    removes them on scatter and on the fluorescence channels that were compensated (a
+    clipped value spilled back out of the other channels corrupts all of them: a T cell
+    with a clipped CD27 detector comes out CD3-negative), and counts them on uncompensated
+    fluorescence, where a saturated event is usually a real bright cell (CD19/CD20 B cells,
+    CD38++ plasmablasts on old log-amplified files). Events with scatter area/height below
+    ``qc.margin.scatter_min`` (default -111, PeacoQC's lower bound for BD instruments) are
+    removed. Skipped for mass
     cytometry, whose ``$PnR`` is not a detector limit.
 ``doublets``
     ``FSC-A / FSC-H`` above ``median + mad_cutoff * MAD`` (MAD scaled to a normal SD),
@@ -82,13 +86,15 @@ def _robust_center_scale(values: np.ndarray) -> tuple[float, float]:
 def margin_flags(linear: np.ndarray, *, kinds: Sequence[str], canonicals: Sequence[str],
                  ranges: Sequence[float], scatter_min: float,
                  saturation: Sequence[float] | None = None,
-                 remove_saturated: Sequence[str] = ("scatter",)
+                 remove_saturated: Sequence[str] = ("scatter",),
+                 remove_channels: Sequence[bool] | None = None,
                  ) -> tuple[np.ndarray, dict]:
     """Flag saturated events and scatter below ``scatter_min``.
 
     ``saturation`` is per channel the linear value of raw channel ``$PnR - 1`` (defaults to
     ``ranges - 1``, right for linear channels without gain). Saturation flags an event only
-    on the channel kinds in ``remove_saturated``; on the others it is counted.
+    on the channel kinds in ``remove_saturated``, or on the channels ``remove_channels``
+    marks; on the others it is counted.
 
     Returns the flags and ``{"removed": {channel: n}, "counted": {channel: n},
     "below_scatter_min": {channel: n}}``.
@@ -105,9 +111,11 @@ def margin_flags(linear: np.ndarray, *, kinds: Sequence[str], canonicals: Sequen
         name = canonicals[index] or str(index)
         column = linear[:, index]
         saturated = column >= limits[index]
+        remove = kind in remove_saturated or bool(
+            remove_channels is not None and remove_channels[index])
         if saturated.any():
-            (removed if kind in remove_saturated else counted)[name] = int(saturated.sum())
-        if kind in remove_saturated:
+            (removed if remove else counted)[name] = int(saturated.sum())
+        if remove:
             flags |= saturated
         if canonicals[index] in _SCATTER_FOR_MARGIN:
             below = column < scatter_min
@@ -294,6 +302,7 @@ def run_qc(
     mass_cytometry: bool = False,
     saturation: Sequence[float] | None = None,
     non_finite: np.ndarray | None = None,
+    compensated: Sequence[bool] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
     """Run the QC steps on one sample.
 
@@ -317,6 +326,9 @@ def run_qc(
     non_finite
         Events known to hold a NaN/inf (before they were zero-filled); None: found in ``X``
         and ``linear``.
+    compensated
+        Per channel, whether it was compensated (``remove_saturated: auto`` removes
+        saturation on those); None: no channel was.
 
     Returns
     -------
@@ -348,16 +360,25 @@ def run_qc(
             if mass_cytometry:
                 skipped = "mass cytometry: $PnR is not a detector limit"
             else:
-                remove_on = step_settings.get("remove_saturated", ["scatter"])
-                remove_on = [remove_on] if isinstance(remove_on, str) else list(remove_on or [])
+                remove_on = step_settings.get("remove_saturated", "auto")
+                auto = remove_on == "auto"
+                remove_on = ["scatter"] if auto else (
+                    [remove_on] if isinstance(remove_on, str) else list(remove_on or []))
                 unknown = sorted(set(remove_on) - {"scatter", "fluorescence", "viability"})
                 if unknown:
                     raise ConfigError(f"ingest.qc.margin.remove_saturated: {unknown} are not "
-                                     "channel kinds (scatter, fluorescence, viability)")
+                                     "channel kinds (scatter, fluorescence, viability), nor auto")
+                # auto: a clipped detector that was compensated corrupts every channel it
+                # spills into, so those events go; uncompensated fluorescence is counted.
+                remove_channels = list(compensated) if auto and compensated is not None \
+                    else None
                 flag, per_channel = margin_flags(
                     linear, kinds=kinds, canonicals=canonicals, ranges=ranges,
                     scatter_min=float(step_settings.get("scatter_min", -111.0)),
-                    saturation=saturation, remove_saturated=remove_on)
+                    saturation=saturation, remove_saturated=remove_on,
+                    remove_channels=remove_channels)
+                if auto:
+                    remove_on = [*remove_on, "compensated fluorescence"]
                 info = {"rule": "raw value >= $PnR - 1 (removed on "
                         f"{', '.join(remove_on) or 'no channel kind'}, counted on the others), "
                         f"or scatter < {step_settings.get('scatter_min', -111.0)}",

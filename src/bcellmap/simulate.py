@@ -71,9 +71,12 @@ scatter at 90% of its level.
 
 How the truth counts events (each event once, precedence top to bottom):
 
-1. ``margin``: any scatter or fluorescence value at ``$PnR - 1`` (262143). Planted margin
-   events are cells with FSC-A, SSC-A or one fluorescence detector saturated; an event of
-   another category that saturates by chance is counted here too.
+1. ``margin``: any scatter value at ``$PnR - 1`` (262143). Planted margin events are cells
+   with FSC-A, SSC-A or one fluorescence detector saturated; a fluorescence detector
+   saturates on the cell's brightest marker, and such a cell keeps its own category (QC
+   counts fluorescence saturation without removing the event); an event of another
+   category whose scatter saturates by chance is counted here too. ``truth_samples.tsv``
+   counts events with a saturated fluorescence detector in ``fluorescence_saturated``.
 2. ``doublets``: two live cells (lymphocytes or myeloid, drawn from the file's own
    composition) in one event: FSC-A, SSC-A and fluorescence are the sums of the two cells,
    FSC-H is 1.0-1.25 times the larger cell's.
@@ -729,15 +732,19 @@ def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator,
                   debris_ssc, debris_af, np.full(n_debris, CODES["debris"], np.int8)))
 
     # Margin events: cells with a saturated detector (set after the detector model below).
-    margin = _cells(rng.choice(pool, n_margin), rng)
+    margin_labels = rng.choice(pool, n_margin)
+    margin = _cells(margin_labels, rng)
     parts.append((margin[0], margin[1], margin[1] * _FSC_H_RATIO, margin[2], margin[3],
                   np.full(n_margin, CODES["margin"], np.int8)))
+    # What each event is as a cell (a margin event's own cell type), for saturation below.
+    own_codes = np.concatenate([*(p[-1] for p in parts[:-1]),
+                                np.array([CODES[label] for label in margin_labels], np.int8)])
 
     signal, fsc, fsc_h, ssc, autofl, codes = (np.concatenate(p) for p in zip(*parts,
                                                                             strict=True))
     order = rng.permutation(len(codes))
-    signal, fsc, fsc_h, ssc, autofl, codes = (a[order] for a in (signal, fsc, fsc_h, ssc,
-                                                                 autofl, codes))
+    signal, fsc, fsc_h, ssc, autofl, codes, own_codes = (
+        a[order] for a in (signal, fsc, fsc_h, ssc, autofl, codes, own_codes))
     n = len(codes)
 
     # Detector model: staining drift, spillover, autofluorescence, the detectors' gain, then
@@ -771,12 +778,17 @@ def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator,
     data[margin_rows[which == 0], 1] = np.minimum(
         data[margin_rows[which == 0], 1] * 2.0, MARGIN_VALUE)
     data[margin_rows[which == 1], 2] = MARGIN_VALUE
-    fluorescent = which >= 2
-    data[margin_rows[fluorescent], _N_SCATTER + which[fluorescent] - 2] = MARGIN_VALUE
+    # A fluorescence detector saturates on a cell that is bright in it: the cell's brightest
+    # detector. Such a cell stays what it is (QC counts fluorescence saturation but keeps
+    # the event, as bright B cells and plasmablasts saturate on older instruments).
+    fluorescent = margin_rows[which >= 2]
+    detectors = slice(_N_SCATTER, _N_SCATTER + len(_DETECTORS))
+    brightest = np.argmax(data[fluorescent, detectors], axis=1)
+    data[fluorescent, _N_SCATTER + brightest] = MARGIN_VALUE
+    codes[fluorescent] = own_codes[fluorescent]
     data[:, :-1] = np.minimum(data[:, :-1], MARGIN_VALUE)
-    # Whatever saturated by chance is a margin event too (truth follows the file).
-    saturated = (data[:, :-1] >= MARGIN_VALUE).any(axis=1)
-    codes[saturated] = CODES["margin"]
+    # Saturated scatter, planted or by chance, makes a margin event (truth follows the file).
+    codes[(data[:, :_N_SCATTER] >= MARGIN_VALUE).any(axis=1)] = CODES["margin"]
 
     data = data.astype(np.float32)
     anomaly_time = None
@@ -832,6 +844,8 @@ def _truth_row(visit: _Visit, simulated: _SimulatedFile) -> dict[str, object]:
     row["granulocytes"] = int(counts[CODES["granulocyte"]])
     row["lymphopenic"] = visit.lymphopenic
     row["near_threshold"] = visit.near_threshold
+    fluorescence = simulated.data[:, _N_SCATTER:_N_SCATTER + len(_DETECTORS)]
+    row["fluorescence_saturated"] = int((fluorescence >= MARGIN_VALUE).any(axis=1).sum())
     return row
 
 
