@@ -102,6 +102,11 @@ def test_naive_versus_memory_from_rna(pipeline):
     assert _naive_memory_f1(annotated, _truth(out, sample_id, annotated)) >= 0.8
     assert row["subsets_not_called"] == "transitional;double_negative"
     assert row["transitional_count"] == "" and row["double_negative_count"] == ""
+    assert row["sample_flags"] == ""
+    # Ingest found ADTs but none matched the protein markers: the counts row says so.
+    rna_only.uns["protein_panel"] = {"flag": "protein_no_marker_match"}
+    _, row = annotate_scrna(rna_only, config=config, sample_id=sample_id)
+    assert row["sample_flags"] == "protein_no_marker_match"
 
 
 def test_cite_seq_protein_calls_transitional_and_subsets(pipeline):

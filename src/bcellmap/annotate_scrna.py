@@ -789,6 +789,8 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
         "car_t_pct_t": "" if car_count is None or t_cells == 0
         else round(100.0 * car_count / t_cells, 4),
         "gate_flags": gate_flags,
+        # Ingest found ADTs but none matched the configured protein markers (RNA only).
+        "sample_flags": str(dict(adata.uns.get("protein_panel", {}) or {}).get("flag", "") or ""),
     }
     row = {column: row.get(column, "") for column in COUNT_COLUMNS}
     adata.uns["annotation"] = {
