@@ -29,14 +29,8 @@ from bcellmap.simulate_scrna import simulate_scrna_visits
 CAR = "CAR_FMC63"
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Simulate one patient (baseline, aplasia, reconstitution; CITE-seq with a full antibody
-    panel at every visit), ingest, train (model and cohort protein gates), map."""
-    out = tmp_path_factory.mktemp("scrna_annotate")
-    rows = simulate_scrna_visits(out, patients=["P01"], seed=21, cells_per_sample=1500,
-                                 n_genes=700, days=(-7, 28, 150), car_feature=CAR,
-                                 cite_seq_all_visits=True, extended_adt_panel=True)
+def _ingest_train_map(out, rows):
+    """Ingest simulated visits, train the cohort model and protein gates, map every visit."""
     config = load_config()
     config["scrna"]["car_feature"] = CAR
     config["scrna"]["cluster"]["cells_per_sample"] = 800
@@ -53,6 +47,18 @@ def pipeline(tmp_path_factory):
     mapped = {sid: map_scrna(a, model, config=config, backend=backend, sample_id=sid)
               for sid, a in ingested.items()}
     gates = learn_scrna_protein_thresholds(paths, config=config)
+    return config, mapped, paths, gates
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Simulate one patient (baseline, aplasia, reconstitution; CITE-seq with a full antibody
+    panel at every visit), ingest, train (model and cohort protein gates), map."""
+    out = tmp_path_factory.mktemp("scrna_annotate")
+    rows = simulate_scrna_visits(out, patients=["P01"], seed=21, cells_per_sample=1500,
+                                 n_genes=700, days=(-7, 28, 150), car_feature=CAR,
+                                 cite_seq_all_visits=True, extended_adt_panel=True)
+    config, mapped, paths, gates = _ingest_train_map(out, rows)
     return out, rows, config, mapped, paths, gates
 
 
@@ -446,22 +452,7 @@ def cytotoxic(tmp_path_factory):
                                  cite_seq_all_visits=True, extended_adt_panel=True,
                                  write_10x_h5=False, effector_cd8_share=0.4, pdc_share=0.04,
                                  car_ambient=5e-5, car_expression=3e-3)
-    config = load_config()
-    config["scrna"]["car_feature"] = CAR
-    config["scrna"]["cluster"]["cells_per_sample"] = 800
-    config["scrna"]["protein"]["cells_per_sample"] = 1000
-    paths, ingested = [], {}
-    for row in rows:
-        adata, _ = ingest_scrna(out / row["path"], config=config, sample=row)
-        path = out / f"{row['sample_id']}.ingested.h5ad"
-        adata.write_h5ad(path)
-        paths.append(path)
-        ingested[row["sample_id"]] = adata
-    backend = get_backend(device="cpu")
-    model, _ = train_scrna(paths, config=config, backend=backend)
-    mapped = {sid: map_scrna(a, model, config=config, backend=backend, sample_id=sid)
-              for sid, a in ingested.items()}
-    gates = learn_scrna_protein_thresholds(paths, config=config)
+    config, mapped, _, gates = _ingest_train_map(out, rows)
     return out, rows, config, mapped, gates
 
 
