@@ -151,9 +151,23 @@ truncate -s "$(($(stat -c %s "$VICTIM_FILE") / 2))" "$VICTIM_FILE"
 log "truncated $VICTIM_FILE (sample $VICTIM) to half its size"
 SLURM_ARGS+=(--configfile "$WORK/ci.yaml" --config samples="$RUN/cohort/ci_samples.tsv")
 
-log "SLURM run 1 (must fail on sample $VICTIM)"
+# The preflight reads every header before any job: the truncated file stops the run at once,
+# naming the sample, and nothing is submitted.
+log "preflight of the run with a truncated file (must stop before any job, naming $VICTIM)"
+if _snakemake "$RUN" "$WORK/slurm-preflight.log" "${SLURM_ARGS[@]}"; then
+    fail "the run with a truncated FCS file passed the preflight"
+fi
+grep -q "^$VICTIM (line [0-9]*, flow): ERROR" "$WORK/slurm-preflight.log" \
+    || fail "the preflight does not name sample $VICTIM"
+if grep -q 'has been submitted with SLURM jobid' "$WORK/slurm-preflight.log"; then
+    fail "jobs were submitted although the preflight failed"
+fi
+# Without the preflight, the failure must surface in the cluster job, naming the sample.
+printf 'preflight: false\n' >"$WORK/no-preflight.yaml"
+log "SLURM run 1 without preflight (must fail on sample $VICTIM)"
 T0=$SECONDS
-if _snakemake "$RUN" "$WORK/slurm-fail.log" "${SLURM_ARGS[@]}" --keep-going; then
+if _snakemake "$RUN" "$WORK/slurm-fail.log" "${SLURM_ARGS[@]}" \
+        --configfile "$WORK/ci.yaml" "$WORK/no-preflight.yaml" --keep-going; then
     fail "the SLURM run succeeded with a truncated FCS file"
 fi
 log "SLURM run 1 failed as it should, after $((SECONDS - T0)) s"

@@ -46,7 +46,7 @@ SAMPLE_SHEET = _sample_sheet_path().resolve()
 # every file's header, all problems listed at once, before any job. Only in the main
 # process (not in cluster jobs) and not for --lint; the GPU is checked in onstart (below),
 # where it is known whether jobs run on this machine.
-if workflow.is_main_process and "--lint" not in sys.argv:
+if workflow.is_main_process and config["preflight"] and "--lint" not in sys.argv:
     from bcellmap.preflight import run_preflight
 
     _preflight = run_preflight(SAMPLE_SHEET, config, check_gpu=False)
