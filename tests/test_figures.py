@@ -816,6 +816,15 @@ def test_gates_too_few_b_events_and_missing_marker(tmp_path):
     assert len(_by_gid(fig, "density:G3_d30:igd_cd27").get_offsets()) == 15
     assert texts["message:G3_d200:cd24_cd38"] == "CD24 not in panel"
     assert "pct:G3_d200:naive" in texts  # the IgD x CD27 panel is unaffected
+    # The marker that is there is still shown: a CD38 histogram of the B cells, CD38hi gate.
+    hist = fig.axes[5]
+    assert hist.get_gid() == "histogram" and hist.get_xlabel() == "CD38 (transformed)"
+    outline = _by_gid(fig, "hist:G3_d200:cd24_cd38").get_xy()
+    assert outline[:, 1].max() > 0  # a drawn distribution, not an empty frame
+    gate = _by_gid(fig, "gate:G3_d200:cd24_cd38:CD38")
+    stored = visits[1].gates
+    cd38_hi = stored[(stored["marker"] == "CD38") & (stored["level"] == "hi")]["threshold"]
+    assert gate.get_xdata()[0] == pytest.approx(float(cd38_hi.iloc[0]))
 
 
 def test_gates_subsample_bounded_and_seeded(tmp_path):

@@ -1547,14 +1547,38 @@ def _missing_markers(visit: GateVisit, markers: Sequence[str]) -> list[str]:
 def _panel_axes(ax, visit: GateVisit, panel: str, xm: str, ym: str,
                 events: pd.DataFrame, gates: list[tuple[str, str, pd.Series | None]],
                 *, box: bool = False) -> bool:
-    """Draw events and gate lines of one panel; False (with a message) if a marker is absent."""
+    """Draw events and gate lines of one panel; False (with a message) if a marker is absent.
+
+    With one of the two markers absent, the other is drawn as a histogram with its gate (a
+    CD19-only panel still shows its CD19 gate); the axes then carry the gid ``histogram``.
+    """
     missing = _missing_markers(visit, (xm, ym))
+    thresholds = {marker: float(g["threshold"]) if g is not None else float("nan")
+                  for marker, _, g in gates}
+    present = [m for m in (xm, ym) if m not in missing]
+    if len(present) == 1 and present[0] in events.columns:
+        marker = present[0]
+        values = events[marker].to_numpy(float)
+        values = values[np.isfinite(values)]
+        ax.set_gid("histogram")
+        if values.size:
+            ax.hist(values, bins=80, range=_panel_limits(values, [thresholds.get(marker,
+                                                                                float("nan"))]),
+                    color="#999999", histtype="stepfilled", gid=f"hist:{visit.sample_id}:{panel}")
+        gate = {m: g for m, _, g in gates}.get(marker)
+        _draw_gate_line(ax, gate, axis="x", gid=f"gate:{visit.sample_id}:{panel}:{marker}")
+        notes = [(m, note) for m, level, g in gates
+                 if m == marker and (note := _gate_note(m, level, g)) is not None]
+        _gate_notes(ax, notes, visit.sample_id, panel)
+        ax.text(0.98, 0.95, f"{', '.join(missing)} not in panel", transform=ax.transAxes,
+                ha="right", va="top", fontsize=7, gid=f"message:{visit.sample_id}:{panel}")
+        ax.set_xlabel(f"{marker} (transformed)", labelpad=1)
+        ax.set_ylabel("events", labelpad=1)
+        return False
     if missing:
         _message_axes(ax, f"{', '.join(missing)} not in panel")
         ax.texts[-1].set_gid(f"message:{visit.sample_id}:{panel}")
         return False
-    thresholds = {marker: float(g["threshold"]) if g is not None else float("nan")
-                  for marker, _, g in gates}
     x = events[xm].to_numpy(float)
     y = events[ym].to_numpy(float)
     xlim = _panel_limits(x, [thresholds.get(xm, float("nan"))])
@@ -1628,9 +1652,12 @@ def plot_gates(visits: Sequence[GateVisit], patient_id: str, *,
         # One scale per column across visits, so drift and empty (aplastic) panels read
         # against the same axes as the populated visits.
         for column in range(3):
+            scatter = [ax for ax in axes[:, column] if ax.get_gid() != "histogram"]
             for limit in ("xlim", "ylim"):
-                spans = np.array([getattr(ax, f"get_{limit}")() for ax in axes[:, column]])
-                for ax in axes[:, column]:
+                if not scatter:
+                    break
+                spans = np.array([getattr(ax, f"get_{limit}")() for ax in scatter])
+                for ax in scatter:
                     getattr(ax, f"set_{limit}")(spans[:, 0].min(), spans[:, 1].max())
         fig.suptitle(f"Patient {patient_id}: gates per flow visit (lines: stored gates; dashed "
                      "vermilion: flagged gate, check it)", x=0.01, ha="left", fontsize=8)
