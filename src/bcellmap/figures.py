@@ -496,18 +496,16 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
                 missing = trace.below_lloq & np.isnan(trace.shown)
                 if missing.any():
                     floor_points.append((trace.days[missing], colour))
-            lloq = by_measure["cd19"].lloq
-            if np.isfinite(lloq).any():
-                events = _limit_events(part, "lloq_pct_lymphocytes", "3")
-                ax.plot(by_measure["cd19"].days, lloq, ":", color=_LLOQ_COLOUR, lw=1.0,
-                        label=f"LLOQ ({events} events){suffix}", gid=f"lloq_{modality}")
-                drawn.append(lloq)
-            loq = by_measure["cd19"].loq
-            if np.isfinite(loq).any():
-                events = _limit_events(part, "loq_pct_lymphocytes", "LOQ")
-                ax.plot(by_measure["cd19"].days, loq, "-.", color=_LLOQ_COLOUR, lw=0.8,
-                        label=f"LOQ ({events} events){suffix}", gid=f"loq_{modality}")
-                drawn.append(loq)
+            reference = by_measure["cd19"]
+            for name, limit, style, width, fallback in (
+                    ("LLOQ", reference.lloq, ":", 1.0, "3"),
+                    ("LOQ", reference.loq, "-.", 0.8, "LOQ")):
+                if np.isfinite(limit).any():
+                    events = _limit_events(part, f"{name.lower()}_pct_lymphocytes", fallback)
+                    ax.plot(reference.days, limit, style, color=_LLOQ_COLOUR, lw=width,
+                            label=f"{name} ({events} events){suffix}",
+                            gid=f"{name.lower()}_{modality}")
+                    drawn.append(limit)
             if "cd19_cd20_discordance" in _patient_flags(kinetics, patient_id, modality):
                 flagged_discordance = True
                 cd20 = by_measure["cd20"]

@@ -70,6 +70,7 @@ import pandas as pd
 
 from .thresholds import (
     ALL_SAMPLES,
+    THRESHOLD_COLUMNS,
     ThresholdFit,
     _marker_columns,
     _subsample,
@@ -466,8 +467,7 @@ def learn_gates(
     if naive_hi:
         _learn_naive_referenced(naive_hi, ids, _load, wanted, state, settings, cohort_rows)
 
-    cohort = pd.DataFrame(cohort_rows, columns=["group", "marker", "level", "threshold",
-                                                "method", "n_events", "n_samples", "pool"])
+    cohort = pd.DataFrame(cohort_rows, columns=list(THRESHOLD_COLUMNS))
     gates = pd.DataFrame([{"sample_id": s, "group": state[s].group, **row}
                           for s in ids for row in state[s].rows], columns=list(GATE_COLUMNS))
     return cohort, gates
