@@ -29,11 +29,11 @@ import time
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.backend import get_backend
-from bcellmap.kmeans import kmeans, kmeans_plusplus
-from bcellmap.knn import nearest_neighbors
-from bcellmap.metacluster import consensus_metaclusters
-from bcellmap.som import map_to_nodes, train_som
+from bcellmap.kernels.backend import get_backend
+from bcellmap.kernels.kmeans import kmeans, kmeans_plusplus
+from bcellmap.kernels.knn import nearest_neighbors
+from bcellmap.kernels.metacluster import consensus_metaclusters
+from bcellmap.kernels.som import map_to_nodes, train_som
 
 
 def mixture(n: int, d: int, k: int, *, seed: int, chunk: int = 1_000_000):

@@ -27,7 +27,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD/src${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export BCELLMAP_DEVICE=gpu
-"$PYTHON" -c "import bcellmap.backend as b; print(b.get_backend().reason)" || exit 1
+"$PYTHON" -c "import bcellmap.kernels.backend as b; print(b.get_backend().reason)" || exit 1
 echo "== pytest -m gpu"
 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_backend.py tests/test_som.py \
   tests/test_kmeans.py tests/test_pca.py tests/test_knn.py tests/test_leiden.py \

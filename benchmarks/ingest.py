@@ -49,10 +49,10 @@ def _write_fcs(path: Path, n_events: int, *, seed: int) -> None:
 
 
 def _bcellmap(path: Path, config: dict) -> np.ndarray:
-    from bcellmap.compensation import compensate_events
-    from bcellmap.fcs import read_fcs
-    from bcellmap.panel import channel_kind, resolve_panel
-    from bcellmap.transform import transform_events
+    from bcellmap.flow.compensation import compensate_events
+    from bcellmap.flow.transform import transform_events
+    from bcellmap.io.fcs import read_fcs
+    from bcellmap.io.panel import channel_kind, resolve_panel
 
     fcs = read_fcs(path)
     canon = resolve_panel(fcs.channels, fcs.markers)
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bcellmap.config import load_config, merge
-    from bcellmap.ingest import ingest_flow
+    from bcellmap.flow.ingest import ingest_flow
 
     config = merge(load_config(), {"ingest": {"required_markers": []}})
     with tempfile.TemporaryDirectory() as folder:

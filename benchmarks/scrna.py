@@ -1,7 +1,7 @@
 """Benchmark: bcellmap's scRNA clustering (PCA + exact kNN + Leiden) against scanpy's
 ``pp.pca`` + ``pp.neighbors`` + ``tl.leiden`` on the same simulated data, in one run.
 
-The data are simulated visits of :mod:`bcellmap.simulate_scrna` (gamma-Poisson counts with
+The data are simulated visits of :mod:`bcellmap.demo.simulate_scrna` (gamma-Poisson counts with
 T, NK, monocyte, DC and B populations), pooled, normalised (``normalize_total`` + ``log1p``)
 and scaled once with scanpy; both tools get the same dense scaled matrix. Each tool runs in its
 own child process (spawned), so its peak resident memory is measured alone; wall times cover
@@ -38,7 +38,7 @@ def _simulate(cells: int, genes: int, seed: int, workdir: Path) -> tuple[Path, n
     import scanpy as sc
     import scipy.sparse as sp
 
-    from bcellmap.simulate_scrna import simulate_scrna_visits
+    from bcellmap.demo.simulate_scrna import simulate_scrna_visits
 
     per_visit = 10_000
     n_visits = max(1, int(np.ceil(cells / per_visit)))
@@ -65,10 +65,10 @@ def _simulate(cells: int, genes: int, seed: int, workdir: Path) -> tuple[Path, n
 
 def _run_bcellmap(path: str, n_pcs: int, k: int, resolution: float, seed: int, device: str,
                   queue) -> None:
-    from bcellmap.backend import get_backend
-    from bcellmap.knn import nearest_neighbors
-    from bcellmap.leiden import knn_graph, leiden_partition
-    from bcellmap.pca import pca
+    from bcellmap.kernels.backend import get_backend
+    from bcellmap.kernels.knn import nearest_neighbors
+    from bcellmap.kernels.leiden import knn_graph, leiden_partition
+    from bcellmap.kernels.pca import pca
 
     data = np.load(path)
     backend = get_backend({"device": device, "memory": {"host_budget_mb": 1024,

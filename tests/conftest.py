@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bcellmap.backend import gpu_status
+from bcellmap.kernels.backend import gpu_status
 
 REALFCS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfcs"
 

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bcellmap.annotate import (
+from bcellmap.cli import main
+from bcellmap.config import load_config
+from bcellmap.flow.annotate import (
     COUNT_COLUMNS,
     SUBSETS,
     SubsetRule,
@@ -18,9 +20,7 @@ from bcellmap.annotate import (
     load_subset_rules,
     resolve_subsets_path,
 )
-from bcellmap.cli import main
-from bcellmap.config import load_config
-from bcellmap.gating import GatingSettings, gates_for_sample, learn_gates
+from bcellmap.flow.gating import GatingSettings, gates_for_sample, learn_gates
 
 MARKERS = ["CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24"]
 LEVEL_MEAN = {"-": 0.5, "+": 3.5, "h": 6.0}   # negative, positive, bright (transformed)
@@ -116,7 +116,7 @@ def test_missing_subset_markers_leave_subsets_empty_and_say_so(learned, caplog):
     full, _ = annotate_sample(sample, thresholds, rules, sample_id="x")
     keep = [m != "CD24" for m in sample.var["canonical"]]
     reduced = sample[:, keep].copy()
-    with caplog.at_level(logging.WARNING, logger="bcellmap.annotate"):
+    with caplog.at_level(logging.WARNING, logger="bcellmap.flow.annotate"):
         annotated, counts = annotate_sample(reduced, thresholds, rules, sample_id="x")
     assert "transitional" in caplog.text
     row = counts.iloc[0]

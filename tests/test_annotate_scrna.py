@@ -11,20 +11,20 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from bcellmap.annotate_scrna import (
+from bcellmap.cli import main
+from bcellmap.config import load_config
+from bcellmap.demo.simulate_scrna import simulate_scrna_visits
+from bcellmap.errors import InputError
+from bcellmap.kernels.backend import get_backend
+from bcellmap.scrna.annotate import (
     COUNT_COLUMNS,
     PROTEIN_THRESHOLD_COLUMNS,
     annotate_scrna,
     learn_protein_thresholds,
     read_protein_thresholds,
 )
-from bcellmap.backend import get_backend
-from bcellmap.cli import main
-from bcellmap.cluster_scrna import learn_scrna_protein_thresholds, map_scrna, train_scrna
-from bcellmap.config import load_config
-from bcellmap.errors import InputError
-from bcellmap.ingest_scrna import ingest_scrna
-from bcellmap.simulate_scrna import simulate_scrna_visits
+from bcellmap.scrna.cluster import learn_scrna_protein_thresholds, map_scrna, train_scrna
+from bcellmap.scrna.ingest import ingest_scrna
 
 CAR = "CAR_FMC63"
 
@@ -271,7 +271,7 @@ def test_gates_without_a_valley_are_flagged_in_log_uns_and_counts(pipeline, capl
     expected = {f"{m}:{method}" for m, method in table["method"].items()
                 if method not in ("valley", "fixed")}
     assert set(table["flag"][table["flag"] != ""]) == expected
-    with caplog.at_level(logging.WARNING, logger="bcellmap.annotate_scrna"):
+    with caplog.at_level(logging.WARNING, logger="bcellmap.scrna.annotate"):
         annotated, row = annotate_scrna(mapped[recon_id], config=config, sample_id=recon_id,
                                         protein_thresholds=only_aplasia)
     flags = row["gate_flags"].split(";")
@@ -419,7 +419,7 @@ def test_lineage_proteins_decide_where_protein_and_rna_disagree():
 
 
 def test_ambient_car_rate_and_thresholds():
-    from bcellmap.annotate_scrna import car_thresholds
+    from bcellmap.scrna.annotate import car_thresholds
 
     rng = np.random.default_rng(3)
     totals = rng.lognormal(np.log(3500), 0.35, 4000)

@@ -1,13 +1,13 @@
-"""Device choice and memory budget of bcellmap.backend."""
+"""Device choice and memory budget of bcellmap.kernels.backend."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bcellmap import backend as backend_module
-from bcellmap.backend import check_finite, get_backend, gpu_status, resolve_device
 from bcellmap.errors import BcellmapError, ConfigError
+from bcellmap.kernels import backend as backend_module
+from bcellmap.kernels.backend import check_finite, get_backend, gpu_status, resolve_device
 
 
 @pytest.fixture(autouse=True)

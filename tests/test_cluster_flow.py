@@ -13,8 +13,8 @@ import pytest
 import yaml
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.cluster_flow import cli_map_flow, cli_train_flow
 from bcellmap.errors import InputError
+from bcellmap.flow.cluster import cli_map_flow, cli_train_flow
 
 MARKERS = ["CD3", "CD19", "CD20"]
 

@@ -12,13 +12,13 @@ import pytest
 import scanpy as sc
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.annotate_scrna import PROTEIN_THRESHOLD_COLUMNS, read_protein_thresholds
-from bcellmap.backend import get_backend
 from bcellmap.cli import main
-from bcellmap.cluster_scrna import cluster_scaled, learn_scrna_protein_thresholds, map_scrna
 from bcellmap.config import load_config
-from bcellmap.ingest_scrna import ingest_scrna
-from bcellmap.simulate_scrna import simulate_scrna_visits
+from bcellmap.demo.simulate_scrna import simulate_scrna_visits
+from bcellmap.kernels.backend import get_backend
+from bcellmap.scrna.annotate import PROTEIN_THRESHOLD_COLUMNS, read_protein_thresholds
+from bcellmap.scrna.cluster import cluster_scaled, learn_scrna_protein_thresholds, map_scrna
+from bcellmap.scrna.ingest import ingest_scrna
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_sample_without_qc_passed_cells_maps_to_an_empty_anndata(ingested):
     adata = ad.read_h5ad(paths[0])
     config = load_config()
     config["scrna"]["cluster"]["cells_per_sample"] = 200
-    from bcellmap.cluster_scrna import train_scrna
+    from bcellmap.scrna.cluster import train_scrna
 
     backend = get_backend(device="cpu")
     model, _ = train_scrna(paths[:1], config=config, backend=backend)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bcellmap.compensation import compensate_events, matrix_problems, read_matrix_file
 from bcellmap.errors import InputError
+from bcellmap.flow.compensation import compensate_events, matrix_problems, read_matrix_file
 
 CHANNELS = ["FSC-A", "SSC-A", "FITC-A", "PE-A", "APC-A", "Time"]
 KINDS = ["scatter", "scatter", "fluorescence", "fluorescence", "fluorescence", "time"]
@@ -101,7 +101,7 @@ def test_valid_matrix_has_no_problems():
 
 
 def test_spillover_naming_detectors_by_parameter_number_is_mapped_to_pnn():
-    from bcellmap.compensation import spillover_from_text
+    from bcellmap.flow.compensation import spillover_from_text
 
     # As the Accuri C6 writes it: detectors 3 and 4 are parameters 3 and 4 ($P3N, $P4N).
     text = {"p1n": "FSC-A", "p2n": "SSC-A", "p3n": "FL1-A", "p4n": "FL2-A",

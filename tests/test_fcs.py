@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bcellmap.errors import InputError
-from bcellmap.fcs import _linearise, read_fcs
+from bcellmap.io.fcs import _linearise, read_fcs
 
 
 def _write(path, events, channels, markers=None, metadata=None):

@@ -1,4 +1,4 @@
-"""Tests of the report figures (bcellmap.figures) on small hand-made tables.
+"""Tests of the report figures (bcellmap.report.figures) on small hand-made tables.
 
 The tables follow the contracts of results/tables/{samples,kinetics,qc}.tsv; every expected
 value below is computed by hand (or by numpy on the generated events), not by the code under
@@ -22,8 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
-from bcellmap import figures  # noqa: E402
 from bcellmap.errors import InputError  # noqa: E402
+from bcellmap.report import figures  # noqa: E402
 
 SUBSETS = figures.SUBSETS
 DAYS = (-5, 3, 7, 14, 28, 56, 84, 112, 150, 240, 365)
@@ -883,7 +883,7 @@ def test_cli_report_writes_gate_figures(tmp_path, tables):
 
 
 def test_flags_figure_lists_every_flagged_sample_gate_and_patient():
-    from bcellmap.figures import flag_rows, plot_flags
+    from bcellmap.report.figures import flag_rows, plot_flags
 
     samples = pd.DataFrame({
         "sample_id": ["a", "b", "c"], "patient_id": ["P1", "P1", "P2"], "day": [-3, 30, -1],

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.backend import get_backend
-from bcellmap.metacluster import consensus_metaclusters
-from bcellmap.som import map_to_nodes, train_som
+from bcellmap.kernels.backend import get_backend
+from bcellmap.kernels.metacluster import consensus_metaclusters
+from bcellmap.kernels.som import map_to_nodes, train_som
 
 fs = pytest.importorskip("flowsom")
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bcellmap.annotate import annotate_sample, lineage_qc_row, load_subset_rules
 from bcellmap.config import load_config
-from bcellmap.gating import (
+from bcellmap.flow.annotate import annotate_sample, lineage_qc_row, load_subset_rules
+from bcellmap.flow.gating import (
     GatingSettings,
     find_landmarks,
     gates_for_sample,
@@ -20,7 +20,7 @@ from bcellmap.gating import (
     lymphocyte_gate,
     naive_referenced_gates,
 )
-from bcellmap.thresholds import learn_marker_threshold
+from bcellmap.flow.thresholds import learn_marker_threshold
 
 MARKERS = ["CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24"]
 SETTINGS = GatingSettings()
@@ -336,7 +336,7 @@ REALFCS = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfcs"
 @pytest.mark.skipif(not (REALFCS / "flowsom_ff.fcs").exists(), reason="realfcs folder absent")
 def test_real_expert_gated_file_b_and_t_gates_and_a_b_depleted_copy():
     from bcellmap.config import merge
-    from bcellmap.ingest import ingest_flow
+    from bcellmap.flow.ingest import ingest_flow
 
     config = merge(load_config(), {"panels": {"pre": {
         "channels": {}, "compensation": {"source": "none"}, "transform": {"method": "none"},

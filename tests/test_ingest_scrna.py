@@ -13,8 +13,9 @@ import scipy.sparse as sp
 
 from bcellmap.cli import main
 from bcellmap.config import load_config
+from bcellmap.demo.simulate_scrna import simulate_scrna_visits
 from bcellmap.errors import InputError
-from bcellmap.ingest_scrna import (
+from bcellmap.scrna.ingest import (
     NO_MARKER_MATCH,
     adt_canonical,
     clr_normalise,
@@ -23,7 +24,6 @@ from bcellmap.ingest_scrna import (
     read_scrna,
     run_qc,
 )
-from bcellmap.simulate_scrna import simulate_scrna_visits
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +351,7 @@ def test_adt_panel_matching_no_marker_is_reported_and_refused_when_required(tmp_
                                                     columns=names)
     path = tmp_path / "t_panel.h5ad"
     adata.write_h5ad(path)
-    with caplog.at_level("WARNING", logger="bcellmap.ingest_scrna"):
+    with caplog.at_level("WARNING", logger="bcellmap.scrna.ingest"):
         result, _ = ingest_scrna(path, config=_small_config(), sample=_sample("TPANEL"))
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "TPANEL" in warning and "none of the 3 ADTs" in warning and "CD8a(RPA-T8)" in warning

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from bcellmap.backend import get_backend
-from bcellmap.kmeans import assign_nearest, kmeans, kmeans_plusplus
+from bcellmap.kernels.backend import get_backend
+from bcellmap.kernels.kmeans import assign_nearest, kmeans, kmeans_plusplus
 
 
 def _data(n: int = 4000, d: int = 5, k: int = 8, seed: int = 0) -> np.ndarray:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from bcellmap.backend import get_backend
-from bcellmap.knn import nearest_neighbors
+from bcellmap.kernels.backend import get_backend
+from bcellmap.kernels.knn import nearest_neighbors
 
 
 def _same_sets(ours: np.ndarray, reference: np.ndarray, ref_dist: np.ndarray) -> float:

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.backend import get_backend
-from bcellmap.leiden import cluster_leiden, knn_graph, leiden_partition
+from bcellmap.kernels.backend import get_backend
+from bcellmap.kernels.leiden import cluster_leiden, knn_graph, leiden_partition
 
 
 @pytest.mark.parametrize("weighting", ["umap", "binary"])

@@ -13,10 +13,9 @@ import yaml
 from scipy.stats import wasserstein_distance
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.backend import get_backend
 from bcellmap.cli import main
 from bcellmap.errors import ConfigError, InputError, SampleSheetError
-from bcellmap.normalise import (
+from bcellmap.flow.normalise import (
     NormalisationModel,
     monotone_map,
     normalisation_options,
@@ -24,7 +23,8 @@ from bcellmap.normalise import (
     quantile_levels,
     train_normalisation,
 )
-from bcellmap.samplesheet import normalisation_active, read_sample_sheet
+from bcellmap.io.samplesheet import normalisation_active, read_sample_sheet
+from bcellmap.kernels.backend import get_backend
 
 MARKERS = ["CD3", "CD19", "CD20"]
 # Four populations (T, B, other, a CD3-dim CD19-dim one), well apart on the transformed scale.
@@ -394,7 +394,7 @@ def _b_fraction(adata):
 
 @pytest.mark.realfcs
 def test_cytonorm_controls_batch_effect_shrinks(realfcs_dir, tmp_path):
-    from bcellmap.ingest import ingest_flow
+    from bcellmap.flow.ingest import ingest_flow
 
     config = {"ingest": {"required_markers": [["CD19", "CD20"]]}, "device": "cpu",
               "normalisation": {"markers": CYTOF_MARKERS, "n_clusters": 5}}

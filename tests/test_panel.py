@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bcellmap.errors import InputError
-from bcellmap.panel import (
+from bcellmap.io.panel import (
     canonical_name,
     channel_kind,
     check_required,

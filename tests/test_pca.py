@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from bcellmap.backend import get_backend
-from bcellmap.pca import pca
+from bcellmap.kernels.backend import get_backend
+from bcellmap.kernels.pca import pca
 
 
 def _counts(n: int = 800, d: int = 60, seed: int = 0) -> sp.csr_matrix:

@@ -92,7 +92,7 @@ def test_check_samples_deep_ok_exits_0(realfcs_dir, tmp_path, capsys):
 
 
 def test_gpu_requested_without_gpu_is_an_error(realfcs_dir, tmp_path, monkeypatch):
-    from bcellmap import backend
+    from bcellmap.kernels import backend
 
     monkeypatch.delenv("BCELLMAP_DEVICE", raising=False)
     monkeypatch.setattr(backend, "gpu_status", lambda: (False, "no device (test)"))

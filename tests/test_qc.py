@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bcellmap.qc import STEPS, cli_collect_qc, density_valley, qc_reason, run_qc
+from bcellmap.flow.qc import STEPS, cli_collect_qc, density_valley, qc_reason, run_qc
 
 CANON = ["FSC-A", "FSC-H", "SSC-A", "CD19", "CD3", "Live", "Time"]
 KINDS = ["scatter", "scatter", "scatter", "fluorescence", "fluorescence", "viability", "time"]
@@ -142,7 +142,7 @@ def test_density_valley_and_single_peak():
 
 def test_no_dead_cells_planted_removes_almost_nothing():
     rng = np.random.default_rng(5)
-    from bcellmap.qc import dead_flags
+    from bcellmap.flow.qc import dead_flags
 
     live = rng.normal(1.5, 0.35, 10000)
     flag, info = dead_flags(live, fit_mask=np.ones(live.size, dtype=bool), threshold=None,
@@ -168,7 +168,7 @@ def test_collect_qc_concatenates(tmp_path):
 
 def _log_channel_qc(remove_saturated):
     """An FCS 2.0-like file: $PnR 1024, FL1 log-amplified over 4 decades (CellQuest)."""
-    from bcellmap.fcs import _linearise
+    from bcellmap.io.fcs import _linearise
 
     meta = [{"pne": (0.0, 0.0), "png": 1.0, "pnr": 1024.0},
             {"pne": (4.0, 1.0), "png": 1.0, "pnr": 1024.0}]
@@ -221,7 +221,7 @@ def test_ingest_with_nan_and_inf_events_counts_and_removes_them(tmp_path):
     import flowio
 
     from bcellmap.config import load_config, merge
-    from bcellmap.ingest import ingest_flow
+    from bcellmap.flow.ingest import ingest_flow
 
     linear, _ = _planted({"lymphocyte": 0.8, "debris": 0.2}, n=3000, seed=11)
     linear = np.clip(linear, -1e5, 262000).astype(np.float32)

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bcellmap import simulate
 from bcellmap.config import load_config
+from bcellmap.demo import simulate
 
-ingest = pytest.importorskip("bcellmap.ingest")
+ingest = pytest.importorskip("bcellmap.flow.ingest")
 
 REMOVED_AT_LEAST = 0.90     # share of each planted artefact class that QC must remove
 KEPT_AT_LEAST = 0.90        # share of true lymphocytes (outside an anomaly) QC must keep

@@ -7,10 +7,10 @@ import math
 import pandas as pd
 import pytest
 
-from bcellmap.annotate import COUNT_COLUMNS, SUBSETS
 from bcellmap.cli import main
+from bcellmap.cohort.quantify import SAMPLE_COLUMNS, quantify, read_counts
 from bcellmap.errors import InputError
-from bcellmap.quantify import SAMPLE_COLUMNS, quantify, read_counts
+from bcellmap.flow.annotate import COUNT_COLUMNS, SUBSETS
 
 
 def _counts(sample_id: str, lymphocytes: int, b: int, cd19: int, cd20: int, cd19neg: int,

@@ -8,7 +8,7 @@ import pytest
 
 from bcellmap.cli import main
 from bcellmap.errors import SampleSheetError
-from bcellmap.samplesheet import read_sample_sheet
+from bcellmap.io.samplesheet import read_sample_sheet
 
 HEADER = "sample_id\tpatient_id\tday\tmodality\tpath\tlymphocytes_per_ul\n"
 

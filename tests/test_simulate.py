@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from flowutils import compensate
 
-from bcellmap import simulate
 from bcellmap.cli import main
-from bcellmap.samplesheet import read_sample_sheet
+from bcellmap.demo import simulate
+from bcellmap.io.samplesheet import read_sample_sheet
 
 EVENTS = 3000
 SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory",

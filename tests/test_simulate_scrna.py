@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bcellmap.simulate_scrna import simulate_scrna_visits
+from bcellmap.demo.simulate_scrna import simulate_scrna_visits
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from bcellmap.backend import get_backend
-from bcellmap.metacluster import consensus_metaclusters
-from bcellmap.som import default_radius, grid_distances, map_to_nodes, train_som
+from bcellmap.kernels.backend import get_backend
+from bcellmap.kernels.metacluster import consensus_metaclusters
+from bcellmap.kernels.som import default_radius, grid_distances, map_to_nodes, train_som
 
 
 def _mixture(n: int = 6000, d: int = 6, k: int = 6, seed: int = 0):

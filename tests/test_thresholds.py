@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from bcellmap.annotate import annotate_sample, load_subset_rules
 from bcellmap.cli import main
 from bcellmap.config import load_config
-from bcellmap.gating import GatingSettings, gates_for_sample, learn_gates
-from bcellmap.thresholds import learn_marker_threshold, thresholds_for
+from bcellmap.flow.annotate import annotate_sample, load_subset_rules
+from bcellmap.flow.gating import GatingSettings, gates_for_sample, learn_gates
+from bcellmap.flow.thresholds import learn_marker_threshold, thresholds_for
 
 
 def learn_thresholds(samples, *, markers, hi_markers, config):
@@ -172,7 +172,7 @@ def test_tied_pool_puts_the_threshold_above_the_tie():
 
 
 def test_panels_are_never_pooled_and_instrument_mixes_are_split():
-    from bcellmap.thresholds import split_instrument_mix, threshold_group
+    from bcellmap.flow.thresholds import split_instrument_mix, threshold_group
 
     assert threshold_group({"panel": "", "batch": "b1"}, "pooled") == "all"
     assert threshold_group({"panel": "cytof", "batch": "b1"}, "pooled") == "cytof"

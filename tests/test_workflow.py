@@ -217,7 +217,7 @@ def test_invalid_sheet_stops_before_any_job(tmp_path, demo_run):
 @pytest.mark.gpu
 def test_gpu_run_gives_the_same_tables(demo_run, tmp_path_factory):
     pytest.importorskip("cupy")
-    from bcellmap.backend import gpu_available
+    from bcellmap.kernels.backend import gpu_available
 
     if not gpu_available():
         pytest.skip("no usable GPU")

@@ -5,11 +5,11 @@
 ``VALUE_EVENTS`` events for a value-range check, never the whole data) and reports every
 problem at once, per sample and for the cohort:
 
-- the sheet: every line's problems (:func:`bcellmap.samplesheet.read_sample_sheet`);
+- the sheet: every line's problems (:func:`bcellmap.io.samplesheet.read_sample_sheet`);
 - markers found and missing per panel (``ingest.required_markers`` missing: error;
   ``cluster.markers`` missing: warning);
 - compensation: the source (keyword, matrix file, none) and whether the matrix passes
-  :func:`bcellmap.compensation.matrix_problems`;
+  :func:`bcellmap.flow.compensation.matrix_problems`;
 - values already compensated or transformed (fluorescence values within a few units while
   ``$PnR`` is in the thousands, ``Comp-`` channel names, flowCore's ``transformation=custom``,
   FlowSOM/UMAP columns of an analysis export) while the panel still compensates or
@@ -181,7 +181,7 @@ def _first_events(path: Path, flow: Any, n_channels: int, n_events: int) -> np.n
 def read_header(path: str | os.PathLike, *, sample_id: str | None = None) -> _Header:
     """Read one FCS file's HEADER and TEXT (and its first events for float data).
 
-    Falls back to :func:`bcellmap.fcs.read_fcs` (the whole file) when flowio cannot parse
+    Falls back to :func:`bcellmap.io.fcs.read_fcs` (the whole file) when flowio cannot parse
     the TEXT segment alone, so that the preflight accepts every file ingest accepts.
     """
     import warnings
@@ -205,7 +205,7 @@ def read_header(path: str | os.PathLike, *, sample_id: str | None = None) -> _He
         return _Header(channels, markers, ranges, dict(flow.text), str(flow.version),
                        str(flow.data_type).upper(), n_events, sample)
     except Exception:  # noqa: BLE001 - any flowio failure: let the full reader decide
-        from .fcs import read_fcs
+        from .io.fcs import read_fcs
 
         data = read_fcs(path, sample_id=sample_id)
         return _Header(list(data.channels), list(data.markers), [float(r) for r in data.ranges],
@@ -221,16 +221,16 @@ def _alternatives(entry: Any) -> list[str]:
 
 
 def _panel_settings(config: Mapping[str, Any], panel: str) -> tuple[dict, dict]:
-    from .ingest import _ingest_settings
+    from .flow.ingest import _ingest_settings
 
     return _ingest_settings(config, panel)
 
 
 def check_flow_file(report: SampleReport, config: Mapping[str, Any]) -> None:
     """Fill ``report`` from one FCS file's header (markers, compensation, transform)."""
-    from .compensation import matrix_problems, read_matrix_file, spillover_from_text
-    from .panel import CANONICAL_MARKERS, channel_kind, resolve_panel
-    from .transform import is_mass_cytometry
+    from .flow.compensation import matrix_problems, read_matrix_file, spillover_from_text
+    from .flow.transform import is_mass_cytometry
+    from .io.panel import CANONICAL_MARKERS, channel_kind, resolve_panel
 
     panel = report.panel
     try:
@@ -461,7 +461,7 @@ def run_preflight(
     PreflightReport
         Never raises for problems in the input: they are findings (``report.errors``).
     """
-    from .samplesheet import SampleSheetErrors, read_sample_sheet
+    from .io.samplesheet import SampleSheetErrors, read_sample_sheet
 
     sheet_path = Path(sheet_path)
     report = PreflightReport(sheet=str(sheet_path))
@@ -553,7 +553,7 @@ def _check_instruments(report: PreflightReport) -> None:
 
 
 def _check_device(report: PreflightReport, config: Mapping[str, Any]) -> None:
-    from .backend import ENV_DEVICE, resolve_device
+    from .kernels.backend import ENV_DEVICE, resolve_device
 
     requested = os.environ.get(ENV_DEVICE, "").strip() or str(config.get("device", "auto"))
     if requested.strip().lower() != "gpu":

@@ -1,4 +1,4 @@
-# Annotation: hierarchical gates learned on the registered, pooled cohort (bcellmap.gating),
+# Annotation: hierarchical gates learned on the registered, pooled cohort (bcellmap.flow.gating),
 # mapped onto every sample's own scale, then applied per sample.
 
 

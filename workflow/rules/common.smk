@@ -11,7 +11,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(BCELLMAP_ROOT) / "src"))
 from bcellmap.config import default_config, merge  # noqa: E402
 from bcellmap.errors import BcellmapError  # noqa: E402
-from bcellmap.samplesheet import read_sample_sheet  # noqa: E402
+from bcellmap.io.samplesheet import read_sample_sheet  # noqa: E402
 
 # Package defaults under the user's values (config.yaml, --configfile, --config); an
 # unknown key (a typo such as `devise`) is an error with a "did you mean".
@@ -34,7 +34,7 @@ def _sample_sheet_path() -> Path:
     demo = config["demo"]
     sheet = Path(demo["outdir"]) / "samples.tsv"
     if not sheet.exists():
-        from bcellmap.simulate import simulate_cohort
+        from bcellmap.demo.simulate import simulate_cohort
 
         logger.info(f"bcellmap: simulating the demo cohort into {demo['outdir']} (first run)")
         simulate_cohort(demo["outdir"], preset=demo["preset"], seed=demo["seed"])
@@ -112,7 +112,7 @@ def sample_path(wildcards) -> str:
 
 def subset_rules_text() -> str:
     """Text of the B-cell subset table; as a param, editing the table reruns annotation."""
-    from bcellmap.annotate import resolve_subsets_path
+    from bcellmap.flow.annotate import resolve_subsets_path
 
     return resolve_subsets_path(config).read_text()
 
@@ -209,7 +209,7 @@ def report_outputs() -> list:
 # Reference-sample batch normalisation (normalise.smk): on for normalisation.method
 # "reference", or "auto" with a reference marked in the sheet; then every batch of flow
 # samples needs a reference, checked here before any job runs.
-from bcellmap.samplesheet import normalisation_active  # noqa: E402
+from bcellmap.io.samplesheet import normalisation_active  # noqa: E402
 
 try:
     NORMALISE = normalisation_active(

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Arcsinh cofactors used when ``ingest.transform.cofactor`` is null.
 FLOW_COFACTOR = 150.0

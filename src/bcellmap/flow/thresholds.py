@@ -19,7 +19,7 @@ Learning, per marker (``learn_marker_threshold``):
    standard deviations (1.4826 x MAD), which calls almost nothing positive.
 
 Where each threshold is learned (the parent population of every gate), how visits are
-registered onto each other before pooling, and the "hi" levels: ``bcellmap.gating``.
+registered onto each other before pooling, and the "hi" levels: ``bcellmap.flow.gating``.
 ``bcellmap thresholds`` writes the cohort's reference gates (``thresholds.tsv``) and every
 sample's own gates (``gates.tsv``). Fixed values from ``annotate.thresholds.fixed`` (positive
 level) and ``annotate.thresholds.fixed_hi`` (hi level) override learning.
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -342,11 +342,11 @@ def cli_thresholds(args: argparse.Namespace) -> None:
     """
     import anndata as ad
 
-    from ._io import write_tsv
+    from ..config import load_config
+    from ..io._atomic import write_tsv
+    from ..io.samplesheet import read_sample_sheet
     from .annotate import load_subset_rules
-    from .config import load_config
     from .gating import GatingSettings, learn_gates
-    from .samplesheet import read_sample_sheet
 
     config = load_config(args.config)
     settings = _settings(config)

@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +484,7 @@ def cli_collect_qc(args: argparse.Namespace) -> None:
     """``bcellmap collect-qc``: concatenate per-sample QC tables into one table."""
     import pandas as pd
 
-    from ._io import write_tsv
+    from ..io._atomic import write_tsv
 
     frames = []
     for path in args.inputs:

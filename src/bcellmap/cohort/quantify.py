@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .annotate import COUNT_COLUMNS, SUBSETS
-from .errors import InputError
+from ..errors import InputError
+from ..flow.annotate import COUNT_COLUMNS, SUBSETS
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +265,9 @@ def _loq_events(config: Mapping[str, Any]) -> float:
 
 def cli_quantify(args: argparse.Namespace) -> None:
     """``bcellmap quantify``: counts tables + sheet -> results/tables/samples.tsv."""
-    from ._io import write_tsv
-    from .config import load_config
-    from .samplesheet import read_sample_sheet
+    from ..config import load_config
+    from ..io._atomic import write_tsv
+    from ..io.samplesheet import read_sample_sheet
 
     config = load_config(args.config)
     sheet = read_sample_sheet(args.samples, check_files=False)

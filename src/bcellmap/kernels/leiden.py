@@ -156,7 +156,7 @@ def cluster_leiden(
     weighting
         Edge weights, see :func:`knn_graph`.
     knn_method
-        ``exact`` or ``approximate``, see :func:`bcellmap.knn.nearest_neighbors`.
+        ``exact`` or ``approximate``, see :func:`bcellmap.kernels.knn.nearest_neighbors`.
 
     Returns
     -------

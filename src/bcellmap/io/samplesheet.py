@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import SampleSheetError
+from ..errors import SampleSheetError
 
 REQUIRED_COLUMNS = ("sample_id", "patient_id", "day", "modality", "path")
 OPTIONAL_COLUMNS = ("lymphocytes_per_ul", "disease", "batch", "panel", "reference",
@@ -332,7 +332,7 @@ def normalisation_active(sheet: pd.DataFrame, *, method: str, path: object = "")
     ConfigError
         An unknown ``method``.
     """
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if method not in ("auto", "none", "reference"):
         raise ConfigError(f"normalisation.method {method!r} must be auto, none or reference")

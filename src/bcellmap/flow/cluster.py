@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from ._io import atomic_path, write_h5ad
-from .backend import get_backend
-from .config import load_config
-from .errors import ConfigError, InputError
-from .metacluster import consensus_metaclusters
-from .som import map_to_nodes, train_som
+from .. import __version__
+from ..config import load_config
+from ..errors import ConfigError, InputError
+from ..io._atomic import atomic_path, write_h5ad
+from ..kernels.backend import get_backend
+from ..kernels.metacluster import consensus_metaclusters
+from ..kernels.som import map_to_nodes, train_som
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: Canonical markers the B-cell workflow relies on (other CDs are found generically).
 CANONICAL_MARKERS = ("CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24", "Live")

@@ -38,8 +38,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from ._io import atomic_path  # noqa: E402
-from .errors import InputError  # noqa: E402
+from ..errors import InputError  # noqa: E402
+from ..io._atomic import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -1897,7 +1897,7 @@ def cli_report(args: argparse.Namespace) -> None:
     Every patient with a flow row in the samples table gets ``gates_{patient_id}``.
     All figures are drawn before any is written, so bad input leaves no figure behind.
     """
-    from .config import load_config
+    from ..config import load_config
 
     config = load_config(args.config)
     settings = config.get("report", {})

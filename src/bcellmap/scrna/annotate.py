@@ -21,7 +21,7 @@ B-cell subsets (``obs["b_subset"]``, empty for non-B), per cell:
   IgD+CD27+, switched memory IgD-CD27+, double negative IgD-CD27-); plasmablasts stay the RNA
   call.
 
-Protein gates (CLR thresholds) follow the flow rules (:mod:`bcellmap.thresholds`): they are
+Protein gates (CLR thresholds) follow the flow rules (:mod:`bcellmap.flow.thresholds`): they are
 learned once for the cohort by ``train-scrna`` (:func:`learn_protein_thresholds`, written to
 ``results/models/scrna_protein_thresholds.tsv``) on a pool made of an equal-sized seeded
 subsample (``scrna.protein.cells_per_sample``) of the QC-passed cells of every sample with
@@ -33,7 +33,7 @@ CD19 and CD20 on CD3- cells; IgD, CD27, CD38 and CD24 on CD20+ B cells (CD3-, CD
 and CD20+: plasmablasts are CD20- and CD27hi, and would otherwise pull the CD27 gate above
 the memory cells; without CD20 protein, all B cells). A parent whose protein is not measured
 falls back to RNA (CD3-: not called T; B: the RNA B call). The learner is
-:func:`bcellmap.thresholds.learn_marker_threshold` (density valley, else an upper tail);
+:func:`bcellmap.flow.thresholds.learn_marker_threshold` (density valley, else an upper tail);
 ``scrna.protein.thresholds`` fixed values override it. A gate learned without a valley
 (``upper_tail``, ``insufficient_events``, or ``not_learned`` when the cohort table lacks the
 protein) is flagged: logged as a warning, listed in ``uns["protein_thresholds"]`` (one row
@@ -89,10 +89,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .annotate import COUNT_COLUMNS as _SHARED_COUNT_COLUMNS
-from .annotate import SUBSETS
-from .errors import ConfigError, InputError
-from .thresholds import ThresholdFit, learn_marker_threshold
+from ..errors import ConfigError, InputError
+from ..flow.annotate import COUNT_COLUMNS as _SHARED_COUNT_COLUMNS
+from ..flow.annotate import SUBSETS
+from ..flow.thresholds import ThresholdFit, learn_marker_threshold
 
 log = logging.getLogger(__name__)
 
@@ -810,9 +810,9 @@ def cli_annotate_scrna(args: argparse.Namespace) -> None:
     """``bcellmap annotate-scrna``: mapped h5ad -> annotated h5ad and counts table."""
     import anndata as ad
 
-    from ._io import write_h5ad, write_tsv
-    from .config import load_config
-    from .samplesheet import read_sample_sheet, sample_row
+    from ..config import load_config
+    from ..io._atomic import write_h5ad, write_tsv
+    from ..io.samplesheet import read_sample_sheet, sample_row
 
     config = load_config(args.config)
     sheet = read_sample_sheet(args.samples, check_files=False)

@@ -6,7 +6,7 @@ import argparse
 
 import pandas as pd
 
-from .errors import InputError
+from ..errors import InputError
 
 _MEASURES = ("b", "cd19", "cd20")
 CONCORDANCE_COLUMNS = [
@@ -60,7 +60,7 @@ def concordance(samples: pd.DataFrame) -> pd.DataFrame:
 
 def cli_concordance(args: argparse.Namespace) -> None:
     """``bcellmap concordance --table samples.tsv --out concordance.tsv``."""
-    from ._io import write_tsv
+    from ..io._atomic import write_tsv
 
     try:
         # Identifiers stay strings ("007", "NA"), as in the other tables.

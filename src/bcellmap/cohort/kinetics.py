@@ -70,8 +70,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .annotate import SUBSETS
-from .errors import InputError
+from ..errors import InputError
+from ..flow.annotate import SUBSETS
 
 log = logging.getLogger(__name__)
 
@@ -487,8 +487,8 @@ def cohort_summary(kinetics: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.D
 
 def cli_kinetics(args: argparse.Namespace) -> None:
     """``bcellmap kinetics``: samples.tsv -> kinetics.tsv and cohort.tsv."""
-    from ._io import atomic_path
-    from .config import load_config
+    from ..config import load_config
+    from ..io._atomic import atomic_path
 
     config = load_config(args.config)
     try:

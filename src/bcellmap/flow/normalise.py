@@ -7,9 +7,9 @@ and removed (Van Gassen et al. 2020, Cytometry A 97:268, "CytoNorm"):
 
 1. **Clusters.** A seeded, equal-sized subsample of each reference's QC-passed events
    (``normalisation.events_per_sample``) is pooled and clustered with the package's SOM
-   (:mod:`bcellmap.som`, on the CPU or GPU backend) whose nodes are grouped into
-   ``normalisation.n_clusters`` consensus metaclusters (:mod:`bcellmap.metacluster`), so that
-   alignment happens per cell population: a batch effect is then not mistaken for a change
+   (:mod:`bcellmap.kernels.som`, on the CPU or GPU backend) whose nodes are grouped into
+   ``normalisation.n_clusters`` consensus metaclusters (:mod:`bcellmap.kernels.metacluster`),
+   so that alignment happens per cell population: a batch effect is then not mistaken for a change
    in composition, and a shift of one population does not drag another along.
 2. **Quantiles.** Per batch, cluster and marker, the quantiles of the batch's reference
    events at the levels ``normalisation.quantiles`` (evenly spaced over 0.01-0.99). The
@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class NormalisationModel:
 
     def save(self, path: str | Path) -> None:
         """Write the model NPZ atomically."""
-        from ._io import atomic_path
+        from ..io._atomic import atomic_path
 
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, markers=np.array(self.markers, dtype=str),
@@ -282,7 +282,7 @@ def normalisation_options(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _marker_columns(adata: Any, markers: Sequence[str], *, path: object,
                     sample_id: str | None) -> list[int]:
-    from .cluster_flow import marker_indices
+    from .cluster import marker_indices
 
     return marker_indices(adata, markers, purpose="normalisation", path=path,
                           sample_id=sample_id)
@@ -355,7 +355,7 @@ def train_normalisation(
     seed
         Seed of the subsamples, the SOM and the consensus metaclustering.
     backend
-        :class:`bcellmap.backend.Backend`; None: chosen by ``BCELLMAP_DEVICE`` (else auto).
+        :class:`bcellmap.kernels.backend.Backend`; None: chosen by ``BCELLMAP_DEVICE`` (else auto).
     sample_ids, paths
         Names for messages and provenance; default from ``uns["sample"]`` and positions.
 
@@ -373,9 +373,9 @@ def train_normalisation(
     ConfigError
         ``n_clusters`` larger than the SOM grid, or mismatched arguments.
     """
-    from .backend import get_backend
-    from .metacluster import consensus_metaclusters
-    from .som import map_to_nodes, train_som
+    from ..kernels.backend import get_backend
+    from ..kernels.metacluster import consensus_metaclusters
+    from ..kernels.som import map_to_nodes, train_som
 
     markers = [str(m) for m in markers]
     if len(references) != len(batches):
@@ -532,8 +532,8 @@ def normalise(
     InputError
         A missing marker, a batch without reference, or non-finite QC-passed values.
     """
-    from .backend import get_backend
-    from .som import map_to_nodes
+    from ..kernels.backend import get_backend
+    from ..kernels.som import map_to_nodes
 
     sample_id = sample_id or _sample_id(adata, "sample")
     b = model.batch_index(str(batch), sample_id=sample_id, path=path)
@@ -598,7 +598,7 @@ def _read_h5ad(path: str | Path) -> Any:
 
 
 def _sheet(args: argparse.Namespace, config: Mapping[str, Any]):
-    from .samplesheet import read_sample_sheet
+    from ..io.samplesheet import read_sample_sheet
 
     return read_sample_sheet(args.samples, panels=list(config.get("panels") or {}))
 
@@ -610,10 +610,10 @@ def cli_train_normalisation(args: argparse.Namespace) -> None:
     ``inputs`` (the references' flow h5ad), ``model`` (NPZ out), ``info`` (JSON out).
     Every input must be a sample the sheet marks ``reference`` (with a batch).
     """
-    from . import __version__
-    from ._io import atomic_path
-    from .backend import get_backend
-    from .config import load_config
+    from .. import __version__
+    from ..config import load_config
+    from ..io._atomic import atomic_path
+    from ..kernels.backend import get_backend
 
     config = load_config(args.config)
     options = normalisation_options(config)
@@ -658,9 +658,9 @@ def cli_normalise_flow(args: argparse.Namespace) -> None:
     batch: ``batch``, or ``samples`` (sheet) with ``sample_id`` (default: the sample id in
     the h5ad).
     """
-    from ._io import write_h5ad
-    from .backend import get_backend
-    from .config import load_config
+    from ..config import load_config
+    from ..io._atomic import write_h5ad
+    from ..kernels.backend import get_backend
 
     config = load_config(args.config)
     path = Path(args.input)
@@ -670,7 +670,7 @@ def cli_normalise_flow(args: argparse.Namespace) -> None:
     if args.batch is not None:
         batch = str(args.batch)
     elif args.samples:
-        from .samplesheet import sample_row
+        from ..io.samplesheet import sample_row
 
         row = sample_row(_sheet(args, config), sample_id, path=args.samples)
         batch = str(row["batch"])

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BcellmapError, ConfigError
+from ..errors import BcellmapError, ConfigError
 
 log = logging.getLogger(__name__)
 

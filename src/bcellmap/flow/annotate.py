@@ -1,6 +1,6 @@
 """Cell types and B-cell subsets per event, from marker rules and cohort thresholds.
 
-Cell types (per event, thresholds from ``bcellmap.thresholds``):
+Cell types (per event, thresholds from ``bcellmap.flow.thresholds``):
 
 - ``B``: CD3- and (CD19+ or CD20+). Plasmablasts (CD20-, CD19lo) are B-lineage when their
   CD19 is at or above the cohort CD19 threshold, as the subset table implies.
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 from .thresholds import _marker_columns
 
 log = logging.getLogger(__name__)
@@ -476,10 +476,10 @@ def cli_annotate(args: argparse.Namespace) -> None:
     """``bcellmap annotate``: one mapped sample -> annotated h5ad and counts table."""
     import anndata as ad
 
-    from ._io import write_h5ad, write_tsv
-    from .config import load_config
+    from ..config import load_config
+    from ..io._atomic import write_h5ad, write_tsv
+    from ..io.samplesheet import read_sample_sheet, sample_row
     from .gating import gates_for_sample
-    from .samplesheet import read_sample_sheet, sample_row
     from .thresholds import read_thresholds
 
     config = load_config(args.config)

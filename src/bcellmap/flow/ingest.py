@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ _PANEL_OVERRIDES = ("compensation", "transform", "qc", "required_markers")
 
 def _ingest_settings(config: Mapping[str, Any], panel: str) -> tuple[dict, dict]:
     """The panel's config and ``ingest`` settings with the panel's overrides merged in."""
-    from .config import merge
+    from ..config import merge
 
     panels = config.get("panels") or {}
     if panel not in panels:
@@ -83,9 +83,9 @@ def ingest_flow(
     import anndata as ad
     import pandas as pd
 
+    from ..io.fcs import read_fcs, spillover_keyword_problem
+    from ..io.panel import channel_kind, check_required, resolve_panel
     from .compensation import compensate_events
-    from .fcs import read_fcs, spillover_keyword_problem
-    from .panel import channel_kind, check_required, resolve_panel
     from .qc import FLAG_COLUMNS, STEPS, qc_reason, run_qc
     from .transform import is_mass_cytometry, transform_events
 
@@ -200,14 +200,14 @@ def _qc_steps_table(adata, *, sample_id: str):
 
 def cli_ingest_flow(args: argparse.Namespace) -> None:
     """``bcellmap ingest-flow``: write ``--out`` (h5ad) and ``--qc`` (TSV) for one sample."""
-    from ._io import atomic_path, write_tsv
-    from .config import load_config
+    from ..config import load_config
+    from ..io._atomic import atomic_path, write_tsv
 
     config = load_config(args.config)
     sample_meta: dict[str, Any] = {}
     panel = None
     if args.samples:
-        from .samplesheet import read_sample_sheet, sample_row
+        from ..io.samplesheet import read_sample_sheet, sample_row
 
         if not args.sample_id:
             raise ConfigError("ingest-flow: --samples needs --sample-id")

@@ -22,7 +22,7 @@ are found (``find_landmarks``): the negative and the positive mode where the sam
 both, else its single mode. The cohort reference landmarks are the medians over the
 samples that show both peaks. Each sample is registered onto them by the linear map that
 sends its two modes onto the reference modes (one mode: a shift), the gate is learned
-once on the pooled, registered values (``bcellmap.thresholds.learn_marker_threshold``:
+once on the pooled, registered values (``bcellmap.flow.thresholds.learn_marker_threshold``:
 density valley, upper-tail fallback), and mapped back onto every sample's own scale. A
 single mode is matched to the nearer reference landmark, so a B-cell-aplastic sample,
 which has no CD19+ peak, is only shifted by its negative peak: its gate is never placed
@@ -123,7 +123,7 @@ class GatingSettings:
         hi_method.update({str(k): str(v) for k, v in dict(gating.get("hi_method") or {}).items()})
         for marker, method in hi_method.items():
             if method not in ("naive_reference", "positive_mode"):
-                from .errors import ConfigError
+                from ..errors import ConfigError
 
                 raise ConfigError(f"annotate.gating.hi_method.{marker}: {method!r}; expected "
                                   "naive_reference or positive_mode")

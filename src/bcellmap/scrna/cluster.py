@@ -5,9 +5,10 @@ Train (``bcellmap train-scrna``, cohort-wide, bounded): a seeded subsample of at
 h5ad files), the ``scrna.cluster.n_genes`` genes most often highly variable across samples
 (present in every sample; ties broken by mean normalised dispersion), each gene scaled to unit
 variance over the pooled subsample (scanpy's ``pp.scale`` without clipping, so the matrix stays
-sparse and memory stays bounded), PCA (:mod:`bcellmap.pca`), exact kNN and Leiden
-(:mod:`bcellmap.knn`, :mod:`bcellmap.leiden`) through :mod:`bcellmap.backend` (GPU when
-available). The model NPZ holds what mapping needs: ``genes``, ``gene_mean``, ``gene_scale``
+sparse and memory stays bounded), PCA (:mod:`bcellmap.kernels.pca`), exact kNN and Leiden
+(:mod:`bcellmap.kernels.knn`, :mod:`bcellmap.kernels.leiden`) through
+:mod:`bcellmap.kernels.backend` (GPU when available). The model NPZ holds what mapping needs:
+``genes``, ``gene_mean``, ``gene_scale``
 (the HVG means and scales), ``components`` (PCA loadings), ``pca_mean``, ``embedding`` (training
 PCA scores), ``labels`` (training Leiden clusters), ``explained_variance_ratio``, ``train_sample``
 and ``train_event_index``.
@@ -22,7 +23,7 @@ AnnData with ``obs["leiden"]`` (int), ``obs["leiden_confidence"]`` (share of vot
 CITE-seq protein gates (``train-scrna --protein-thresholds``, cohort-wide like the model):
 :func:`learn_scrna_protein_thresholds` pools a seeded subsample of at most
 ``scrna.protein.cells_per_sample`` QC-passed cells of every sample with protein and learns
-each gate inside its parent population (:func:`bcellmap.annotate_scrna.learn_protein_thresholds`);
+each gate inside its parent population (:func:`bcellmap.scrna.annotate.learn_protein_thresholds`);
 ``annotate-scrna`` applies the same gates to every sample. A sample whose protein lacks CD3,
 or both CD19 and CD20, gets its per-cell RNA call on the subsample for that parent.
 """
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,14 @@ def cluster_scaled(data: Any, *, n_pcs: int, k: int, resolution: float, seed: in
         PCA axes, neighbours (self included, as scanpy's ``n_neighbors``), Leiden resolution
         and seed.
     backend
-        :class:`bcellmap.backend.Backend`.
+        :class:`bcellmap.kernels.backend.Backend`.
 
     Returns
     -------
-    (:class:`bcellmap.pca.PCAResult`, int64 Leiden cluster per row)
+    (:class:`bcellmap.kernels.pca.PCAResult`, int64 Leiden cluster per row)
     """
-    from .leiden import cluster_leiden
-    from .pca import pca
+    from ..kernels.leiden import cluster_leiden
+    from ..kernels.pca import pca
 
     n_pcs = min(n_pcs, data.shape[0] - 1, data.shape[1])
     fitted = pca(data, n_components=n_pcs, backend=backend)
@@ -215,7 +216,7 @@ def transfer_labels(query: np.ndarray, embedding: np.ndarray, labels: np.ndarray
     -------
     (int64 label, share of the k votes for it) per query row.
     """
-    from .knn import nearest_neighbors
+    from ..kernels.knn import nearest_neighbors
 
     if query.shape[0] == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
@@ -265,7 +266,7 @@ def map_scrna(adata, model: Mapping[str, np.ndarray], *, config: Mapping[str, An
     matrix = _align(_rows(mapped.X), np.asarray(mapped.var_names, dtype=object), genes)
     scaled = sp.csr_matrix(matrix @ sp.diags(1.0 / model["gene_scale"]))
     if mapped.n_obs:
-        from .pca import PCAResult
+        from ..kernels.pca import PCAResult
 
         fitted = PCAResult(scores=np.zeros((0, model["components"].shape[0])),
                            components=model["components"],
@@ -304,7 +305,7 @@ def learn_scrna_protein_thresholds(paths: Sequence[str | Path], *, config: Mappi
     """
     import anndata as ad
 
-    from .annotate_scrna import _protein_settings, learn_protein_thresholds, rna_cell_calls
+    from .annotate import _protein_settings, learn_protein_thresholds, rna_cell_calls
 
     seed = int(config["seed"])
     take = int(_protein_settings(config)["cells_per_sample"])
@@ -349,9 +350,9 @@ def _json_number(value: Any) -> float | None:
 def cli_train_scrna(args: argparse.Namespace) -> None:
     """``bcellmap train-scrna``: ingested h5ad files -> model NPZ, info JSON and (with
     ``--protein-thresholds``) the cohort's CITE-seq protein gates."""
-    from ._io import atomic_path, write_tsv
-    from .backend import get_backend
-    from .config import load_config
+    from ..config import load_config
+    from ..io._atomic import atomic_path, write_tsv
+    from ..kernels.backend import get_backend
 
     config = load_config(args.config)
     backend = get_backend(config)
@@ -377,9 +378,9 @@ def cli_map_scrna(args: argparse.Namespace) -> None:
     """``bcellmap map-scrna``: one ingested h5ad + model -> mapped h5ad."""
     import anndata as ad
 
-    from ._io import write_h5ad
-    from .backend import get_backend
-    from .config import load_config
+    from ..config import load_config
+    from ..io._atomic import write_h5ad
+    from ..kernels.backend import get_backend
 
     config = load_config(args.config)
     try:

@@ -159,7 +159,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 

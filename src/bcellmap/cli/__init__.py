@@ -12,43 +12,43 @@ import logging
 import sys
 import time
 
-from . import __version__
+from .. import __version__
 
 # subcommand -> (module, function, help). The function takes the parsed arguments.
 _COMMANDS: dict[str, tuple[str, str, str]] = {
-    "simulate": ("bcellmap.simulate", "cli_simulate",
+    "simulate": ("bcellmap.demo.simulate", "cli_simulate",
                  "write the simulated demo cohort (FCS files, sample sheet, truth tables)"),
     "check-samples": ("bcellmap.cli", "_cli_check_samples",
                       "validate a sample sheet (--deep: and every file's header)"),
-    "ingest-flow": ("bcellmap.ingest", "cli_ingest_flow",
+    "ingest-flow": ("bcellmap.flow.ingest", "cli_ingest_flow",
                     "read one FCS sample: compensate, transform, QC -> h5ad"),
-    "collect-qc": ("bcellmap.qc", "cli_collect_qc", "combine per-sample QC tables"),
-    "train-normalisation": ("bcellmap.normalise", "cli_train_normalisation",
+    "collect-qc": ("bcellmap.flow.qc", "cli_collect_qc", "combine per-sample QC tables"),
+    "train-normalisation": ("bcellmap.flow.normalise", "cli_train_normalisation",
                             "learn per-batch quantile maps from the reference (anchor) samples"),
-    "normalise-flow": ("bcellmap.normalise", "cli_normalise_flow",
+    "normalise-flow": ("bcellmap.flow.normalise", "cli_normalise_flow",
                        "normalise one flow sample to the reference goal of its batch"),
-    "train-flow": ("bcellmap.cluster_flow", "cli_train_flow",
+    "train-flow": ("bcellmap.flow.cluster", "cli_train_flow",
                    "fit the cohort SOM and metaclusters on a subsample of every sample"),
-    "map-flow": ("bcellmap.cluster_flow", "cli_map_flow",
+    "map-flow": ("bcellmap.flow.cluster", "cli_map_flow",
                  "assign every event of one sample to a SOM node and metacluster"),
-    "thresholds": ("bcellmap.thresholds", "cli_thresholds",
+    "thresholds": ("bcellmap.flow.thresholds", "cli_thresholds",
                    "learn positive/negative marker thresholds on the pooled cohort"),
-    "annotate": ("bcellmap.annotate", "cli_annotate",
+    "annotate": ("bcellmap.flow.annotate", "cli_annotate",
                  "label one sample's events: cell type and B-cell subset"),
-    "quantify": ("bcellmap.quantify", "cli_quantify",
+    "quantify": ("bcellmap.cohort.quantify", "cli_quantify",
                  "per-sample counts and frequencies -> results/tables/samples.tsv"),
-    "kinetics": ("bcellmap.kinetics", "cli_kinetics",
+    "kinetics": ("bcellmap.cohort.kinetics", "cli_kinetics",
                  "per-patient depletion and reconstitution, cohort summary"),
-    "concordance": ("bcellmap.concordance", "cli_concordance",
+    "concordance": ("bcellmap.cohort.concordance", "cli_concordance",
                     "flow vs scRNA B-cell frequencies at visits measured both ways"),
-    "report": ("bcellmap.figures", "cli_report", "figures for the Snakemake report"),
-    "ingest-scrna": ("bcellmap.ingest_scrna", "cli_ingest_scrna",
+    "report": ("bcellmap.report.figures", "cli_report", "figures for the Snakemake report"),
+    "ingest-scrna": ("bcellmap.scrna.ingest", "cli_ingest_scrna",
                      "read one scRNA sample (10x .h5, mtx folder, .h5ad): QC, normalise -> h5ad"),
-    "train-scrna": ("bcellmap.cluster_scrna", "cli_train_scrna",
+    "train-scrna": ("bcellmap.scrna.cluster", "cli_train_scrna",
                     "cohort PCA + kNN + Leiden on a bounded subsample of every scRNA sample"),
-    "map-scrna": ("bcellmap.cluster_scrna", "cli_map_scrna",
+    "map-scrna": ("bcellmap.scrna.cluster", "cli_map_scrna",
                   "label every cell of one scRNA sample by kNN transfer from the cohort model"),
-    "annotate-scrna": ("bcellmap.annotate_scrna", "cli_annotate_scrna",
+    "annotate-scrna": ("bcellmap.scrna.annotate", "cli_annotate_scrna",
                        "label one scRNA sample's cells: cell type, B-cell subset, CAR-T"),
 }
 
@@ -213,13 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cli_check_samples(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .samplesheet import normalisation_active, read_sample_sheet
+    from ..config import load_config
+    from ..io.samplesheet import normalisation_active, read_sample_sheet
 
     config = load_config(args.config)
     if getattr(args, "deep", False):
-        from .errors import BcellmapError
-        from .preflight import run_preflight
+        from ..errors import BcellmapError
+        from ..preflight import run_preflight
 
         report = run_preflight(args.samples, config)
         print(report.format())
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     module_name, function_name, _ = _COMMANDS[args.command]
-    from .errors import BcellmapError
+    from ..errors import BcellmapError
 
     start = time.perf_counter()
     try:

@@ -39,7 +39,7 @@ CITE-seq antibody-derived tags (ADTs) are read from, in order:
    with an :class:`InputError` naming the file and the sample, never ignored.
 
 ADT names are matched to ``scrna.protein.markers`` with the flow panel's marker resolution
-(:func:`bcellmap.panel.canonical_name`) after ``.``, ``|`` and ``+`` are read as separators,
+(:func:`bcellmap.io.panel.canonical_name`) after ``.``, ``|`` and ``+`` are read as separators,
 and for a BD AbSeq name (``CD19:HIB19|CD19|AHS0030|pAbO``) the antigen before ``:`` first:
 ``CD19(HIB19)``, ``CD19-TotalSeqB``, ``ADT_CD19``, ``Hu.CD19`` and ``anti-human CD19`` are all
 CD19, and CD27 is never CD274. A marker with no CD/Ig form (``HLA-DR``) is matched whole between
@@ -60,8 +60,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import ConfigError, InputError
-from .panel import canonical_name
+from ..errors import ConfigError, InputError
+from ..io.panel import canonical_name
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def _name_candidates(name: str) -> list[str]:
 def adt_canonical(name: str) -> str:
     """The canonical marker (``CD19``, ``IgD``, ...) an ADT name denotes, or "".
 
-    Uses :func:`bcellmap.panel.canonical_name`, the flow panel's resolution, on the name with
+    Uses :func:`bcellmap.io.panel.canonical_name`, the flow panel's resolution, on the name with
     ``.``, ``|`` and ``+`` read as separators.
     """
     for candidate in _name_candidates(name):
@@ -650,9 +650,9 @@ def ingest_scrna(path: str | Path, *, config: dict[str, Any], sample: dict[str, 
 
 def cli_ingest_scrna(args: argparse.Namespace) -> None:
     """``bcellmap ingest-scrna``: one sample of the sheet -> h5ad and QC table."""
-    from ._io import write_h5ad, write_tsv
-    from .config import load_config
-    from .samplesheet import read_sample_sheet, sample_row
+    from ..config import load_config
+    from ..io._atomic import write_h5ad, write_tsv
+    from ..io.samplesheet import read_sample_sheet, sample_row
 
     config = load_config(args.config)
     sheet = read_sample_sheet(args.samples)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._io import atomic_path, write_h5ad, write_tsv
+from ..io._atomic import atomic_path, write_h5ad, write_tsv
 
 CELL_TYPES = ("T", "NK", "monocyte", "DC", "B")
 B_SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory", "plasmablast")

@@ -1,0 +1,1 @@
+"""Per-sample counts, per-patient kinetics and cohort summaries."""

@@ -1,0 +1,1 @@
+"""Simulated demo cohort (flow and scRNA) with known truth."""

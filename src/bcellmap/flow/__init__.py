@@ -1,0 +1,1 @@
+"""Flow and mass cytometry: ingest, compensation, transform, QC, clustering, gating, annotation."""

@@ -1,0 +1,1 @@
+"""Reading and writing: FCS files, sample sheets, panels, atomic h5ad/TSV output."""

@@ -1,0 +1,1 @@
+"""Clustering kernels with one CuPy/NumPy code path each: SOM, k-means, kNN, PCA, Leiden."""

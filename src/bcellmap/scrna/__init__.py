@@ -1,0 +1,1 @@
+"""Single-cell RNA (and CITE-seq protein): ingest, clustering, annotation."""
