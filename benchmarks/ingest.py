@@ -49,8 +49,8 @@ def _write_fcs(path: Path, n_events: int, *, seed: int) -> None:
 
 
 def _bcellmap(path: Path, config: dict) -> np.ndarray:
+    from bcellmap.flow._transform import transform_events
     from bcellmap.flow.compensation import compensate_events
-    from bcellmap.flow.transform import transform_events
     from bcellmap.io.fcs import read_fcs
     from bcellmap.io.panel import channel_kind, resolve_panel
 

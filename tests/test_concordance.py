@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from bcellmap.cohort.concordance import concordance
+from bcellmap.cohort._concordance import concordance
 
 
 def _row(sample_id, patient, day, modality, lymphocytes, b, cd19, cd20):
@@ -46,7 +46,7 @@ def test_no_shared_visit_gives_an_empty_table():
 def test_identifiers_stay_strings_through_the_command(tmp_path):
     import argparse
 
-    from bcellmap.cohort.concordance import cli_concordance
+    from bcellmap.cohort._concordance import cli_concordance
 
     samples = pd.DataFrame([_row("007", "NA", 0, "flow", 1_000, 100, 100, 100),
                             _row("007r", "NA", 0, "scrna", 1_000, 90, 90, 90)])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bcellmap.cli import main
-from bcellmap.cohort.kinetics import KINETICS_COLUMNS, cohort_summary, patient_kinetics
+from bcellmap.cohort._kinetics import KINETICS_COLUMNS, cohort_summary, patient_kinetics
 from bcellmap.config import load_config
 from bcellmap.errors import InputError, SampleSheetError
 from bcellmap.flow.annotate import SUBSETS
@@ -430,7 +430,7 @@ def test_discordance_flag_rests_on_a_confidence_bound(b_events, cd19neg, flagged
     table = patient_kinetics(pd.DataFrame(rows), config=load_config())
     assert ("cd19_cd20_discordance" in _flags(_get(table, "M"))) == flagged
     # The bound is the exact one-sided Clopper-Pearson bound.
-    from bcellmap.cohort.kinetics import discordance_lower_bound
+    from bcellmap.cohort._kinetics import discordance_lower_bound
 
     bound = discordance_lower_bound(pd.Series([cd19neg]), pd.Series([b_events])).iloc[0]
     assert bound == pytest.approx(beta.ppf(0.05, cd19neg, b_events - cd19neg + 1))

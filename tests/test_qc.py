@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bcellmap.flow.qc import STEPS, cli_collect_qc, density_valley, qc_reason, run_qc
+from bcellmap.flow._qc import STEPS, cli_collect_qc, density_valley, qc_reason, run_qc
 
 CANON = ["FSC-A", "FSC-H", "SSC-A", "CD19", "CD3", "Live", "Time"]
 KINDS = ["scatter", "scatter", "scatter", "fluorescence", "fluorescence", "viability", "time"]
@@ -142,7 +142,7 @@ def test_density_valley_and_single_peak():
 
 def test_no_dead_cells_planted_removes_almost_nothing():
     rng = np.random.default_rng(5)
-    from bcellmap.flow.qc import dead_flags
+    from bcellmap.flow._qc import dead_flags
 
     live = rng.normal(1.5, 0.35, 10000)
     flag, info = dead_flags(live, fit_mask=np.ones(live.size, dtype=bool), threshold=None,

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from bcellmap.cli import main
-from bcellmap.cohort.quantify import SAMPLE_COLUMNS, quantify, read_counts
+from bcellmap.cohort._quantify import SAMPLE_COLUMNS, quantify, read_counts
 from bcellmap.errors import InputError
 from bcellmap.flow.annotate import COUNT_COLUMNS, SUBSETS
 

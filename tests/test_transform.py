@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bcellmap.flow.transform import is_mass_cytometry, transform_events
+from bcellmap.flow._transform import is_mass_cytometry, transform_events
 
 CHANNELS = ["FSC-A", "SSC-A", "PE-A", "APC-A", "Time"]
 CANON = ["FSC-A", "SSC-A", "CD19", "CD3", "Time"]

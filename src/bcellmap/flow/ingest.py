@@ -85,9 +85,9 @@ def ingest_flow(
 
     from ..io.fcs import read_fcs, spillover_keyword_problem
     from ..io.panel import channel_kind, check_required, resolve_panel
+    from ._qc import FLAG_COLUMNS, STEPS, qc_reason, run_qc
+    from ._transform import is_mass_cytometry, transform_events
     from .compensation import compensate_events
-    from .qc import FLAG_COLUMNS, STEPS, qc_reason, run_qc
-    from .transform import is_mass_cytometry, transform_events
 
     panel = panel or "default"
     panel_config, settings = _ingest_settings(config, panel)
@@ -193,7 +193,7 @@ def ingest_flow(
 
 
 def _qc_steps_table(adata, *, sample_id: str):
-    from .qc import qc_table
+    from ._qc import qc_table
 
     return qc_table(adata.uns["qc"]["table"], sample_id=sample_id)
 

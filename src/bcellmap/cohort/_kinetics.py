@@ -316,7 +316,7 @@ def _upper_bound(visits: pd.DataFrame, measure: str, *, per_ul: bool) -> pd.Seri
     column = f"{measure}_per_ul_ci_high" if per_ul else f"{measure}_pct_lymphocytes_ci_high"
     if column in visits.columns:
         return _column(visits, column)
-    from .quantify import clopper_pearson
+    from ._quantify import clopper_pearson
 
     _, high = clopper_pearson(_column(visits, _COUNT_COLUMN[measure]),
                               _column(visits, "lymphocytes"))
