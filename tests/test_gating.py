@@ -20,7 +20,7 @@ from bcellmap.flow.gating import (
     lymphocyte_gate,
     naive_referenced_gates,
 )
-from bcellmap.flow.thresholds import learn_marker_threshold
+from bcellmap.kernels.density import learn_marker_threshold
 
 MARKERS = ["CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24"]
 SETTINGS = GatingSettings()

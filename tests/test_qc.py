@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bcellmap.flow._qc import STEPS, cli_collect_qc, density_valley, qc_reason, run_qc
+from bcellmap.flow._qc import STEPS, cli_collect_qc, dead_flags, qc_reason, run_qc
 
 CANON = ["FSC-A", "FSC-H", "SSC-A", "CD19", "CD3", "Live", "Time"]
 KINDS = ["scatter", "scatter", "scatter", "fluorescence", "fluorescence", "viability", "time"]
@@ -132,12 +132,20 @@ def test_steps_without_channels_are_skipped_and_recorded():
     assert all(s["events_removed"] == 0 for s in steps if s["step"] != "margin")
 
 
-def test_density_valley_and_single_peak():
+def test_dead_gate_valley_and_single_peak():
+    """The viability gate uses the package's density learner: a valley between 10% dead and
+    90% live cells, and the live peak's upper tail (median + 5 SD) without dead cells."""
     rng = np.random.default_rng(0)
     two = np.concatenate([rng.normal(1.0, 0.3, 9000), rng.normal(4.0, 0.3, 1000)])
-    valley = density_valley(two)
-    assert valley is not None and 2.0 < valley < 3.2
-    assert density_valley(rng.normal(1.0, 0.3, 10000)) is None
+    flags, info = dead_flags(two, fit_mask=np.ones(two.size, bool), threshold=None,
+                             fallback_mad_cutoff=5.0)
+    assert info["method"] == "density valley" and 2.0 < info["threshold"] < 3.2
+    assert abs(int(flags.sum()) - 1000) <= 5
+    live = rng.normal(1.0, 0.3, 10000)
+    flags, info = dead_flags(live, fit_mask=np.ones(live.size, bool), threshold=None,
+                             fallback_mad_cutoff=5.0)
+    assert info["method"] == "single peak: median + MAD"
+    assert abs(info["threshold"] - (1.0 + 5 * 0.3)) < 0.1 and flags.sum() <= 2
 
 
 def test_no_dead_cells_planted_removes_almost_nothing():

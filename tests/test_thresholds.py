@@ -14,7 +14,8 @@ from bcellmap.cli import main
 from bcellmap.config import load_config
 from bcellmap.flow.annotate import annotate_sample, load_subset_rules
 from bcellmap.flow.gating import GatingSettings, gates_for_sample, learn_gates
-from bcellmap.flow.thresholds import learn_marker_threshold, thresholds_for
+from bcellmap.flow.thresholds import thresholds_for
+from bcellmap.kernels.density import learn_marker_threshold
 
 
 def learn_thresholds(samples, *, markers, hi_markers, config):

@@ -6,14 +6,10 @@ import argparse
 
 import pandas as pd
 
+from ..contracts import CONCORDANCE_COLUMNS
 from ..errors import InputError
 
 _MEASURES = ("b", "cd19", "cd20")
-CONCORDANCE_COLUMNS = [
-    "patient_id", "day", "flow_sample_id", "scrna_sample_id", "measure",
-    "flow_pct_lymphocytes", "scrna_pct_lymphocytes", "difference_pct_points", "ratio",
-    "flow_events", "scrna_cells", "flow_lymphocytes", "scrna_lymphocytes",
-]
 _EVENTS = {"b": "b_cells", "cd19": "cd19_pos", "cd20": "cd20_pos"}
 
 
@@ -55,17 +51,13 @@ def concordance(samples: pd.DataFrame) -> pd.DataFrame:
                 "flow_lymphocytes": pair["lymphocytes_flow"],
                 "scrna_lymphocytes": pair["lymphocytes_scrna"],
             })
-    return pd.DataFrame(rows, columns=CONCORDANCE_COLUMNS)
+    return pd.DataFrame(rows, columns=list(CONCORDANCE_COLUMNS))
 
 
 def cli_concordance(args: argparse.Namespace) -> None:
     """``bcellmap concordance --table samples.tsv --out concordance.tsv``."""
     from ..io._atomic import write_tsv
+    from ..io.readers import read_table
 
-    try:
-        # Identifiers stay strings ("007", "NA"), as in the other tables.
-        samples = pd.read_csv(args.table, sep="\t", keep_default_na=False, na_values=[""],
-                              dtype={"patient_id": str, "sample_id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise InputError(f"cannot read the samples table ({error})", path=args.table) from None
+    samples = read_table(args.table, what="samples table")
     write_tsv(concordance(samples), args.out)

@@ -70,18 +70,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..contracts import COHORT_COLUMNS, KINETICS_COLUMNS, SUBSETS
 from ..errors import InputError
-from ..flow.annotate import SUBSETS
 
 log = logging.getLogger(__name__)
 
 MEASURES = ("b", "cd19", "cd20")
-KINETICS_COLUMNS = ("patient_id", "modality", "measure", "baseline_value", "depletion_day",
-                    "nadir_value", "reconstitution_day", "aplasia_days", "censored",
-                    "last_day", "naive_pct_b_at_reconstitution",
-                    "memory_pct_b_at_reconstitution", "transitional_pct_b_at_reconstitution",
-                    "flags")
-COHORT_COLUMNS = ("statistic", "modality", "measure", "value", "n", "detail", "unit")
 _COUNT_COLUMN = {"b": "b_cells", "cd19": "cd19_pos", "cd20": "cd20_pos"}
 _MEMORY = ("unswitched_memory", "switched_memory")
 
@@ -489,13 +483,10 @@ def cli_kinetics(args: argparse.Namespace) -> None:
     """``bcellmap kinetics``: samples.tsv -> kinetics.tsv and cohort.tsv."""
     from ..config import load_config
     from ..io._atomic import atomic_path
+    from ..io.readers import read_table
 
     config = load_config(args.config)
-    try:
-        table = pd.read_csv(args.table, sep="\t", keep_default_na=False, na_values=[""],
-                            dtype={"patient_id": str, "sample_id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise InputError(f"cannot read the samples table ({exc})", path=args.table) from None
+    table = read_table(args.table, what="samples table")
     kinetics = patient_kinetics(table, config=config)
     cohort = cohort_summary(kinetics, config=config)
     # Both outputs or neither: write to temporaries, rename only when both are complete.

@@ -46,15 +46,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..contracts import SAMPLE_COLUMNS, SUBSETS
 from ..errors import InputError
-from ..flow.annotate import COUNT_COLUMNS, SUBSETS
+from ..io.readers import read_table
 
 log = logging.getLogger(__name__)
 
-SAMPLE_COLUMNS = ("sample_id", "patient_id", "day", "modality", "events_total",
-                  "events_qc_pass", "lymphocytes", "b_cells", "cd19_pos", "cd20_pos",
-                  "cd19neg_cd20pos", "b_pct_lymphocytes", "cd19_pct_lymphocytes",
-                  "cd20_pct_lymphocytes", "b_per_ul", "lloq_pct_lymphocytes")
 _NUMERIC = ("events_total", "events_qc_pass", "lymphocytes", "t_cells", "b_cells", "cd19_pos",
             "cd20_pos", "cd19neg_cd20pos", *(f"{s}_count" for s in SUBSETS),
             "cluster_discordant_events", "car_t_count", "car_t_pct_t")
@@ -242,16 +239,8 @@ def read_counts(paths: Sequence[str]) -> pd.DataFrame:
     """Read and concatenate per-sample counts tables."""
     frames = []
     for path in paths:
-        try:
-            frame = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""],
-                                dtype={"sample_id": str, "subsets_not_called": str})
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise InputError(f"cannot read the counts table ({exc})", path=path) from None
-        missing = [c for c in ("sample_id", "lymphocytes", "b_cells") if c not in frame.columns]
-        if missing or len(frame) != 1:
-            raise InputError("a counts table needs one row and columns "
-                             f"{', '.join(COUNT_COLUMNS[:7])}...", path=path)
-        frames.append(frame)
+        frames.append(read_table(path, required=("sample_id", "lymphocytes", "b_cells"),
+                                 what="counts table", one_row=True))
     return pd.concat(frames, ignore_index=True)
 
 

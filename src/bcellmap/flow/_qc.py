@@ -57,11 +57,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..contracts import FLOW_QC_STEPS as STEPS
+from ..contracts import QC_TABLE_COLUMNS
+from ..contracts import qc_reason as _qc_reason
+from ..errors import ConfigError
+from ..kernels.density import learn_marker_threshold
 
 log = logging.getLogger(__name__)
 
-STEPS = ("non_finite", "margin", "doublets", "dead", "debris", "time_anomaly")
 #: obs column per step.
 FLAG_COLUMNS = {"non_finite": "qc_non_finite",
                 "margin": "qc_margin", "doublets": "qc_doublet", "dead": "qc_dead",
@@ -70,8 +73,9 @@ FLAG_COLUMNS = {"non_finite": "qc_non_finite",
 _SETTINGS_KEY = {"non_finite": "non_finite",
                  "margin": "margin", "doublets": "doublets", "dead": "dead",
                  "debris": "scatter_gate", "time_anomaly": "time_anomaly"}
-QC_TABLE_COLUMNS = ("sample_id", "step", "events_in", "events_removed", "events_out", "detail")
 _MAD_TO_SD = 1.4826
+# A viability valley must fall below 80% of the lower of its two peaks (log(1 / 0.8)).
+_DEAD_MIN_LOG_DEPTH = 0.2231
 _SCATTER_FOR_MARGIN = ("FSC-A", "FSC-H", "SSC-A", "SSC-H")
 # Gaussian-mixture fits see at most this many events (seeded subsample): plenty for a 2-D fit.
 _GMM_MAX_EVENTS = 20000
@@ -139,51 +143,6 @@ def doublet_flags(fsc_area: np.ndarray, fsc_height: np.ndarray, *, fit_mask: np.
     return ratio > cutoff, {"ratio_median": median, "ratio_mad": scale, "ratio_cutoff": cutoff}
 
 
-def _smoothed_histogram(values: np.ndarray, *, bins: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """A binned Gaussian kernel density estimate (Silverman's bandwidth) of ``values``."""
-    low, high = np.quantile(values, [0.001, 0.999])
-    if high <= low:
-        high = low + 1.0
-    counts, edges = np.histogram(values, bins=bins, range=(low, high))
-    q75, q25 = np.percentile(values, [75, 25])
-    spread = min(float(np.std(values)), float(q75 - q25) / 1.34) or float(np.std(values)) or 1.0
-    bandwidth = 0.9 * spread * values.size ** -0.2
-    sigma_bins = max(1.0, bandwidth / (edges[1] - edges[0]))
-    offsets = np.arange(-int(4 * sigma_bins), int(4 * sigma_bins) + 1)
-    kernel = np.exp(-0.5 * (offsets / sigma_bins) ** 2)
-    density = np.convolve(counts, kernel / kernel.sum(), mode="same")
-    return density, 0.5 * (edges[:-1] + edges[1:])
-
-
-def density_valley(values: np.ndarray, *, min_peak_fraction: float = 0.05,
-                   max_valley_fraction: float = 0.8) -> float | None:
-    """The density minimum between the lowest significant peak and the next one above it.
-
-    A peak is significant when its smoothed density is at least ``min_peak_fraction`` of the
-    highest peak and the valley between it and its neighbour drops below
-    ``max_valley_fraction`` of the lower of the two. Returns None for a single peak.
-    """
-    density, centers = _smoothed_histogram(values)
-    top = density.max()
-    interior = np.arange(1, density.size - 1)
-    is_peak = (density[interior] > density[interior - 1]) & \
-        (density[interior] >= density[interior + 1]) & \
-        (density[interior] >= min_peak_fraction * top)
-    peaks = list(interior[is_peak])
-    if len(peaks) < 2:
-        return None
-    # Walk up from the lowest peak, merging peaks not separated by a deep enough valley.
-    current = peaks[0]
-    for candidate in peaks[1:]:
-        segment = density[current:candidate + 1]
-        valley = current + int(np.argmin(segment))
-        if density[valley] < max_valley_fraction * min(density[current], density[candidate]):
-            return float(centers[valley])
-        if density[candidate] > density[current]:
-            current = candidate
-    return None
-
-
 def dead_flags(viability: np.ndarray, *, fit_mask: np.ndarray, threshold: float | None,
                fallback_mad_cutoff: float) -> tuple[np.ndarray, dict]:
     """Flag events with viability signal above the configured or learned threshold."""
@@ -193,12 +152,16 @@ def dead_flags(viability: np.ndarray, *, fit_mask: np.ndarray, threshold: float 
     if fit.size < 50:
         return np.zeros(viability.shape, dtype=bool), {
             "skipped": "fewer than 50 events to learn the viability threshold"}
-    valley = density_valley(fit)
-    if valley is not None:
-        return viability > valley, {"threshold": valley, "method": "density valley"}
-    median, scale = _robust_center_scale(fit)
-    cutoff = median + fallback_mad_cutoff * max(scale, 1e-6)
-    return viability > cutoff, {"threshold": cutoff, "method": "single peak: median + MAD"}
+    # The package's one 1-D learner: the first valley above the live (dye-negative) peak, so
+    # dim dying cells and debris go too; else (no dead population) the live peak's upper
+    # tail, median + fallback_mad_cutoff robust SDs.
+    fit_result = learn_marker_threshold(fit, fallback_sd=fallback_mad_cutoff, valley="first",
+                                        min_peak_fraction=0.01,
+                                        min_log_depth=_DEAD_MIN_LOG_DEPTH)
+    method = ("density valley" if fit_result.method == "valley"
+              else "single peak: median + MAD")
+    return viability > fit_result.threshold, {"threshold": fit_result.threshold,
+                                              "method": method}
 
 
 def _mahalanobis_sq(points: np.ndarray, mean: np.ndarray, covariance: np.ndarray) -> np.ndarray:
@@ -458,13 +421,12 @@ def _detail(step: str, info: Mapping[str, Any]) -> str:
     return f"{len(info['bad_bins'])} of {info['bins']} time bins flagged"
 
 
-def qc_reason(flags: Mapping[str, np.ndarray]) -> np.ndarray:
-    """First failing step per event (in ``STEPS`` order), or ``pass``."""
-    n_events = len(next(iter(flags.values())))
-    reason = np.full(n_events, "pass", dtype=object)
-    for step in reversed(STEPS):
-        reason[flags[FLAG_COLUMNS[step]]] = step
-    return reason
+def qc_reason(flags: Mapping[str, np.ndarray]):
+    """First failing step per event (in ``STEPS`` order), or ``pass``, as a Categorical.
+
+    ``flags`` maps the obs flag columns (:data:`FLAG_COLUMNS`) to boolean arrays.
+    """
+    return _qc_reason({step: flags[FLAG_COLUMNS[step]] for step in STEPS}, STEPS)
 
 
 def qc_table(steps: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], *,
@@ -485,16 +447,9 @@ def cli_collect_qc(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from ..io._atomic import write_tsv
+    from ..io.readers import read_table
 
     frames = []
     for path in args.inputs:
-        try:
-            frame = pd.read_csv(path, sep="\t", dtype={"sample_id": str, "detail": str},
-                                keep_default_na=False)
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise InputError(f"QC table cannot be read ({exc})", path=path) from None
-        missing = [c for c in QC_TABLE_COLUMNS if c not in frame.columns]
-        if missing:
-            raise InputError(f"QC table lacks column(s) {', '.join(missing)}", path=path)
-        frames.append(frame)
+        frames.append(read_table(path, required=QC_TABLE_COLUMNS, what="QC table"))
     write_tsv(pd.concat(frames, ignore_index=True), args.out)

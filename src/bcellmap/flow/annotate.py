@@ -30,19 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..contracts import COUNT_COLUMNS, LEVELS, SUBSETS
 from ..errors import ConfigError, InputError
-from .thresholds import _marker_columns
+from ..io.panel import marker_columns as _marker_columns
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory",
-           "double_negative", "plasmablast")
-LEVELS = ("neg", "pos", "hi", "lo")
-COUNT_COLUMNS = ("sample_id", "modality", "events_total", "events_qc_pass", "lymphocytes",
-                 "t_cells", "b_cells", "cd19_pos", "cd20_pos", "cd19neg_cd20pos",
-                 *(f"{s}_count" for s in SUBSETS), "subsets_not_called",
-                 "cluster_discordant_events", "car_t_count", "car_t_pct_t", "nk_cells",
-                 "lymphocyte_purity_pct", "gate_flags", "sample_flags")
 # Keys under which ingest may record the number of events in the FCS file.
 _EVENT_TOTAL_KEYS = ("n_events", "events", "n_events_total", "events_total", "tot", "$TOT")
 

@@ -22,7 +22,7 @@ are found (``find_landmarks``): the negative and the positive mode where the sam
 both, else its single mode. The cohort reference landmarks are the medians over the
 samples that show both peaks. Each sample is registered onto them by the linear map that
 sends its two modes onto the reference modes (one mode: a shift), the gate is learned
-once on the pooled, registered values (``bcellmap.flow.thresholds.learn_marker_threshold``:
+once on the pooled, registered values (``bcellmap.kernels.density.learn_marker_threshold``:
 density valley, upper-tail fallback), and mapped back onto every sample's own scale. A
 single mode is matched to the nearer reference landmark, so a B-cell-aplastic sample,
 which has no CD19+ peak, is only shifted by its negative peak: its gate is never placed
@@ -68,16 +68,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .thresholds import (
-    ALL_SAMPLES,
-    THRESHOLD_COLUMNS,
-    ThresholdFit,
-    _marker_columns,
-    _subsample,
-    density_mode,
-    find_modes,
-    learn_marker_threshold,
-)
+from ..contracts import GATE_COLUMNS, THRESHOLD_COLUMNS, sample_rng, subsample_indices
+from ..io.panel import marker_columns
+from ..kernels.density import ThresholdFit, density_mode, find_modes, learn_marker_threshold
+from .thresholds import ALL_SAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +81,6 @@ PARENT_NAMES = {"lymphocyte": "lymphocytes", "cd3neg": "cd3neg_lymphocytes",
                 "b_cells": "b_cells", "naive_b": "naive_b"}
 _LYMPHOCYTE_STAGE_MARKERS = ("CD3", "CD45", "CD14")
 _CD3NEG_STAGE_MARKERS = ("CD19", "CD20", "CD56", "CD16")
-#: Columns of results/models/gates.tsv (one row per sample, marker and level).
-GATE_COLUMNS = ("sample_id", "group", "marker", "level", "threshold", "parent", "method",
-                "n_events", "flag", "negative_landmark", "positive_landmark")
 #: Methods that are a learned, sample-supported gate (anything else is flagged).
 _UNFLAGGED = ("valley", "fixed", "naive_reference", "positive_mode")
 
@@ -402,7 +393,7 @@ def learn_gates(
     -------
     cohort
         One row per group, marker and level on the reference scale (columns of
-        ``thresholds.THRESHOLD_COLUMNS``).
+        ``contracts.THRESHOLD_COLUMNS``).
     gates
         One row per sample, marker and level on that sample's own scale (``GATE_COLUMNS``).
     """
@@ -416,7 +407,6 @@ def learn_gates(
                                         if settings.hi_method.get(m, "positive_mode")
                                         == "positive_mode")]))
     cohort_rows: list[tuple] = []
-    streams = dict(zip(ids, np.random.SeedSequence(seed).spawn(len(ids)), strict=True))
     wanted = list(dict.fromkeys([*pos_markers, *hi_markers, "CD3", "CD19", "CD20", "IgD",
                                  "CD27"]))
 
@@ -433,17 +423,18 @@ def learn_gates(
         present: dict[str, dict[str, int]] = {m: {} for m in markers}
         t_pool: dict[str, list[np.ndarray]] = {m: [] for m in markers}
         for sample_id in ids:
-            columns = _marker_columns(_load(sample_id), wanted)
+            columns = marker_columns(_load(sample_id), wanted)
             if not columns:
                 continue
             parent = np.flatnonzero(parent_mask(stage, columns, state[sample_id].cut))
-            rng = np.random.default_rng(streams[sample_id])
-            keep = parent[_subsample(parent.size, settings.events_per_sample, rng)]
+            rng = sample_rng(seed, sample_id)
+            keep = parent[subsample_indices(parent.size, settings.events_per_sample, rng)]
             t_keep = np.empty(0, dtype=np.int64)
             if stage == "b_cells" and np.isfinite(state[sample_id].cut.get("CD3", {}).get(
                     "pos", np.nan)) and state[sample_id].learner:
                 t_cells = np.flatnonzero(columns["CD3"] >= state[sample_id].cut["CD3"]["pos"])
-                t_keep = t_cells[_subsample(t_cells.size, settings.events_per_sample, rng)]
+                t_keep = t_cells[subsample_indices(t_cells.size, settings.events_per_sample,
+                                                     rng)]
             for marker in markers:
                 if marker not in columns:
                     continue
@@ -586,7 +577,7 @@ def _learn_naive_referenced(markers: Sequence[str], ids: Sequence[str],
     parent = PARENT_NAMES["naive_b"]
     own: dict[str, dict[str, tuple[float, int]]] = {m: {} for m in markers}
     for sample_id in ids:
-        columns = _marker_columns(load(sample_id), [*wanted, *markers])
+        columns = marker_columns(load(sample_id), [*wanted, *markers])
         if not columns:
             continue
         naive = parent_mask("naive_b", columns, state[sample_id].cut)

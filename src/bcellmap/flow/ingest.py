@@ -139,7 +139,7 @@ def ingest_flow(
     for step in STEPS:
         obs[FLAG_COLUMNS[step]] = flags[FLAG_COLUMNS[step]]
     obs["qc_pass"] = ~np.logical_or.reduce([flags[FLAG_COLUMNS[s]] for s in STEPS])
-    obs["qc_reason"] = pd.Categorical(qc_reason(flags), categories=["pass", *STEPS])
+    obs["qc_reason"] = qc_reason(flags)
 
     var = pd.DataFrame({
         "channel": fcs.channels,

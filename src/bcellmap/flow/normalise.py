@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from ..contracts import sample_rng, subsample_indices
 from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -308,10 +308,7 @@ def _qc_pass(adata: Any, *, path: object, sample_id: str) -> np.ndarray:
 
 def _subsample(passed: np.ndarray, n_max: int, *, seed: int, sample_id: str) -> np.ndarray:
     # Seeded per sample (not by input order), so adding a reference leaves the others' draws.
-    rng = np.random.default_rng([int(seed), zlib.crc32(sample_id.encode())])
-    if passed.size <= n_max:
-        return passed
-    return np.sort(rng.choice(passed, size=n_max, replace=False))
+    return passed[subsample_indices(passed.size, n_max, sample_rng(seed, sample_id))]
 
 
 def train_normalisation(
@@ -587,14 +584,9 @@ def normalise(
 
 
 def _read_h5ad(path: str | Path) -> Any:
-    import anndata as ad
+    from ..io.readers import read_h5ad
 
-    try:
-        return ad.read_h5ad(path)
-    except FileNotFoundError:
-        raise InputError("file not found", path=path) from None
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"cannot be read as an h5ad file ({exc})", path=path) from None
+    return read_h5ad(path, what="ingested flow sample")
 
 
 def _sheet(args: argparse.Namespace, config: Mapping[str, Any]):

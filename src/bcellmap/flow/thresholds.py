@@ -1,4 +1,4 @@
-"""The 1-D threshold learner, the thresholds tables and ``bcellmap thresholds``.
+"""The thresholds tables and ``bcellmap thresholds``.
 
 A threshold placed per sample would invent positives: in B-cell aplasia a sample has no
 CD19+ population, and a two-population model fitted to that sample alone splits its
@@ -6,17 +6,8 @@ negative peak in two. Thresholds are therefore learned on a pool (the whole coho
 baseline samples, or each batch; ``annotate.thresholds.method``) made of an equal-sized,
 seeded subsample of every sample, and mapped onto every sample through its registration.
 
-Learning, per marker (``learn_marker_threshold``):
-
-1. the density of the pooled values (histogram smoothed with a Gaussian kernel whose
-   width follows Silverman's rule on the inter-quartile range, so a rare positive
-   population does not widen the kernel);
-2. the threshold is the density minimum between the highest peak and the other peak
-   that makes the deepest valley with it (depth = log of the lower peak's height over the
-   valley's height), provided that peak holds at least ``min_peak_fraction`` of the pool;
-3. when no such valley exists (a unimodal pool, e.g. a marker nobody expresses), the
-   threshold is the upper tail of the single population: median + ``fallback_sd`` robust
-   standard deviations (1.4826 x MAD), which calls almost nothing positive.
+Each threshold is placed by the package's one 1-D learner,
+:func:`bcellmap.kernels.density.learn_marker_threshold` (density valley, else upper tail).
 
 Where each threshold is learned (the parent population of every gate), how visits are
 registered onto each other before pooling, and the "hi" levels: ``bcellmap.flow.gating``.
@@ -29,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, InputError
@@ -45,195 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Markers of the cell-type rules; subset markers come from the subset rule table.
 LINEAGE_MARKERS = ("CD3", "CD19", "CD20")
-#: Columns of results/models/thresholds.tsv.
-THRESHOLD_COLUMNS = ("group", "marker", "level", "threshold", "method", "n_events",
-                     "n_samples", "pool")
 #: Group name used when one set of thresholds serves every sample.
 ALL_SAMPLES = "all"
-
-
-@dataclass(frozen=True)
-class ThresholdFit:
-    """One learned threshold.
-
-    Attributes
-    ----------
-    threshold
-        The transformed value separating the two levels (NaN when it could not be learned).
-    method
-        ``valley``, ``upper_tail`` (no valley found), ``fixed`` or ``insufficient_events``.
-    n_events
-        Events in the pool it was learned on.
-    """
-
-    threshold: float
-    method: str
-    n_events: int
-
-
-def _robust_sd(values: np.ndarray) -> float:
-    """1.4826 x median absolute deviation: the SD of a normal population, robust to tails."""
-    median = float(np.median(values))
-    return 1.4826 * float(np.median(np.abs(values - median)))
-
-
-def _density(values: np.ndarray, *, bins: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
-    """Smoothed, normalised histogram density of finite ``values`` and its bin centres.
-
-    The histogram spans the 0.1-99.9 percentile range; the Gaussian kernel's width follows
-    Silverman's rule on the inter-quartile range, halved (the IQR of a bimodal pool
-    overstates each mode). None when nearly all values are tied.
-    """
-    from scipy.ndimage import gaussian_filter1d
-
-    n = values.size
-    lo, hi = np.quantile(values, [0.001, 0.999])
-    if not hi > lo:
-        return None
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    width = edges[1] - edges[0]
-    q25, q75 = np.quantile(values, [0.25, 0.75])
-    spread = (q75 - q25) / 1.34
-    if not spread > 0:
-        spread = float(np.std(values)) or width
-    bandwidth = 0.5 * 0.9 * spread * n ** (-0.2)
-    density = gaussian_filter1d(counts.astype(np.float64), sigma=max(bandwidth / width, 1.0),
-                                mode="constant")
-    return density / density.sum(), centres
-
-
-def _deepest_valley(density: np.ndarray, *, min_peak_fraction: float,
-                    min_log_depth: float) -> tuple[int, int, int] | None:
-    """(valley, lower peak, upper peak) bins of the deepest valley beside the highest peak.
-
-    The other peak must make a valley at least ``min_log_depth`` deep (log of the lower
-    peak's density over the valley's) and hold ``min_peak_fraction`` of the mass.
-    """
-    from scipy.signal import find_peaks
-
-    peaks, _ = find_peaks(np.concatenate(([0.0], density, [0.0])))
-    peaks = peaks - 1
-    if peaks.size < 2:
-        return None
-    top = int(peaks[np.argmax(density[peaks])])
-    best: tuple[float, int, int, int] | None = None
-    for other in peaks:
-        other = int(other)
-        if other == top:
-            continue
-        left, right = sorted((top, other))
-        valley = left + int(np.argmin(density[left:right + 1]))
-        floor = max(float(density[valley]), 1e-12)
-        depth = math.log(min(density[top], density[other]) / floor)
-        # Mass of the smaller population: the side of the valley that holds `other`.
-        side = density[valley + 1:] if other > top else density[:valley]
-        if depth >= min_log_depth and side.sum() >= min_peak_fraction:
-            if best is None or depth > best[0]:
-                best = (depth, valley, left, right)
-    return None if best is None else best[1:]
-
-
-def learn_marker_threshold(
-    values: np.ndarray,
-    *,
-    bins: int = 256,
-    min_peak_fraction: float = 0.002,
-    min_log_depth: float = math.log(2.0),
-    fallback_sd: float = 4.0,
-    min_events: int = 50,
-) -> ThresholdFit:
-    """Learn the threshold between a marker's negative and positive populations.
-
-    Parameters
-    ----------
-    values
-        Transformed values of one marker, pooled over samples.
-    bins
-        Histogram bins over the 0.1-99.9 percentile range.
-    min_peak_fraction
-        The smaller population must hold at least this fraction of the pool to count.
-    min_log_depth
-        Minimum log ratio of the smaller peak's density over the valley's density.
-    fallback_sd
-        Without a valley: median + this many robust SDs.
-    min_events
-        Fewer finite values than this: the threshold is NaN (``insufficient_events``).
-
-    Returns
-    -------
-    ThresholdFit
-    """
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    n = int(values.size)
-    if n < min_events:
-        return ThresholdFit(float("nan"), "insufficient_events", n)
-    estimate = _density(values, bins=bins)
-    if estimate is None:
-        # Nearly all values tied (e.g. an instrument floor at 0): "pos" is ">=", so the
-        # threshold sits just above the tie, never on it.
-        return ThresholdFit(float(np.nextafter(np.quantile(values, 0.001), np.inf)),
-                            "upper_tail", n)
-    density, centres = estimate
-    valley = _deepest_valley(density, min_peak_fraction=min_peak_fraction,
-                             min_log_depth=min_log_depth)
-    if valley is not None:
-        return ThresholdFit(float(centres[valley[0]]), "valley", n)
-    median = float(np.median(values))
-    robust_sd = _robust_sd(values)
-    if not robust_sd > 0:  # over half the values tied: stay above the tie
-        return ThresholdFit(float(np.nextafter(median, np.inf)), "upper_tail", n)
-    return ThresholdFit(median + fallback_sd * robust_sd, "upper_tail", n)
-
-
-def find_modes(values: np.ndarray, *, bins: int = 256, min_peak_fraction: float = 0.002,
-               min_log_depth: float = math.log(2.0)) -> tuple[float, tuple[float, float]] | None:
-    """The deepest valley of ``values`` and the density modes on either side of it.
-
-    Returns ``(valley, (lower mode, upper mode))``, or None for a unimodal sample.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    estimate = _density(values, bins=bins) if values.size else None
-    if estimate is None:
-        return None
-    density, centres = estimate
-    found = _deepest_valley(density, min_peak_fraction=min_peak_fraction,
-                            min_log_depth=min_log_depth)
-    if found is None:
-        return None
-    valley = found[0]
-    low = int(np.argmax(density[:valley + 1]))
-    high = valley + int(np.argmax(density[valley:]))
-    return float(centres[valley]), (float(centres[low]), float(centres[high]))
-
-
-def density_mode(values: np.ndarray, *, bins: int = 256) -> float:
-    """The highest point of the smoothed density of ``values`` (the median when tied)."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    estimate = _density(values, bins=bins) if values.size else None
-    if estimate is None:
-        return float(np.median(values)) if values.size else float("nan")
-    density, centres = estimate
-    return float(centres[int(np.argmax(density))])
-
-
-def _marker_columns(adata: Any, markers: Iterable[str]) -> dict[str, np.ndarray]:
-    """Return the ``X`` column of every named canonical marker that the sample has."""
-    if "canonical" not in adata.var.columns:
-        raise InputError("var has no 'canonical' column naming the markers")
-    canonical = list(adata.var["canonical"].astype(str))
-    columns: dict[str, np.ndarray] = {}
-    x = adata.X
-    for marker in markers:
-        if marker in canonical:
-            j = canonical.index(marker)
-            column = x[:, j]
-            column = column.toarray().ravel() if hasattr(column, "toarray") else column
-            columns[marker] = np.asarray(column, dtype=np.float64).ravel()
-    return columns
 
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -249,13 +50,6 @@ def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"annotate.thresholds.method {settings['method']!r}: expected "
                           "pooled, baseline or batch")
     return settings
-
-
-def _subsample(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of a seeded subsample of at most ``size`` of ``n`` rows."""
-    if n <= size:
-        return np.arange(n)
-    return np.sort(rng.choice(n, size=size, replace=False))
 
 
 def thresholds_for(table: pd.DataFrame, group: str) -> dict[str, dict[str, float]]:
@@ -278,17 +72,9 @@ def read_thresholds(path: str | os.PathLike, *,
                     required: tuple[str, ...] = ("group", "marker", "level", "threshold")
                     ) -> pd.DataFrame:
     """Read ``thresholds.tsv`` (or ``gates.tsv``), checking the ``required`` columns."""
-    try:
-        table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""],
-                            dtype={"group": str, "marker": str, "level": str,
-                                   "sample_id": str, "flag": str, "method": str,
-                                   "parent": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise InputError(f"cannot read the thresholds table ({exc})", path=path) from None
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise InputError(f"thresholds table lacks columns {', '.join(missing)}", path=path)
-    return table
+    from ..io.readers import read_table
+
+    return read_table(path, required=required, what="thresholds table")
 
 
 def threshold_group(row: Mapping[str, Any], method: str) -> str:

@@ -244,3 +244,27 @@ def marker_values(adata: Any, markers: Sequence[str]) -> np.ndarray:
     indices = [adata.var_names.get_loc(c) for c in columns]
     values = adata.X[:, indices]
     return np.asarray(values.toarray() if hasattr(values, "toarray") else values)
+
+
+def marker_columns(adata: Any, markers: Iterable[str]) -> dict[str, np.ndarray]:
+    """Return the ``X`` column (float64) of every named canonical marker the sample has.
+
+    Markers the sample lacks are left out (a panel without CD3 simply has no CD3 gate);
+    :func:`marker_values` is the strict variant that names the missing ones.
+
+    Raises
+    ------
+    InputError
+        When ``var`` has no ``canonical`` column (the file was not written by ingest).
+    """
+    if "canonical" not in adata.var.columns:
+        raise InputError("var has no 'canonical' column naming the markers")
+    canonical = list(adata.var["canonical"].astype(str))
+    columns: dict[str, np.ndarray] = {}
+    x = adata.X
+    for marker in markers:
+        if marker in canonical:
+            column = x[:, canonical.index(marker)]
+            column = column.toarray().ravel() if hasattr(column, "toarray") else column
+            columns[marker] = np.asarray(column, dtype=np.float64).ravel()
+    return columns

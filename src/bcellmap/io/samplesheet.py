@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..contracts import MODALITIES
+from ..contracts import SAMPLE_SHEET_REQUIRED as REQUIRED_COLUMNS
 from ..errors import SampleSheetError
 
-REQUIRED_COLUMNS = ("sample_id", "patient_id", "day", "modality", "path")
-OPTIONAL_COLUMNS = ("lymphocytes_per_ul", "disease", "batch", "panel", "reference",
-                    "lymphodepletion_day")
-MODALITIES = ("flow", "scrna")
 _SAMPLE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 #: Accepted spellings of the ``reference`` column (case-insensitive); empty means false.
 _TRUE = ("true", "yes", "1")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +37,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from ..contracts import SUBSETS, sample_rng  # noqa: E402
 from ..errors import InputError  # noqa: E402
 from ..io._atomic import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory", "double_negative",
-           "plasmablast")
 
 # Okabe & Ito (2008), the colour-blind-safe palette recommended by Nature Methods (Wong 2011).
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
@@ -348,24 +346,11 @@ def _kinetics_row(kinetics: pd.DataFrame, patient_id: str, modality: str | None,
     return rows.iloc[0]
 
 
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str], *, path: object) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(f"missing column(s) {', '.join(missing)}", path=path)
-
-
 def _read_table(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
     """Read a tab-separated table, ids as text, and check its required columns."""
-    try:
-        frame = pd.read_csv(path, sep="\t", dtype={"sample_id": str, "patient_id": str})
-    except FileNotFoundError:
-        raise InputError("file not found", path=path) from None
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot be read as a tab-separated table ({exc})", path=path) from None
-    except pd.errors.EmptyDataError:
-        frame = pd.DataFrame(columns=list(columns))
-    _require_columns(frame, columns, path=path)
-    return frame
+    from ..io.readers import read_table
+
+    return read_table(path, required=columns, empty_ok=True)
 
 
 def _message_axes(ax, message: str) -> None:
@@ -1012,12 +997,12 @@ def pool_annotated(paths: Sequence[str | Path], *, markers: Sequence[str],
     ``label`` (``metacluster_cell_type`` when present, else ``cell_type``) and one column per
     marker kept.
     """
-    import anndata
+    from ..io.readers import read_h5ad
 
     rng = np.random.default_rng(seed)
     parts = []
     for path in sorted(str(p) for p in paths):
-        adata = anndata.read_h5ad(path, backed="r")
+        adata = read_h5ad(path, backed=True, what="annotated sample")
         try:
             sample = dict(adata.uns.get("sample", {})) if "sample" in adata.uns else {}
             sample_id = str(sample.get("sample_id", Path(path).stem))
@@ -1411,7 +1396,7 @@ def _gate_visit_parts(path: object, sample: dict, gates: Any, var: pd.DataFrame,
     markers = tuple(dict.fromkeys(canonical))
     lineage = [m for m in _CD3NEG_MARKERS if m in markers]
     b_markers = [m for m in _B_MARKERS if m in markers]
-    rng = np.random.default_rng([int(seed), zlib.crc32(sample_id.encode())])
+    rng = sample_rng(seed, sample_id)
     cd3neg_rows = _subsample(np.flatnonzero(cd3neg), rng, int(max_events))
     b_rows = _subsample(np.flatnonzero(is_b), rng, int(max_events))
     rows = np.union1d(cd3neg_rows, b_rows)

@@ -33,7 +33,7 @@ CD19 and CD20 on CD3- cells; IgD, CD27, CD38 and CD24 on CD20+ B cells (CD3-, CD
 and CD20+: plasmablasts are CD20- and CD27hi, and would otherwise pull the CD27 gate above
 the memory cells; without CD20 protein, all B cells). A parent whose protein is not measured
 falls back to RNA (CD3-: not called T; B: the RNA B call). The learner is
-:func:`bcellmap.flow.thresholds.learn_marker_threshold` (density valley, else an upper tail);
+:func:`bcellmap.kernels.density.learn_marker_threshold` (density valley, else an upper tail);
 ``scrna.protein.thresholds`` fixed values override it. A gate learned without a valley
 (``upper_tail``, ``insufficient_events``, or ``not_learned`` when the cohort table lacks the
 protein) is flagged: logged as a warning, listed in ``uns["protein_thresholds"]`` (one row
@@ -89,17 +89,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..contracts import COUNT_COLUMNS, PROTEIN_THRESHOLD_COLUMNS, SUBSETS
 from ..errors import ConfigError, InputError
-from ..flow.annotate import COUNT_COLUMNS as _SHARED_COUNT_COLUMNS
-from ..flow.annotate import SUBSETS
-from ..flow.thresholds import ThresholdFit, learn_marker_threshold
+from ..kernels.density import ThresholdFit, learn_marker_threshold
 
 log = logging.getLogger(__name__)
 
-# The shared counts-table columns; ``gate_flags`` (flagged protein gates) is added at the end
-# unless the shared contract already has it.
-COUNT_COLUMNS = (*_SHARED_COUNT_COLUMNS,
-                 *(() if "gate_flags" in _SHARED_COUNT_COLUMNS else ("gate_flags",)))
 #: Parent population of each protein gate (the rest: CD20+ B cells). Gates are learned level
 #: by level, in this order, each on the parent defined by the gates above it.
 GATE_PARENTS = {"CD3": "all", "CD14": "all", "CD19": "CD3-", "CD20": "CD3-", "CD56": "CD3-",
@@ -108,9 +103,6 @@ SUBSET_PARENT = "CD20+ B"
 _GATE_LEVELS = ("all", "CD3-", SUBSET_PARENT)
 #: Methods of a trusted gate; any other is flagged.
 TRUSTED_METHODS = ("valley", "fixed")
-#: Columns of results/models/scrna_protein_thresholds.tsv.
-PROTEIN_THRESHOLD_COLUMNS = ("marker", "parent", "threshold", "method", "n_events",
-                             "n_samples", "pool", "flag")
 LYMPHOCYTE_TYPES = ("T", "B", "NK")
 UNASSIGNED = "unassigned"
 #: ``obs["lineage_source"]`` values: the gated lineage proteins decided, or the RNA call.
@@ -339,19 +331,12 @@ def learn_protein_thresholds(samples: Iterable[tuple[str, Mapping[str, np.ndarra
 
 def read_protein_thresholds(path: str | os.PathLike) -> pd.DataFrame:
     """Read ``scrna_protein_thresholds.tsv`` (written by ``train-scrna``), checking columns."""
-    try:
-        table = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""],
-                            dtype={"marker": str, "parent": str, "method": str, "pool": str,
-                                   "flag": str})
-    except pd.errors.EmptyDataError:
+    from ..io.readers import read_table
+
+    table = read_table(path, required=("marker", "threshold", "method"), empty_ok=True,
+                       what="protein thresholds table")
+    if table.empty and not len(table.columns):
         return pd.DataFrame(columns=list(PROTEIN_THRESHOLD_COLUMNS))
-    except (OSError, pd.errors.ParserError) as exc:
-        raise InputError(f"cannot read the protein thresholds table ({exc})",
-                         path=path) from None
-    missing = [c for c in ("marker", "threshold", "method") if c not in table.columns]
-    if missing:
-        raise InputError(f"protein thresholds table lacks columns {', '.join(missing)}",
-                         path=path)
     for column in ("parent", "pool", "flag"):
         table[column] = table[column].fillna("") if column in table.columns else ""
     return table
@@ -808,20 +793,16 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
 
 def cli_annotate_scrna(args: argparse.Namespace) -> None:
     """``bcellmap annotate-scrna``: mapped h5ad -> annotated h5ad and counts table."""
-    import anndata as ad
 
     from ..config import load_config
     from ..io._atomic import write_h5ad, write_tsv
+    from ..io.readers import read_h5ad
     from ..io.samplesheet import read_sample_sheet, sample_row
 
     config = load_config(args.config)
     sheet = read_sample_sheet(args.samples, check_files=False)
     sample_row(sheet, args.sample_id, path=args.samples)
-    try:
-        adata = ad.read_h5ad(args.input)
-    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
-        raise InputError(f"cannot be read as h5ad ({exc})", path=args.input,
-                         sample_id=args.sample_id) from exc
+    adata = read_h5ad(args.input, what="mapped scRNA sample", sample_id=args.sample_id)
     table = read_protein_thresholds(args.protein_thresholds) \
         if getattr(args, "protein_thresholds", None) else None
     annotated, row = annotate_scrna(adata, config=config, sample_id=args.sample_id,

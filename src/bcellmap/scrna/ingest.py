@@ -60,12 +60,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..contracts import SCRNA_QC_STEPS as QC_STEPS
+from ..contracts import qc_reason
 from ..errors import ConfigError, InputError
 from ..io.panel import canonical_name
 
 log = logging.getLogger(__name__)
 
-QC_STEPS = ("min_counts", "min_genes", "mito", "doublets")
 _QC_COLUMN = {"min_counts": "qc_min_counts", "min_genes": "qc_min_genes", "mito": "qc_mito",
               "doublets": "qc_doublet"}
 
@@ -585,10 +586,8 @@ def run_qc(adata, *, config: dict[str, Any], sample_id: str) -> pd.DataFrame:
                      "detail": detail})
         alive &= ~failed
     adata.obs["qc_pass"] = alive
-    reason = np.full(adata.n_obs, "pass", dtype=object)
-    for step in reversed(QC_STEPS):
-        reason[adata.obs[_QC_COLUMN[step]].to_numpy()] = step
-    adata.obs["qc_reason"] = pd.Categorical(reason, categories=[*QC_STEPS, "pass"])
+    adata.obs["qc_reason"] = qc_reason(
+        {step: adata.obs[_QC_COLUMN[step]].to_numpy() for step in QC_STEPS}, QC_STEPS)
     adata.uns["qc"] = {"min_counts": qc["min_counts"], "min_genes": qc["min_genes"],
                        "max_mito_pct": qc["max_mito_pct"],
                        "doublets": {k: v for k, v in qc["doublets"].items() if v is not None},
