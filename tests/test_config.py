@@ -51,3 +51,41 @@ def test_every_command_refuses_a_typo(tmp_path, capsys):
     sheet.write_text("sample_id\tpatient_id\tday\tmodality\tpath\n")
     assert main(["check-samples", "--config", str(config), "--samples", str(sheet)]) == 1
     assert "did you mean 'device'" in capsys.readouterr().err
+
+
+def test_wrong_types_and_ranges_are_all_listed_with_their_key_paths(tmp_path):
+    from bcellmap.config import load_config
+    from bcellmap.errors import ConfigError
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("device: tpu\ncluster:\n  som:\n    xdim: ten\nseed: 1.5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    message = str(caught.value)
+    assert "3 invalid setting(s)" in message
+    for path in ("device:", "cluster.som.xdim:", "seed:"):
+        assert path in message, message
+
+
+def test_overrides_are_checked_and_sections_are_read_only():
+    from bcellmap.config import default_config, load_config, section
+    from bcellmap.errors import ConfigError
+
+    config = load_config(overrides={"kinetics": {"loq_events": 20}})
+    assert config["kinetics"]["loq_events"] == 20
+    # Everything else is the package default, from defaults.yaml alone.
+    assert config["kinetics"]["km_days"] == default_config()["kinetics"]["km_days"]
+    with pytest.raises(ConfigError, match="kinetics.loq_event"):
+        load_config(overrides={"kinetics": {"loq_event": 20}})
+    kinetics = section(config, "kinetics")
+    with pytest.raises(TypeError):
+        kinetics["loq_events"] = 1  # type: ignore[index]
+    frozen = load_config(frozen=True)
+    with pytest.raises(TypeError):
+        frozen["annotate"]["gating"]["naive_sd"] = 3.0  # type: ignore[index]
+
+
+def test_schema_ships_with_the_package():
+    from importlib import resources
+
+    assert resources.files("bcellmap").joinpath("schemas", "config.schema.yaml").is_file()

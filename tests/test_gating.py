@@ -3,6 +3,7 @@ lymphocytes by markers, against populations whose membership is known."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import anndata as ad
@@ -23,7 +24,7 @@ from bcellmap.flow.gating import (
 from bcellmap.kernels.density import learn_marker_threshold
 
 MARKERS = ["CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24"]
-SETTINGS = GatingSettings()
+SETTINGS = GatingSettings.defaults()
 
 
 def _adata(columns: dict[str, np.ndarray], labels: np.ndarray) -> ad.AnnData:
@@ -262,7 +263,7 @@ def test_fallback_and_few_event_gates_are_flagged_where_the_user_reads_them():
 def test_fixed_gates_apply_as_given_to_every_visit():
     rng = np.random.default_rng(8)
     cohort = {"a": _blood(rng), "b": _blood(rng, shift=0.5)}
-    settings = GatingSettings(fixed={"CD19": 2.2}, fixed_hi={"CD38": 5.0})
+    settings = dataclasses.replace(SETTINGS, fixed={"CD19": 2.2}, fixed_hi={"CD38": 5.0})
     gates = _gates(cohort, hi=["CD38"], settings=settings)
     for sample_id in cohort:
         cut = _cut(gates, sample_id)

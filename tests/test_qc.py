@@ -7,17 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bcellmap.config import load_config, merge
 from bcellmap.flow._qc import STEPS, cli_collect_qc, dead_flags, qc_reason, run_qc
 
 CANON = ["FSC-A", "FSC-H", "SSC-A", "CD19", "CD3", "Live", "Time"]
 KINDS = ["scatter", "scatter", "scatter", "fluorescence", "fluorescence", "viability", "time"]
 RANGES = np.full(len(CANON), 262144.0)
-SETTINGS = {"margin": {"enabled": True, "scatter_min": -111},
-            "doublets": {"enabled": True, "mad_cutoff": 4.0},
-            "dead": {"enabled": True, "threshold": None, "fallback_mad_cutoff": 5.0},
-            "scatter_gate": {"enabled": True, "n_components": 4, "max_mahalanobis": 3.0,
-                             "min_fsc_fraction": 0.4},
-            "time_anomaly": {"enabled": True, "bins": 100, "mad_cutoff": 6.0}}
+# The package defaults (run_qc reads a loaded config's ingest.qc section).
+SETTINGS = load_config()["ingest"]["qc"]
 
 
 def _planted(composition, n=20000, seed=7):
@@ -186,7 +183,7 @@ def _log_channel_qc(remove_saturated):
     ranges = np.array([1024.0, 1024.0])
     saturation = _linearise((ranges - 1)[None, :].copy(), meta, datatype="I",
                             time_index=None)[0]
-    settings = {"margin": {"scatter_min": -111, "remove_saturated": remove_saturated}}
+    settings = merge(SETTINGS, {"margin": {"remove_saturated": remove_saturated}})
     return run_qc(linear.astype(np.float32), linear, canonicals=["FSC-H", "CD19"],
                   kinds=["scatter", "fluorescence"], ranges=ranges, settings=settings, seed=0,
                   saturation=saturation)

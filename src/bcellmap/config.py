@@ -1,11 +1,21 @@
-"""Configuration: package defaults merged with the user's YAML."""
+"""Configuration: package defaults merged with the user's YAML, checked, then frozen.
+
+:func:`load_config` is the one way a step gets its settings: the package defaults
+(``bcellmap/defaults.yaml``, the single home of every default) with the user's file merged
+over them, unknown keys rejected (with a "did you mean"), the result validated against the
+package's JSON schema (``bcellmap/schemas/config.schema.yaml``, which the workflow uses too),
+and frozen, so that no module can change a setting or re-apply a default of its own.
+:func:`section` hands a step the read-only part it reads.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
@@ -19,49 +29,130 @@ def default_config() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``override`` into a copy of ``base``, recursing into mappings."""
-    merged = copy.deepcopy(base)
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into a plain copy of ``base``, recursing into mappings."""
+    merged = thaw(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
             merged[key] = merge(merged[key], value)
         else:
-            merged[key] = copy.deepcopy(value)
+            merged[key] = thaw(value)
     return merged
 
 
-def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Load a YAML config and merge it over the package defaults.
+def load_config(path: str | os.PathLike | None = None, *,
+                overrides: Mapping[str, Any] | None = None, frozen: bool = False
+                ) -> dict[str, Any]:
+    """Load a YAML config and merge it over the package defaults, checked and validated.
 
     Parameters
     ----------
     path
         A YAML file, or None for the defaults alone.
+    overrides
+        Settings merged last (as a notebook user would pass them), checked like the file.
+    frozen
+        Return a read-only mapping (:func:`freeze`) instead of a plain dict.
+
+    Returns
+    -------
+    dict
+        Every key of ``defaults.yaml``, with the user's values.
 
     Raises
     ------
     ConfigError
-        The file cannot be read, or it names keys bcellmap does not know (each listed with
-        its dotted path and a "did you mean"); see :func:`unknown_keys`.
+        The file cannot be read; it names keys bcellmap does not know (each listed with its
+        dotted path and a "did you mean"; see :func:`unknown_keys`); or a value has the wrong
+        type or is out of range (every violation listed with its dotted path).
     """
     config = default_config()
-    if path is None:
-        return config
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
+        if not isinstance(user, dict):
+            raise ConfigError(
+                f"config file {path}: expected a mapping of keys, got {type(user).__name__}"
+            )
+        layers.append((f"config file {path}", user))
+    if overrides:
+        layers.append(("config overrides", thaw(overrides)))
+    for source, user in layers:
+        check_config_keys(user, source=source)
+        config = merge(config, user)
+    validate_config(config, source=layers[-1][0] if layers else "package defaults")
+    return freeze(config) if frozen else config
+
+
+def _schema() -> dict[str, Any]:
     import yaml
 
-    path = Path(path)
-    try:
-        user = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
-    if not isinstance(user, dict):
-        raise ConfigError(
-            f"config file {path}: expected a mapping of keys, got {type(user).__name__}"
-        )
-    check_config_keys(user, source=f"config file {path}")
-    return merge(config, user)
+    text = resources.files("bcellmap").joinpath("schemas", "config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def validate_config(config: Mapping[str, Any], *, source: object = "config") -> None:
+    """Check a merged config against the package's JSON schema.
+
+    Raises
+    ------
+    ConfigError
+        Listing every violation with its dotted key path, e.g.
+        ``cluster.som.xdim: 'ten' is not of type 'integer'``.
+    """
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(thaw(config)), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{'.'.join(str(p) for p in e.absolute_path) or '(top level)'}: {e.message}"
+                 for e in errors]
+        raise ConfigError(f"{source}: {len(errors)} invalid setting(s):\n  "
+                          + "\n  ".join(lines) + "\nEvery key is documented in "
+                          "config/README.md")
+
+
+def freeze(value: Any) -> Any:
+    """A read-only deep copy: mappings become ``MappingProxyType``, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """A plain, mutable deep copy of a (possibly frozen) config."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def section(config: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
+    """The read-only settings of one section, e.g. ``section(config, "annotate.gating")``.
+
+    Raises
+    ------
+    ConfigError
+        The config has no such section (it was not built by :func:`load_config`).
+    """
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            raise ConfigError(f"config has no section {dotted!r} (load it with "
+                              "bcellmap.config.load_config)")
+        node = node[key]
+    return freeze(node)
 
 
 #: Mappings whose keys the user names (markers, channels, panels): any key is accepted there.

@@ -81,25 +81,24 @@ _MEMORY = ("unswitched_memory", "switched_memory")
 
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``kinetics`` settings with defaults for keys a config may lack."""
-    settings = config.get("kinetics", {})
-    depletion = settings.get("depletion", {})
-    reconstitution = settings.get("reconstitution", {})
-    discordance = settings.get("discordance", {})
-    low_baseline = settings.get("low_baseline", {})
+    """The ``kinetics`` settings of a loaded config, in the shape the functions use."""
+    from ..config import section
+
+    settings = section(config, "kinetics")
+    depletion, reconstitution = settings["depletion"], settings["reconstitution"]
+    discordance, low_baseline = settings["discordance"], settings["low_baseline"]
     return {
-        "depletion": {"cells_per_ul": float(depletion.get("per_ul", 1.0)),
-                      "pct_lymphocytes": float(depletion.get("pct_lymphocytes", 0.1))},
-        "reconstitution": {"cells_per_ul": float(reconstitution.get("per_ul", 10.0)),
-                           "pct_lymphocytes": float(reconstitution.get("pct_lymphocytes",
-                                                                       1.0))},
-        "discordance_fraction": float(discordance.get("fraction_b", 0.2)),
-        "discordance_min_b": float(discordance.get("min_b_cells", 3)),
-        "discordance_confidence": float(discordance.get("confidence", 0.95)),
-        "km_days": [int(d) for d in settings.get("km_days", [90, 180, 365])],
-        "loq_events": float(settings.get("loq_events", 50)),
-        "low_baseline": {"cells_per_ul": float(low_baseline.get("per_ul", 10.0)),
-                         "pct_lymphocytes": float(low_baseline.get("pct_lymphocytes", 1.0))},
+        "depletion": {"cells_per_ul": float(depletion["per_ul"]),
+                      "pct_lymphocytes": float(depletion["pct_lymphocytes"])},
+        "reconstitution": {"cells_per_ul": float(reconstitution["per_ul"]),
+                           "pct_lymphocytes": float(reconstitution["pct_lymphocytes"])},
+        "discordance_fraction": float(discordance["fraction_b"]),
+        "discordance_min_b": float(discordance["min_b_cells"]),
+        "discordance_confidence": float(discordance["confidence"]),
+        "km_days": [int(d) for d in settings["km_days"]],
+        "loq_events": float(settings["loq_events"]),
+        "low_baseline": {"cells_per_ul": float(low_baseline["per_ul"]),
+                         "pct_lymphocytes": float(low_baseline["pct_lymphocytes"])},
     }
 
 

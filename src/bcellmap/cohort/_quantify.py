@@ -245,11 +245,11 @@ def read_counts(paths: Sequence[str]) -> pd.DataFrame:
 
 
 def _lloq_events(config: Mapping[str, Any]) -> float:
-    return float(config.get("kinetics", {}).get("lloq_events", 3.0))
+    return float(config["kinetics"]["lloq_events"])
 
 
 def _loq_events(config: Mapping[str, Any]) -> float:
-    return float(config.get("kinetics", {}).get("loq_events", 50.0))
+    return float(config["kinetics"]["loq_events"])
 
 
 def cli_quantify(args: argparse.Namespace) -> None:

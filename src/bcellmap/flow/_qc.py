@@ -317,13 +317,13 @@ def run_qc(
                 np.asarray(non_finite, dtype=bool).copy()
             flag |= ~np.isfinite(X).all(axis=1) | ~np.isfinite(linear).all(axis=1)
             info = {"rule": "NaN or infinite value on any channel"}
-        elif not step_settings.get("enabled", True):
+        elif not step_settings["enabled"]:
             skipped = "disabled in config"
         elif step == "margin":
             if mass_cytometry:
                 skipped = "mass cytometry: $PnR is not a detector limit"
             else:
-                remove_on = step_settings.get("remove_saturated", "auto")
+                remove_on = step_settings["remove_saturated"]
                 auto = remove_on == "auto"
                 remove_on = ["scatter"] if auto else (
                     [remove_on] if isinstance(remove_on, str) else list(remove_on or []))
@@ -337,7 +337,7 @@ def run_qc(
                     else None
                 flag, per_channel = margin_flags(
                     linear, kinds=kinds, canonicals=canonicals, ranges=ranges,
-                    scatter_min=float(step_settings.get("scatter_min", -111.0)),
+                    scatter_min=float(step_settings["scatter_min"]),
                     saturation=saturation, remove_saturated=remove_on,
                     remove_channels=remove_channels)
                 if auto:
@@ -350,7 +350,7 @@ def run_qc(
             if "FSC-A" in where and "FSC-H" in where:
                 flag, info = doublet_flags(linear[:, where["FSC-A"]], linear[:, where["FSC-H"]],
                                            fit_mask=passed,
-                                           mad_cutoff=float(step_settings.get("mad_cutoff", 4.0)))
+                                           mad_cutoff=float(step_settings["mad_cutoff"]))
             else:
                 skipped = "no FSC-A and FSC-H channels"
         elif step == "dead":
@@ -359,16 +359,16 @@ def run_qc(
                 flag, info = dead_flags(
                     X[:, where["Live"]], fit_mask=passed,
                     threshold=None if threshold is None else float(threshold),
-                    fallback_mad_cutoff=float(step_settings.get("fallback_mad_cutoff", 5.0)))
+                    fallback_mad_cutoff=float(step_settings["fallback_mad_cutoff"]))
             else:
                 skipped = "no viability channel"
         elif step == "debris":
             if "FSC-A" in where and "SSC-A" in where:
                 flag, info = scatter_gate_flags(
                     X[:, where["FSC-A"]], X[:, where["SSC-A"]], fit_mask=passed,
-                    n_components=int(step_settings.get("n_components", 4)),
-                    max_mahalanobis=float(step_settings.get("max_mahalanobis", 3.0)),
-                    min_fsc_fraction=float(step_settings.get("min_fsc_fraction", 0.4)),
+                    n_components=int(step_settings["n_components"]),
+                    max_mahalanobis=float(step_settings["max_mahalanobis"]),
+                    min_fsc_fraction=float(step_settings["min_fsc_fraction"]),
                     seed=seed)
             else:
                 skipped = "no FSC-A and SSC-A channels"
@@ -378,9 +378,9 @@ def run_qc(
                                   if k in ("fluorescence", "viability")]
                 flag, info = time_anomaly_flags(
                     X[:, where["Time"]].astype(np.float64), X[:, signal_columns],
-                    fit_mask=passed, bins=int(step_settings.get("bins", 100)),
-                    mad_cutoff=float(step_settings.get("mad_cutoff", 6.0)),
-                    min_shift=float(step_settings.get("min_shift", 0.3)))
+                    fit_mask=passed, bins=int(step_settings["bins"]),
+                    mad_cutoff=float(step_settings["mad_cutoff"]),
+                    min_shift=float(step_settings["min_shift"]))
             else:
                 skipped = "no Time channel"
         if skipped is None and "skipped" in info:

@@ -87,58 +87,57 @@ _UNFLAGGED = ("valley", "fixed", "naive_reference", "positive_mode")
 
 @dataclass(frozen=True)
 class GatingSettings:
-    """Settings of ``annotate.thresholds`` and ``annotate.gating`` (see config/README.md)."""
+    """Settings of ``annotate.thresholds`` and ``annotate.gating`` (see config/README.md).
 
-    events_per_sample: int = 5000
-    fallback_sd: float = 4.0
-    min_peak_fraction: float = 0.002
-    fixed: Mapping[str, float] = field(default_factory=dict)
-    fixed_hi: Mapping[str, float] = field(default_factory=dict)
-    min_landmark_events: int = 100
-    min_positive_events: int = 20
-    min_positive_fraction: float = 0.005
-    max_stretch: float = 1.6
-    naive_sd: float = 2.0
-    min_reference_events: int = 100
-    flag_min_events: int = 20
-    hi_method: Mapping[str, str] = field(
-        default_factory=lambda: {"CD24": "naive_reference", "CD38": "naive_reference"})
+    Built from a loaded config (:meth:`from_config`); the values, defaults included, come
+    from ``defaults.yaml`` only. ``GatingSettings.defaults()`` is the package defaults.
+    """
+
+    events_per_sample: int
+    fallback_sd: float
+    min_peak_fraction: float
+    fixed: Mapping[str, float]
+    fixed_hi: Mapping[str, float]
+    min_landmark_events: int
+    min_positive_events: int
+    min_positive_fraction: float
+    max_stretch: float
+    naive_sd: float
+    min_reference_events: int
+    flag_min_events: int
+    hi_method: Mapping[str, str]
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GatingSettings:
-        annotate = config.get("annotate", {})
-        thresholds = dict(annotate.get("thresholds", {}))
-        gating = dict(annotate.get("gating", {}) or {})
-        default = cls()
-        hi_method = dict(default.hi_method)
-        hi_method.update({str(k): str(v) for k, v in dict(gating.get("hi_method") or {}).items()})
-        for marker, method in hi_method.items():
-            if method not in ("naive_reference", "positive_mode"):
-                from ..errors import ConfigError
+        """The settings of a config loaded by :func:`bcellmap.config.load_config`."""
+        from ..config import section
 
-                raise ConfigError(f"annotate.gating.hi_method.{marker}: {method!r}; expected "
-                                  "naive_reference or positive_mode")
+        thresholds = section(config, "annotate.thresholds")
+        gating = section(config, "annotate.gating")
+        # The schema restricts hi_method values to naive_reference / positive_mode.
+        hi_method = {str(k): str(v) for k, v in (gating["hi_method"] or {}).items()}
         return cls(
-            events_per_sample=int(thresholds.get("events_per_sample", default.events_per_sample)),
-            fallback_sd=float(thresholds.get("fallback_sd", default.fallback_sd)),
-            min_peak_fraction=float(thresholds.get("min_peak_fraction",
-                                                   default.min_peak_fraction)),
-            fixed={str(k): float(v) for k, v in dict(thresholds.get("fixed") or {}).items()},
-            fixed_hi={str(k): float(v)
-                      for k, v in dict(thresholds.get("fixed_hi") or {}).items()},
-            min_landmark_events=int(gating.get("min_landmark_events",
-                                               default.min_landmark_events)),
-            min_positive_events=int(gating.get("min_positive_events",
-                                               default.min_positive_events)),
-            min_positive_fraction=float(gating.get("min_positive_fraction",
-                                                   default.min_positive_fraction)),
-            max_stretch=float(gating.get("max_stretch", default.max_stretch)),
-            naive_sd=float(gating.get("naive_sd", default.naive_sd)),
-            min_reference_events=int(gating.get("min_reference_events",
-                                                default.min_reference_events)),
-            flag_min_events=int(gating.get("flag_min_events", default.flag_min_events)),
+            events_per_sample=int(thresholds["events_per_sample"]),
+            fallback_sd=float(thresholds["fallback_sd"]),
+            min_peak_fraction=float(thresholds["min_peak_fraction"]),
+            fixed={str(k): float(v) for k, v in (thresholds["fixed"] or {}).items()},
+            fixed_hi={str(k): float(v) for k, v in (thresholds["fixed_hi"] or {}).items()},
+            min_landmark_events=int(gating["min_landmark_events"]),
+            min_positive_events=int(gating["min_positive_events"]),
+            min_positive_fraction=float(gating["min_positive_fraction"]),
+            max_stretch=float(gating["max_stretch"]),
+            naive_sd=float(gating["naive_sd"]),
+            min_reference_events=int(gating["min_reference_events"]),
+            flag_min_events=int(gating["flag_min_events"]),
             hi_method=hi_method,
         )
+
+    @classmethod
+    def defaults(cls) -> GatingSettings:
+        """The package defaults (``defaults.yaml``)."""
+        from ..config import default_config
+
+        return cls.from_config(default_config())
 
 
 # --------------------------------------------------------------------------- landmarks

@@ -151,12 +151,10 @@ RnaCall = np.ndarray | Callable[[], np.ndarray | None] | None
 
 
 def _protein_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``scrna.protein`` with defaults for keys absent in older configs."""
-    settings = dict(config["scrna"].get("protein", {}))
+    """``scrna.protein`` of a loaded config, fixed thresholds as floats."""
+    settings = dict(config["scrna"]["protein"])
     settings["thresholds"] = {str(k): float(v)
-                              for k, v in dict(settings.get("thresholds") or {}).items()}
-    settings.setdefault("cells_per_sample", 5000)
-    settings.setdefault("fallback_sd", 4.0)
+                              for k, v in dict(settings["thresholds"] or {}).items()}
     return settings
 
 
@@ -446,7 +444,7 @@ def _per_cell_call(scores: Mapping[str, np.ndarray], n: int, min_score: float, *
 
 def _cd3_counts(adata, acfg: Mapping[str, Any]) -> np.ndarray | None:
     """UMIs of the T-core genes (``scrna.annotate.t_core_genes``) per cell; None: none present."""
-    return _set_counts(adata, list(acfg.get("t_core_genes", ["CD3D", "CD3E", "CD3G"])))
+    return _set_counts(adata, list(acfg["t_core_genes"]))
 
 
 def _pdc_counts(adata, acfg: Mapping[str, Any]) -> np.ndarray | None:
@@ -465,9 +463,9 @@ def _set_counts(adata, genes: list[str]) -> np.ndarray | None:
 def _rna_call(adata, scores: Mapping[str, np.ndarray], acfg: Mapping[str, Any]) -> np.ndarray:
     return _per_cell_call(scores, adata.n_obs, float(acfg["min_score"]),
                           cd3_counts=_cd3_counts(adata, acfg),
-                          cd3_min_counts=float(acfg.get("t_core_min_counts", 2)),
+                          cd3_min_counts=float(acfg["t_core_min_counts"]),
                           pdc_counts=_pdc_counts(adata, acfg),
-                          pdc_min_counts=float(acfg.get("pdc_min_counts", 2)))
+                          pdc_min_counts=float(acfg["pdc_min_counts"]))
 
 
 def _total_counts(adata) -> np.ndarray | None:
@@ -673,7 +671,7 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
     is_pb = b_cell & (pb > pan_b) & (pb > pdc) & (pb > float(acfg["min_score"]))
     pdc_umis = _pdc_counts(adata, acfg) if n else None
     if pdc_umis is not None:
-        is_pb &= pdc_umis < float(acfg.get("pdc_min_counts", 2))
+        is_pb &= pdc_umis < float(acfg["pdc_min_counts"])
     subset[is_pb] = "plasmablast"
     if "plasmablast" not in scores:
         not_called.add("plasmablast")
@@ -736,8 +734,8 @@ def annotate_scrna(adata, *, config: Mapping[str, Any], sample_id: str,
             reference=np.isin(cell_type, list(acfg.get("car_ambient_reference",
                                                        ["B", "monocyte", "DC", "pDC"]))),
             min_counts=float(acfg["car_min_counts"]),
-            quantile=float(acfg.get("car_ambient_quantile", 0.999)),
-            min_cells=int(acfg.get("car_ambient_min_cells", 50)))
+            quantile=float(acfg["car_ambient_quantile"]),
+            min_cells=int(acfg["car_ambient_min_cells"]))
         car_positive = car_umis >= threshold
         car = (cell_type == "T") & car_positive
         adata.obs["car_umis"] = car_umis.astype(np.float32)
