@@ -424,17 +424,29 @@ def test_cytonorm_controls_batch_effect_shrinks(realfcs_dir, tmp_path):
         assert main(["normalise-flow", *common, "--sample-id", f"{batch}_2", "--input",
                      str(tmp_path / f"{batch}_2.h5ad"), "--model", str(model),
                      "--out", str(tmp_path / f"{batch}_2.norm.h5ad")]) == 0
+    references = {b: ad.read_h5ad(tmp_path / f"{b}_1.h5ad") for b in BATCHES}
     before = {b: ad.read_h5ad(tmp_path / f"{b}_2.h5ad") for b in BATCHES}
     after = {b: ad.read_h5ad(tmp_path / f"{b}_2.norm.h5ad") for b in BATCHES}
     spread_before, emd_before = _between_batch(before)
     spread_after, emd_after = _between_batch(after)
-    # Measured: median spread 6.28 -> 3.14 (-50%), EMD 4.14 -> 2.37 (-43%) over 18 markers;
-    # the rest is replicate noise (the _1 vs _2 EMD within a batch sums to 2.6).
+    # Replicate noise per marker: how far the medians of one batch's two aliquots differ.
+    noise = np.array([max(abs(np.median(_qc_values(references[b], m))
+                              - np.median(_qc_values(before[b], m))) for b in BATCHES)
+                      for m in CYTOF_MARKERS])
+    # Measured over seeds 0-49 (and OpenBLAS on 1 or 2 threads, Haswell or Sandybridge
+    # kernels, whose rounding alone changes the SOM): median spread 6.28 -> 2.8-3.5 (ratio
+    # 0.44-0.55), EMD 4.14 -> 2.3-2.5 (0.55-0.62) over 18 markers; the rest is replicate
+    # noise (the _1 vs _2 EMD within a batch sums to 2.6).
     assert spread_after.sum() <= 0.6 * spread_before.sum()
     assert emd_after.sum() <= 0.7 * emd_before.sum()
-    shifted = spread_before > 0.2  # markers with a real batch effect: none gets worse
+    # Markers with a real batch effect (spread above 0.2 and above 1.5x the replicate noise:
+    # CD19, CD45RA, CD11b, CD66, CD25, CD15): none gets worse (measured: all shrink to <= 0.7x).
+    shifted = (spread_before > 0.2) & (spread_before > 1.5 * noise)
     assert shifted.sum() >= 6
     assert (spread_after[shifted] <= spread_before[shifted] + 1e-6).all()
+    # The others may move, but only within their replicate noise: CD16's batches differ by
+    # 0.42 and its own aliquots by up to 0.49; it ends at 0.08-0.57 depending on the seed.
+    assert (spread_after <= spread_before + noise).all()
     for marker in ("CD45", "CD19", "CD45RA"):
         i = CYTOF_MARKERS.index(marker)
         assert spread_after[i] < 0.6 * spread_before[i], marker
