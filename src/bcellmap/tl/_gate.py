@@ -1,0 +1,328 @@
+"""``gate`` and ``annotate``: the workflow's ``thresholds`` and ``annotate`` steps on AnnData
+objects in memory (``bcellmap.flow.gating``, ``bcellmap.flow.annotate``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from .._apiutils import (
+    ConfigLike,
+    as_mapping,
+    h5ad_safe,
+    qc_mask,
+    record,
+    resolve_config,
+    sample_info,
+)
+from ..errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from anndata import AnnData
+
+log = logging.getLogger(__name__)
+
+#: obs columns ``annotate`` writes (events that failed QC get "" or False).
+ANNOTATION_COLUMNS = ("cell_type", "lymphocyte", "b_subset", "cd19_pos", "cd20_pos",
+                      "metacluster_cell_type")
+_TEXT_COLUMNS = ("sample_id", "group", "marker", "level", "parent", "method", "flag")
+
+
+def _gate_markers(rules: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """Markers needing a positive and a hi gate, as ``bcellmap thresholds`` lists them."""
+    from ..flow.thresholds import LINEAGE_MARKERS
+
+    pos_markers = list(dict.fromkeys(
+        [*LINEAGE_MARKERS, *(m for rule in rules for m, lv in rule.levels.items()
+                             if lv in ("neg", "pos"))]))
+    hi_markers = list(dict.fromkeys(m for rule in rules for m, lv in rule.levels.items()
+                                    if lv in ("hi", "lo")))
+    pos_markers += [m for m in ("CD45", "CD14", "CD56", "CD16") if m not in pos_markers]
+    if "CD3" not in pos_markers:
+        pos_markers.insert(0, "CD3")
+    return pos_markers, hi_markers
+
+
+def _text_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as strings (missing: ""), as the annotated h5ad stores them."""
+    table = table.reset_index(drop=True).copy()
+    for column in _TEXT_COLUMNS:
+        if column in table.columns:
+            table[column] = table[column].fillna("").astype(str)
+    return table
+
+
+def _sample_rows(samples: Mapping[str, Any], sample_sheet: Any) -> dict[str, dict[str, Any]]:
+    """Per sample: panel, batch and day, from the sample sheet or ``uns["sample"]``."""
+    rows: dict[str, dict[str, Any]] = {}
+    sheet = None
+    if sample_sheet is not None:
+        from ..cohort._api import _read_sheet
+
+        sheet = _read_sheet(sample_sheet)
+    for sample_id, adata in samples.items():
+        if sheet is not None:
+            if sample_id not in sheet.index:
+                raise InputError("sample is not in the sample sheet", sample_id=sample_id)
+            rows[sample_id] = dict(sheet.loc[sample_id])
+        else:
+            rows[sample_id] = sample_info(adata)
+    return rows
+
+
+def gate(
+    adatas: AnnData | Sequence[AnnData] | Mapping[str, AnnData],
+    *,
+    method: Literal["pooled", "baseline", "batch"] | None = None,
+    fixed: Mapping[str, float] | None = None,
+    fixed_hi: Mapping[str, float] | None = None,
+    events_per_sample: int | None = None,
+    subsets: str | os.PathLike | None = None,
+    sample_sheet: pd.DataFrame | str | os.PathLike | None = None,
+    seed: int | None = None,
+    config: ConfigLike = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Learn the cohort's hierarchical gates (the workflow's ``thresholds`` step).
+
+    Each gate is learned inside its parent population (lymphocytes -> CD3- -> B cells ->
+    naive B cells) on a seeded equal-per-sample pool of the QC-passed events, after every
+    visit is registered onto the cohort's landmarks, and mapped back onto every sample's own
+    scale (``bcellmap.flow.gating.learn_gates``).
+
+    Parameters
+    ----------
+    adatas
+        Mapped flow samples (:func:`map_som`), or ingested ones: a sequence (named by
+        ``uns["sample"]["sample_id"]``) or a mapping ``{sample_id: AnnData}``.
+    method
+        Where gates are learned: ``pooled`` (every sample), ``baseline`` (samples with day
+        <= 0 only) or ``batch`` (each panel and batch apart). Default:
+        ``annotate.thresholds.method`` (``pooled``).
+    fixed, fixed_hi
+        ``{marker: transformed value}`` of positive / hi gates that override learning.
+    events_per_sample
+        Events per sample in the pool. Default: ``annotate.thresholds.events_per_sample``.
+    subsets
+        The B-cell subset rule table (YAML). Default: ``annotate.subsets``.
+    sample_sheet
+        Sample sheet (path or DataFrame) giving every sample's panel, batch and day; None:
+        ``uns["sample"]`` of each AnnData.
+    seed
+        Seed of the pooling subsample. Default: the config's ``seed``.
+    config
+        A bcellmap config (mapping or YAML file) merged over the package defaults.
+
+    Returns
+    -------
+    tuple of pandas.DataFrame
+        ``(thresholds, gates)``: the cohort's reference gates per group (the workflow's
+        ``results/models/thresholds.tsv``) and every sample's own gates
+        (``results/models/gates.tsv``). Each sample also gets its gate rows in
+        ``uns["gates"]`` and its group's reference gates in ``uns["thresholds"]``, so that
+        :func:`annotate` needs no argument.
+
+    Raises
+    ------
+    bcellmap.errors.InputError
+        No sample to learn on (``baseline`` without day <= 0 samples), missing markers.
+    """
+    from ..flow.annotate import load_subset_rules
+    from ..flow.gating import GatingSettings, learn_gates
+    from ..flow.thresholds import _settings, split_instrument_mix, threshold_group
+
+    samples = as_mapping(adatas)
+    cfg = resolve_config(config, {
+        "annotate.thresholds.method": method,
+        "annotate.thresholds.fixed": None if fixed is None else dict(fixed),
+        "annotate.thresholds.fixed_hi": None if fixed_hi is None else dict(fixed_hi),
+        "annotate.thresholds.events_per_sample": events_per_sample,
+        "annotate.subsets": None if subsets is None else str(subsets),
+        "seed": seed,
+    })
+    settings = _settings(cfg)
+    rules = load_subset_rules(cfg)
+    pos_markers, hi_markers = _gate_markers(rules)
+    rows = _sample_rows(samples, sample_sheet)
+    if settings["method"] == "batch" and not any(str(r.get("batch") or "") for r in
+                                                  rows.values()):
+        raise ConfigError("method 'batch' needs each sample's batch: give sample_sheet= or "
+                          "ingest with batch=")
+    kinds = {s: "mass_cytometry" if bool((a.uns.get("source") or {}).get("mass_cytometry"))
+             else "fluorescence" for s, a in samples.items()}
+    groups = split_instrument_mix(
+        {s: threshold_group(rows[s], settings["method"]) for s in samples}, kinds)
+    learners = set(samples)
+    if settings["method"] == "baseline":
+        learners = {s for s in samples
+                    if rows[s].get("day") is not None and int(rows[s]["day"]) <= 0}
+    if not learners:
+        raise InputError("no sample to learn gates on (method 'baseline' needs samples with "
+                         "day <= 0)")
+
+    def _passed(adata: Any) -> Any:
+        def _view() -> Any:
+            mask = qc_mask(adata)
+            return adata if bool(mask.all()) else adata[mask]
+        return _view
+
+    cohort, gates = learn_gates({s: _passed(a) for s, a in samples.items()},
+                                pos_markers=pos_markers, hi_markers=hi_markers,
+                                settings=GatingSettings.from_config(cfg),
+                                seed=int(cfg.get("seed", 0)), groups=groups, learners=learners)
+    for row in gates[gates["flag"].astype(str) != ""].itertuples(index=False):
+        log.warning("%s: gate %s %s (%s) flagged %s: %s on %d parent events", row.sample_id,
+                    row.marker, row.level, row.parent, row.flag, row.method, row.n_events)
+    params = {"method": settings["method"], "fixed": dict(settings["fixed"]),
+              "fixed_hi": dict(settings["fixed_hi"]),
+              "events_per_sample": int(settings["events_per_sample"]),
+              "subsets": str(cfg["annotate"]["subsets"]), "seed": int(cfg.get("seed", 0)),
+              "gating": h5ad_safe(cfg["annotate"].get("gating") or {}),
+              "sample_sheet": None if sample_sheet is None else
+              str(sample_sheet) if isinstance(sample_sheet, (str, os.PathLike)) else "given"}
+    for sample_id, adata in samples.items():
+        own = gates[gates["sample_id"].astype(str) == sample_id]
+        adata.uns["gates"] = _text_columns(own)
+        adata.uns["thresholds"] = _text_columns(
+            cohort[cohort["group"].astype(str) == groups[sample_id]])
+        record(adata, "gate", params)
+    return cohort, gates
+
+
+def _gates_of(adata: AnnData, sample_id: str, gates: Any
+              ) -> tuple[dict[str, dict[str, float]], pd.DataFrame, pd.DataFrame | None]:
+    """This sample's ``{marker: {level: threshold}}``, gate rows and reference table."""
+    import pandas as pd
+
+    from ..flow.gating import gates_for_sample
+
+    table = None
+    if gates is None:
+        if "gates" not in adata.uns:
+            raise InputError("no gates given and no uns['gates']: run bcellmap.tl.gate first, "
+                             "or pass gates=", sample_id=sample_id)
+        all_gates = pd.DataFrame(adata.uns["gates"])
+        stored = adata.uns.get("thresholds")
+        table = None if stored is None else pd.DataFrame(stored)
+        if "sample_id" not in all_gates.columns:
+            all_gates["sample_id"] = sample_id
+    elif isinstance(gates, pd.DataFrame):
+        all_gates = gates
+    elif isinstance(gates, (tuple, list)) and len(gates) == 2:
+        table, all_gates = gates
+    else:
+        raise ConfigError("gates must be what bcellmap.tl.gate returns ((thresholds, gates)), "
+                          "a gates table, or None")
+    if "sample_id" not in all_gates.columns:
+        raise InputError("the gates table has no sample_id column", sample_id=sample_id)
+    thresholds, gate_rows = gates_for_sample(all_gates, sample_id)
+    if gate_rows.empty:
+        raise InputError("the gates table has no gates for this sample (was it learned "
+                         "without it?)", sample_id=sample_id)
+    if table is not None:
+        group = str(gate_rows["group"].iloc[0]) if "group" in gate_rows.columns else "all"
+        table = table[table["group"].astype(str) == group]
+    return thresholds, gate_rows, table
+
+
+def annotate(
+    adata: AnnData,
+    *,
+    gates: tuple[pd.DataFrame, pd.DataFrame] | pd.DataFrame | None = None,
+    subsets: str | os.PathLike | None = None,
+    max_mahalanobis: float | None = None,
+    sample_id: str | None = None,
+    day: int | None = None,
+    config: ConfigLike = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Call every QC-passed event's cell type and B-cell subset (the ``annotate`` step).
+
+    B cells are CD3- lymphocytes that are CD19+ or CD20+; subsets follow the ordered rule
+    table (transitional, naive, unswitched and switched memory, double negative,
+    plasmablast); NK cells are lineage-negative events inside the T and B cells' scatter
+    core (``bcellmap.flow.annotate.annotate_sample``).
+
+    Parameters
+    ----------
+    adata
+        A mapped flow sample (:func:`map_som`; without ``obs["metacluster"]`` no cluster
+        phenotypes are reported).
+    gates
+        What :func:`gate` returned, or its per-sample gates table (e.g. the workflow's
+        ``gates.tsv``). None: ``uns["gates"]`` (and ``uns["thresholds"]``) written by
+        :func:`gate`.
+    subsets
+        The B-cell subset rule table (YAML). Default: ``annotate.subsets``.
+    max_mahalanobis
+        Radius of the lymphocyte scatter core. Default:
+        ``annotate.gating.lymphocyte_max_mahalanobis`` (3.5).
+    sample_id
+        The sample's row in the gates table. Default: ``uns["sample"]["sample_id"]``.
+    day
+        The visit's day (plausibility flags at baseline). Default: ``uns["sample"]["day"]``.
+    config
+        A bcellmap config (mapping or YAML file) merged over the package defaults.
+    copy
+        Return a copy instead of changing ``adata``.
+
+    Returns
+    -------
+    anndata.AnnData or None
+        The copy when ``copy`` is True, else None. ``obs``: ``cell_type`` (B, T, NK, other),
+        ``lymphocyte``, ``b_subset`` ("" for non-B), ``cd19_pos``, ``cd20_pos``,
+        ``metacluster_cell_type`` ("" and False for events that failed QC, which the
+        workflow's annotated h5ad leaves out); ``uns``: ``thresholds``, ``gates``,
+        ``metacluster_phenotypes``, ``annotate`` (as the workflow writes them), ``counts``
+        (the sample's row of ``results/counts/{sample_id}.tsv``, for
+        :func:`bcellmap.cohort.quantify`) and ``lineage_qc`` (its ``lineage_gate`` QC row).
+
+    Raises
+    ------
+    bcellmap.errors.InputError
+        No gates for the sample, or a panel without CD19 and CD20.
+    """
+    import numpy as np
+
+    from ..flow.annotate import annotate_sample, lineage_qc_row, load_subset_rules
+
+    adata = adata.copy() if copy else adata
+    cfg = resolve_config(config, {
+        "annotate.subsets": None if subsets is None else str(subsets),
+        "annotate.gating.lymphocyte_max_mahalanobis": max_mahalanobis,
+    })
+    rules = load_subset_rules(cfg)
+    sample = sample_info(adata)
+    sample_id = str(sample_id or sample.get("sample_id") or "")
+    if not sample_id:
+        raise ConfigError("annotate: the AnnData records no sample_id; pass sample_id=")
+    if day is None and sample.get("day") is not None:
+        day = int(sample["day"])
+    thresholds, gate_rows, table = _gates_of(adata, sample_id, gates)
+    mask = qc_mask(adata)
+    passed = adata if bool(mask.all()) else adata[mask]
+    radius = float(cfg["annotate"].get("gating", {}).get("lymphocyte_max_mahalanobis", 3.5))
+    annotated, counts = annotate_sample(
+        passed, thresholds, rules, sample_id=sample_id,
+        modality=str(sample.get("modality") or "flow"), threshold_table=table,
+        gate_table=gate_rows, max_mahalanobis=radius, day=day)
+    for column in (c for c in ANNOTATION_COLUMNS if c in annotated.obs.columns):
+        values = annotated.obs[column].to_numpy()
+        if bool(mask.all()):
+            adata.obs[column] = values
+            continue
+        full = np.zeros(adata.n_obs, dtype=bool) if values.dtype == bool else \
+            np.full(adata.n_obs, "", dtype=object)
+        full[mask] = values
+        adata.obs[column] = full
+    for key in ("thresholds", "gates", "metacluster_phenotypes", "annotate"):
+        adata.uns[key] = annotated.uns[key]
+    adata.uns["counts"] = h5ad_safe(counts.iloc[0].to_dict())
+    adata.uns["lineage_qc"] = h5ad_safe(lineage_qc_row(counts).iloc[0].to_dict())
+    record(adata, "annotate", {"sample_id": sample_id, "day": day,
+                               "subsets": str(cfg["annotate"]["subsets"]),
+                               "max_mahalanobis": radius,
+                               "subset_precedence": [rule.name for rule in rules]})
+    return adata if copy else None
