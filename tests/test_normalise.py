@@ -14,6 +14,7 @@ from scipy.stats import wasserstein_distance
 from sklearn.metrics import adjusted_rand_score
 
 from bcellmap.cli import main
+from bcellmap.config import load_config, merge
 from bcellmap.errors import ConfigError, InputError, SampleSheetError
 from bcellmap.flow.normalise import (
     NormalisationModel,
@@ -214,10 +215,11 @@ def test_options_and_levels():
     for bad in (1, [0.5], [0.0, 0.5], True):
         with pytest.raises(ConfigError):
             quantile_levels(bad)
-    options = normalisation_options({"cluster": {"markers": ["CD3"]}, "seed": 9})
+    options = normalisation_options(load_config(overrides={"cluster": {"markers": ["CD3"]},
+                                                           "seed": 9}))
     assert options["markers"] == ["CD3"] and options["seed"] == 9 and options["method"] == "auto"
     with pytest.raises(ConfigError, match="method"):
-        normalisation_options({"normalisation": {"method": "cytonorm"}})
+        normalisation_options(merge(load_config(), {"normalisation": {"method": "cytonorm"}}))
     with pytest.raises(ConfigError, match="n_clusters"):
         train_normalisation([_adata(np.zeros((100, 3)), "x")], ["A"], markers=MARKERS,
                             n_clusters=30, xdim=5, ydim=5)

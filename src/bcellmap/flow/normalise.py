@@ -246,31 +246,31 @@ def normalisation_options(config: Mapping[str, Any]) -> dict[str, Any]:
     ConfigError
         An unknown method, no markers, or a non-positive count.
     """
-    settings = dict(config.get("normalisation") or {})
-    method = str(settings.get("method", "auto"))
+    settings = config["normalisation"]
+    method = str(settings["method"])
     if method not in ("auto", "none", "reference"):
         raise ConfigError(f"normalisation.method {method!r} must be auto, none or reference")
-    markers = settings.get("markers")
+    markers = settings["markers"]
     if markers is None:
-        markers = (config.get("cluster") or {}).get("markers") or []
+        markers = config["cluster"]["markers"] or []
     markers = [str(m) for m in markers]
     if not markers:
         raise ConfigError("normalisation.markers (or cluster.markers) is empty: name the "
                           "canonical markers to normalise")
     if len(set(markers)) != len(markers):
         raise ConfigError(f"normalisation.markers lists a marker twice: {markers}")
-    som = settings.get("som") or {}
+    som = settings["som"]
     options = {
         "method": method,
         "markers": markers,
-        "levels": quantile_levels(settings.get("quantiles", 51)),
-        "n_clusters": int(settings.get("n_clusters", 5)),
-        "events_per_sample": int(settings.get("events_per_sample", 20000)),
-        "min_cluster_events": int(settings.get("min_cluster_events", 50)),
-        "xdim": int(som.get("xdim", 5)),
-        "ydim": int(som.get("ydim", 5)),
-        "rlen": int(som.get("rlen", 10)),
-        "seed": int(config.get("seed", 42)),
+        "levels": quantile_levels(settings["quantiles"]),
+        "n_clusters": int(settings["n_clusters"]),
+        "events_per_sample": int(settings["events_per_sample"]),
+        "min_cluster_events": int(settings["min_cluster_events"]),
+        "xdim": int(som["xdim"]),
+        "ydim": int(som["ydim"]),
+        "rlen": int(som["rlen"]),
+        "seed": int(config["seed"]),
     }
     for key in ("n_clusters", "events_per_sample", "xdim", "ydim", "rlen"):
         if options[key] < 1:
@@ -592,7 +592,7 @@ def _read_h5ad(path: str | Path) -> Any:
 def _sheet(args: argparse.Namespace, config: Mapping[str, Any]):
     from ..io.samplesheet import read_sample_sheet
 
-    return read_sample_sheet(args.samples, panels=list(config.get("panels") or {}))
+    return read_sample_sheet(args.samples, panels=list(config["panels"]))
 
 
 def cli_train_normalisation(args: argparse.Namespace) -> None:

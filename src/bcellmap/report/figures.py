@@ -27,19 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from ..contracts import SUBSETS, sample_rng  # noqa: E402
-from ..errors import InputError  # noqa: E402
-from ..io._atomic import atomic_path  # noqa: E402
+from ..contracts import SUBSETS, sample_rng
+from ..errors import InputError
+from ..io._atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -1882,12 +1879,15 @@ def cli_report(args: argparse.Namespace) -> None:
     Every patient with a flow row in the samples table gets ``gates_{patient_id}``.
     All figures are drawn before any is written, so bad input leaves no figure behind.
     """
+    # Headless: the report only writes files (set here, not at import, so that a notebook
+    # importing bcellmap.pl keeps its own backend).
+    matplotlib.use("Agg")
     from ..config import load_config
 
     config = load_config(args.config)
-    settings = config.get("report", {})
+    settings = config["report"]
     seed = int(config["seed"])
-    min_b = int(settings.get("min_b_events_composition", 50))
+    min_b = int(settings["min_b_events_composition"])
     samples = _read_table(args.samples_table, _SAMPLES_COLUMNS)
     samples["day"] = pd.to_numeric(samples["day"], errors="coerce")
     if samples["day"].isna().any():
@@ -1912,19 +1912,19 @@ def cli_report(args: argparse.Namespace) -> None:
             ("flags", plot_flags(samples, kinetics)),
         ]
         pooled = pool_annotated(args.annotated, markers=config["cluster"]["markers"],
-                                events_per_sample=int(settings.get("heatmap_events_per_sample",
-                                                                   5000)), seed=seed)
+                                events_per_sample=int(settings["heatmap_events_per_sample"]),
+                                seed=seed)
         figures.append(("cluster_heatmap", plot_cluster_heatmap(pooled)))
         figures.append(("embedding", plot_embedding(
-            pooled, max_events=int(settings.get("embedding_events", 20_000)), seed=seed,
-            n_neighbors=int(settings.get("embedding_neighbors", 15)))))
+            pooled, max_events=int(settings["embedding_events"]), seed=seed,
+            n_neighbors=int(settings["embedding_neighbors"]))))
         del pooled
         # Gates: one figure per patient with flow samples, its files read one at a time.
         by_patient = gate_visits_by_patient(args.annotated, samples)
         flow_patients = samples.loc[samples["modality"] == "flow", "patient_id"].astype(str)
         for patient in sorted(set(flow_patients)):
             visits = [read_gate_visit(path, samples=samples, seed=seed,
-                                      max_events=int(settings.get("gate_events", 20_000)))
+                                      max_events=int(settings["gate_events"]))
                       for path in by_patient.get(patient, [])]
             figures.append((f"gates_{patient}", plot_gates(visits, patient,
                                                            min_b_events=min_b)))
@@ -1935,7 +1935,7 @@ def cli_report(args: argparse.Namespace) -> None:
         for _, fig in figures:
             plt.close(fig)
         raise
-    dpi = int(settings.get("dpi", 200))
+    dpi = int(settings["dpi"])
     for index, (stem, fig) in enumerate(figures):
         try:
             save_figure(fig, args.outdir, stem, dpi=dpi)
