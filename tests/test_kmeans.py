@@ -1,10 +1,11 @@
-"""k-means against scikit-learn from the same initial centres, on both CPU paths and CuPy."""
+"""k-means and the nearest-centre kernel against scikit-learn and brute force, on NumPy and CuPy."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
+from sklearn.cluster import kmeans_plusplus as sklearn_plusplus
 
 from bcellmap.kernels.backend import get_backend
 from bcellmap.kernels.kmeans import assign_nearest, kmeans, kmeans_plusplus
@@ -14,6 +15,10 @@ def _data(n: int = 4000, d: int = 5, k: int = 8, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 4, size=(k, d))
     return centres[rng.integers(0, k, n)] + rng.normal(0, 1.0, size=(n, d))
+
+
+def _brute(data: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    return ((data[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(axis=2)
 
 
 @pytest.mark.parametrize("use_sklearn", [False, True])
@@ -31,6 +36,35 @@ def test_inertia_matches_sklearn_from_same_start(device, use_sklearn):
     assert ours.inertia == pytest.approx(by_hand, rel=1e-6)
 
 
+def test_end_to_end_inertia_matches_sklearn(device):
+    # Each from its own k-means++ (different random draws): equal on average over seeds.
+    rng = np.random.default_rng(1)
+    centres = rng.uniform(0, 6, size=(12, 6))
+    data = (centres[rng.integers(0, 12, 6000)] + rng.normal(0, 0.5, size=(6000, 6))
+            ).astype(np.float32)
+    backend = get_backend(device=device)
+    ours = np.mean([kmeans(data, n_clusters=15, backend=backend, seed=s).inertia
+                    for s in range(8)])
+    theirs = np.mean([KMeans(n_clusters=15, n_init=1, random_state=s).fit(data).inertia_
+                      for s in range(8)])
+    assert ours <= 1.01 * theirs, (ours, theirs)
+
+
+def test_plusplus_potential_matches_sklearn(device):
+    # Same greedy k-means++: the same distribution of initial potentials, over many seeds.
+    data = _data(n=3000, k=20, seed=2).astype(np.float32)
+    backend = get_backend(device=device)
+
+    def potential(centres: np.ndarray) -> float:
+        return float(_brute(data, centres).min(axis=1).sum())
+
+    ours = [potential(kmeans_plusplus(data, n_clusters=20, backend=backend, seed=s))
+            for s in range(30)]
+    theirs = [potential(sklearn_plusplus(data, 20, random_state=s)[0].astype(np.float64))
+              for s in range(30)]
+    assert np.mean(ours) <= 1.05 * np.mean(theirs), (np.mean(ours), np.mean(theirs))
+
+
 def test_plusplus_spreads_centres(device):
     data = _data(k=8)
     backend = get_backend(device=device)
@@ -40,6 +74,40 @@ def test_plusplus_spreads_centres(device):
     blobs = rng.normal(0, 4, size=(8, 5))
     nearest_blob = ((init[:, None] - blobs[None]) ** 2).sum(axis=2).argmin(axis=1)
     assert len(set(nearest_blob.tolist())) >= 7
+    assert all((data == row).all(axis=1).any() for row in init)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_centres", [1, 7, 30, 33, 100])
+def test_assign_nearest_is_brute_force(device, dtype, n_centres):
+    rng = np.random.default_rng(n_centres)
+    data = rng.normal(0, 3, size=(2500, 9)).astype(dtype)
+    centres = rng.normal(0, 3, size=(n_centres, 9))
+    result = assign_nearest(data, centres, backend=get_backend(device=device), with_sums=True)
+    labels = np.asarray(get_backend(device=device).to_host(result.labels))
+    brute = _brute(data, centres)
+    assert (labels == brute.argmin(axis=1)).mean() > 0.999  # float32 near-ties aside
+    sqdist = get_backend(device=device).to_host(result.sqdist)
+    np.testing.assert_allclose(sqdist, brute[np.arange(2500), labels], rtol=1e-4, atol=1e-3)
+    sums = get_backend(device=device).to_host(result.sums)
+    counts = get_backend(device=device).to_host(result.counts)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=n_centres))
+    by_hand = np.array([data[labels == j].sum(axis=0, dtype=np.float64)
+                        for j in range(n_centres)])
+    np.testing.assert_allclose(sums, by_hand, rtol=1e-9, atol=1e-9)
+
+
+def test_far_from_origin_matches_sklearn(device):
+    # float32 rows around 1e4: ||x||^2 ~ 5e8, where float32 resolves 32; the kernel's shift
+    # keeps the clustering that of float64 scikit-learn from the same start.
+    data = (_data(seed=3) + 1e4).astype(np.float32)
+    backend = get_backend(device=device)
+    init = kmeans_plusplus(data, n_clusters=8, backend=backend, seed=1)
+    ours = kmeans(data, n_clusters=8, backend=backend, seed=1, init=init, tol=1e-6)
+    reference = KMeans(n_clusters=8, init=init, n_init=1, tol=1e-6,
+                       algorithm="lloyd").fit(data.astype(np.float64))
+    assert ours.inertia == pytest.approx(reference.inertia_, rel=1e-3)
+    assert (ours.labels == reference.labels_).mean() > 0.999
 
 
 def test_tiny_budget_identical(device):
@@ -53,6 +121,16 @@ def test_tiny_budget_identical(device):
     tiny = get_backend(device=device, budget_mb=0.001)
     assign = assign_nearest(data, init, backend=tiny, with_sums=True)
     assert float(assign.counts.sum()) == data.shape[0]
+    # k-means++ too, with the trial matrix recomputed rather than kept (over the budget).
+    np.testing.assert_allclose(kmeans_plusplus(data, n_clusters=5, backend=tiny, seed=1), init)
+
+
+def test_deterministic_for_a_seed(device):
+    data = _data(n=3000).astype(np.float32)
+    backend = get_backend(device=device)
+    runs = [kmeans(data, n_clusters=6, backend=backend, seed=3) for _ in "ab"]
+    assert np.array_equal(runs[0].labels, runs[1].labels)
+    assert np.array_equal(runs[0].centres, runs[1].centres)
 
 
 def test_bad_input(device):

@@ -228,8 +228,8 @@ def _panel_settings(config: Mapping[str, Any], panel: str) -> tuple[dict, dict]:
 
 def check_flow_file(report: SampleReport, config: Mapping[str, Any]) -> None:
     """Fill ``report`` from one FCS file's header (markers, compensation, transform)."""
-    from .flow.compensation import matrix_problems, read_matrix_file, spillover_from_text
     from .flow._transform import is_mass_cytometry
+    from .flow.compensation import matrix_problems, read_matrix_file, spillover_from_text
     from .io.panel import CANONICAL_MARKERS, channel_kind, resolve_panel
 
     panel = report.panel

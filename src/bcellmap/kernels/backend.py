@@ -13,13 +13,20 @@ Device choice (``device`` in the config, overridden by the environment variable
   :class:`~bcellmap.errors.BcellmapError` that says why, never a silent fallback.
 - ``auto``: the GPU only when CuPy imports **and** ``cupy.cuda.runtime.getDeviceCount() > 0``
   (a SLURM job may set ``CUDA_VISIBLE_DEVICES`` on a node without a GPU), else NumPy.
+
+On the CPU, :meth:`Backend.parallel` runs independent row chunks on a thread pool with BLAS
+held to one thread per chunk (as scikit-learn's compiled loops do): NumPy releases the GIL in
+its matrix products and reductions, and small products on a multi-threaded BLAS spend their
+time synchronising threads, catastrophically so when other processes share the cores.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -33,6 +40,51 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "gpu", "cpu")
 ENV_DEVICE = "BCELLMAP_DEVICE"
 _DEFAULT_BUDGET_MB = {"cpu": 1024.0, "gpu": 4096.0}
+_BLAS_CONTROLLER: list[Any] = []  # threadpoolctl's controller, built once (it scans libraries)
+
+
+def host_threads() -> int:
+    """CPU threads a host kernel may use: the CPUs this process may run on (SLURM's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def blas_single_threaded() -> Iterator[None]:
+    """Hold BLAS to one thread inside the block (no-op without threadpoolctl).
+
+    For small matrix products: a threaded BLAS spends them synchronising its threads, up to
+    100x slower than one thread when other processes share the cores.
+    """
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # a scikit-learn dependency, but not ours: run unlimited
+            _BLAS_CONTROLLER.append(None)
+        else:
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+    controller = _BLAS_CONTROLLER[0]
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+class ChunkRunner:
+    """Applies a function to row chunks, in order; see :meth:`Backend.parallel`."""
+
+    def __init__(self, pool: ThreadPoolExecutor | None, threads: int) -> None:
+        self._pool = pool
+        self.threads = threads  # chunks processed at once
+
+    def map(self, function: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        """``[function(item) for item in items]``, computed concurrently on the CPU."""
+        if self._pool is None:
+            return [function(item) for item in items]
+        return list(self._pool.map(function, items))
 
 
 def gpu_status() -> tuple[bool, str]:
@@ -149,11 +201,43 @@ class Backend:
             rows = min(rows, max(1, int(n_rows)))
         return rows
 
-    def chunks(self, n_rows: int, *, bytes_per_row: float) -> Iterator[slice]:
-        """Yield row slices covering ``range(n_rows)`` under the memory budget."""
+    def chunks(self, n_rows: int, *, bytes_per_row: float, max_rows: int | None = None
+               ) -> Iterator[slice]:
+        """Yield row slices covering ``range(n_rows)`` under the memory budget.
+
+        ``max_rows`` caps the chunk size further (a cache-sized block on the CPU).
+        """
         step = self.chunk_rows(bytes_per_row=bytes_per_row, n_rows=n_rows)
+        if max_rows is not None:
+            step = max(1, min(step, int(max_rows)))
         for start in range(0, n_rows, step):
             yield slice(start, min(start + step, n_rows))
+
+    @contextmanager
+    def parallel(self, *, threads: int | None = None) -> Iterator[ChunkRunner]:
+        """A :class:`ChunkRunner` for independent chunks: threads on the CPU, serial on the GPU.
+
+        On the CPU, BLAS is held to one thread while the block runs (with one thread too:
+        callers cut work into small products, which a threaded BLAS only slows), each chunk
+        being one thread's work; each chunk's memory counts once per thread against the
+        budget, so callers size chunks by ``budget / runner.threads``. Results come back in
+        chunk order, so reductions over them are deterministic.
+
+        Parameters
+        ----------
+        threads
+            Threads to use; None: :func:`host_threads`.
+        """
+        n_threads = host_threads() if threads is None else max(1, int(threads))
+        if self.is_gpu:
+            yield ChunkRunner(None, 1)
+            return
+        with blas_single_threaded():
+            if n_threads == 1:
+                yield ChunkRunner(None, 1)
+                return
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                yield ChunkRunner(pool, n_threads)
 
 
 def get_backend(

@@ -1,25 +1,45 @@
 """k-means (k-means++ initialisation, Lloyd iterations) and the shared nearest-centre kernel.
 
 The nearest-centre kernel :func:`assign_nearest` is also how SOM nodes are found (a SOM node
-is a k-means centre with a neighbourhood): squared distances come from
-``||x||^2 - 2 x.c + ||c||^2`` by one matrix product per row chunk, chunks sized by the
-backend's memory budget, and per-centre sums are accumulated in float64 in the same pass.
+is a k-means centre with a neighbourhood). The argmin over centres of ``||x - c||^2`` is that
+of ``||x - c||^2 - ||x - s||^2 = -2 x.(c - s) + (c - s).(c + s)`` for any fixed ``s`` (here a
+point near the data's centre): one matrix product of the rows with a ``d x k`` matrix plus a
+bias, without the float32 cancellation of ``||c||^2 - 2 x.c`` when the data sit far from the
+origin (see :class:`_Centres`). Per-centre sums for the centre update are accumulated in
+float64 in the same pass.
 
-On the CPU, Lloyd iterations call scikit-learn's ``KMeans`` from our k-means++ centres: its
-Cython loop fuses distance and argmin and is about 3-4x faster than any NumPy formulation
-(measured in ``benchmarks/clustering.py``). Both paths share the initialisation, tolerance
-definition and result type, and the tests check both against scikit-learn.
+Blocks: on the GPU a chunk is as large as the memory budget allows (one product per chunk;
+float64). On the CPU (float32 for float32 input), chunks are spread over threads
+(:meth:`Backend.parallel`, BLAS one thread per chunk) and each chunk is cut into blocks whose
+score matrix stays in cache (about 1 MB), so the argmin reads it from cache; the score matrix
+is padded to a width NumPy's vectorised argmin handles (:func:`_padded_width`). Per-centre
+sums on the CPU are one sparse one-hot product per chunk (SciPy, one scatter-add pass); on
+the GPU one ``bincount`` per column.
+
+k-means++ follows scikit-learn's greedy variant (``2 + log(k)`` candidates per centre, drawn
+with probability proportional to the squared distance, the one lowering the potential most is
+kept); the candidates' distances to every row are one product per block, laid out candidates
+x rows so that the minimum with the current distances and the potentials run along contiguous
+rows. Lloyd iterations run on the same kernel (scikit-learn's definitions of the tolerance and
+of convergence); ``use_sklearn=True`` runs scikit-learn's Lloyd loop from our centres instead.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from .backend import Backend, check_finite
+from .backend import Backend, ChunkRunner, check_finite
+
+# Distance block per thread on the CPU, in bytes: small enough to stay in a core's cache.
+_CPU_BLOCK_BYTES = 1 << 20
+# Rows per chunk (one thread's task) on the CPU, whatever the number of threads, so that
+# float64 sums are added in the same order and results do not depend on the machine.
+_CPU_TASK_ROWS = 32_768
 
 
 @dataclass(frozen=True)
@@ -31,7 +51,7 @@ class Assignment:
     labels
         int64, the nearest centre of each row.
     sqdist
-        Squared Euclidean distance to that centre (clipped at 0).
+        Squared Euclidean distance to that centre (clipped at 0), or None when not asked for.
     sums
         float64 ``(n_centres, n_features)`` sum of the rows assigned to each centre, or None.
     counts
@@ -54,12 +74,174 @@ def _compute_dtype(data: Any, backend: Backend) -> Any:
     return np.float32
 
 
+@dataclass(frozen=True)
+class _Centres:
+    """Centres prepared once for many products.
+
+    With ``s`` a point near the data's centre, ``x @ weights + bias`` is
+    ``||x - c||^2 - ||x - s||^2 = -2 x.(c - s) + (c - s).(c + s)``: the same argmin over the
+    centres as the squared distance. Its float32 error scales with ``||x|| ||c - s||`` (not
+    ``||c||^2`` as for ``||c||^2 - 2 x.c``); when the data sit far from the origin compared
+    with the centres' spread, the rows are also shifted by ``s`` (``row_shift``, one copy per
+    chunk), so that the error scales with the spread.
+    """
+
+    weights: Any  # (d, width), compute dtype: -2 (c - s) as columns
+    bias: Any  # (width,), compute dtype: (c~ - s~).(c~ + s~), c~ and s~ less the row shift
+    centre: Any  # s less the rows' shift, (d,), compute dtype
+    row_shift: Any  # subtracted from the rows before the product, or None
+    count: int  # real centres; columns from count on are padding that never wins an argmin
+    width: int
+
+
+def _padded_width(n_centres: int, dtype: Any, backend: Backend) -> int:
+    # NumPy's argmin over a row is vectorised only for rows of at least 32 float32 (16
+    # float64) values, and runs fastest on whole vectors: k = 30 takes twice as long as 32.
+    if backend.is_gpu:
+        return n_centres
+    if np.dtype(dtype) == np.float32:
+        return max(32, -(-n_centres // 8) * 8)
+    return max(16, -(-n_centres // 4) * 4)
+
+
+def _prepare_centres(centres: Any, *, backend: Backend, dtype: Any, shift: Any = None,
+                     pad: bool = True) -> _Centres:
+    """``shift`` (``s``) None: the centres' mean. ``pad``: widen to :func:`_padded_width`."""
+    xp = backend.xp
+    centres64 = backend.asarray(centres, dtype=np.float64)
+    n_centres, n_features = centres64.shape
+    shift64 = (centres64.mean(axis=0) if shift is None
+               else backend.asarray(shift, dtype=np.float64))
+    offset = centres64 - shift64[None, :]
+    # Shift the rows too only where float32 would lose the distances: the error grows with
+    # ||s|| / spread (the centres' distance from s), 4e-6 of the spread at a factor of 64.
+    # Flow data (arcsinh-transformed, or scaled) stay far below; data around 1e4 do not.
+    spread = float(xp.sqrt((offset**2).sum(axis=1).max()))
+    subtract = (np.dtype(dtype) == np.float32
+                and float(xp.sqrt((shift64**2).sum())) > 64.0 * spread)
+    row_shift = shift64 if subtract else xp.zeros_like(shift64)
+    width = _padded_width(n_centres, dtype, backend) if pad else n_centres
+    weights = xp.zeros((n_features, width), dtype=np.float64)
+    weights[:, :n_centres] = -2.0 * offset.T
+    bias = xp.empty(width, dtype=np.float64)
+    bias[:n_centres] = (offset * (centres64 + shift64[None, :] - 2.0 * row_shift[None, :])
+                        ).sum(axis=1)
+    # A padding column scores 0 . x + big: exactly big, above any real score.
+    bias[n_centres:] = float(np.finfo(dtype).max) / 16
+    return _Centres(weights=weights.astype(dtype), bias=bias.astype(dtype),
+                    centre=(shift64 - row_shift).astype(dtype),
+                    row_shift=row_shift.astype(dtype) if subtract else None, count=n_centres,
+                    width=width)
+
+
+def _rows(chunk: Any, centres: _Centres, *, backend: Backend, dtype: Any) -> Any:
+    """A chunk on the device in the compute dtype, less the row shift if any (no copy when
+    neither is needed)."""
+    rows = backend.asarray(chunk, dtype=dtype)
+    if centres.row_shift is not None:
+        rows = rows - centres.row_shift[None, :]
+    return rows
+
+
+def _block_rows(backend: Backend, n_centres: int, itemsize: int, n_rows: int) -> int:
+    """Rows per distance block: cache-sized on the CPU, the whole chunk on the GPU."""
+    if backend.is_gpu:
+        return max(1, n_rows)
+    return max(64, _CPU_BLOCK_BYTES // max(1, n_centres * itemsize))
+
+
+def _task_slices(backend: Backend, n_rows: int, *, bytes_per_row: float,
+                 threads: int) -> list[slice]:
+    """Chunks for the runner: on the GPU as the budget allows; on the CPU fixed-size chunks,
+    smaller only when the budget per thread is smaller still."""
+    if backend.is_gpu:
+        return list(backend.chunks(n_rows, bytes_per_row=bytes_per_row))
+    return list(backend.chunks(n_rows, bytes_per_row=bytes_per_row * threads,
+                               max_rows=_CPU_TASK_ROWS))
+
+
+def _nearest_rows(rows: Any, centres: _Centres, *, backend: Backend, labels: Any,
+                  sqdist: Any) -> None:
+    """Nearest centre (and squared distance) of each row of one chunk, block by block,
+    written into ``labels`` (and ``sqdist`` unless None): views of the chunk's rows."""
+    xp = backend.xp
+    step = _block_rows(backend, centres.width, rows.dtype.itemsize, rows.shape[0])
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        scores = block @ centres.weights
+        scores += centres.bias[None, :]  # in cache on the CPU: cheaper than augmenting rows
+        nearest = labels[start:start + step]
+        xp.argmin(scores, axis=1, out=nearest)
+        if sqdist is not None:
+            # Flat indexing and einsum: several times faster than take_along_axis, min or a
+            # sum over short rows. The score is the squared distance less ||x - s||^2.
+            best = scores.ravel()[xp.arange(block.shape[0]) * centres.width + nearest]
+            offset = block - centres.centre[None, :]
+            rows_sq = xp.einsum("ij,ij->i", offset, offset).astype(np.float64)
+            sqdist[start:start + step] = xp.maximum(best.astype(np.float64) + rows_sq, 0.0)
+
+
+def _centre_sums(rows: Any, labels: Any, n_centres: int, *, backend: Backend
+                 ) -> tuple[Any, Any]:
+    """float64 per-centre sums and counts of one chunk's rows."""
+    xp = backend.xp
+    counts = xp.bincount(labels, minlength=n_centres).astype(np.float64)
+    if backend.is_gpu:
+        sums = xp.stack([xp.bincount(labels, weights=rows[:, j].astype(np.float64),
+                                     minlength=n_centres) for j in range(rows.shape[1])],
+                        axis=1)
+        return sums, counts
+    from scipy.sparse import csc_matrix
+
+    # One-hot (centres x rows), one entry per column: the product is one scatter-add pass in
+    # compiled code (a bincount per feature re-reads the rows d times).
+    m = rows.shape[0]
+    onehot = csc_matrix((np.ones(m), labels, np.arange(m + 1)), shape=(n_centres, m))
+    return onehot @ rows.astype(np.float64), counts
+
+
+def _assign(data: Any, centres: _Centres, *, backend: Backend, runner: ChunkRunner, dtype: Any,
+            with_sums: bool, with_distances: bool) -> Assignment:
+    xp = backend.xp
+    n, n_features = data.shape
+    itemsize = np.dtype(dtype).itemsize
+    labels = xp.empty(n, dtype=np.int64)
+    sqdist = xp.empty(n, dtype=np.float64) if with_distances else None
+    # Per row: the row (a shifted copy, a float64 copy for the sums), label, distance; on the
+    # GPU also the distance block and its temporaries, on the CPU cache-sized and fixed.
+    bytes_per_row = n_features * (itemsize + 8) + 24
+    if backend.is_gpu:
+        bytes_per_row += 3 * centres.width * itemsize
+
+    def task(rows: slice) -> tuple[Any, Any] | None:
+        chunk = _rows(data[rows], centres, backend=backend, dtype=dtype)
+        _nearest_rows(chunk, centres, backend=backend, labels=labels[rows],
+                      sqdist=sqdist[rows] if with_distances else None)
+        if with_sums:
+            if centres.row_shift is not None:  # sum the rows as given, not as shifted
+                chunk = backend.asarray(data[rows], dtype=dtype)
+            return _centre_sums(chunk, labels[rows], centres.count, backend=backend)
+        return None
+
+    parts = runner.map(task, _task_slices(backend, n, bytes_per_row=bytes_per_row,
+                                          threads=runner.threads))
+    sums = counts = None
+    if with_sums:
+        sums = xp.zeros((centres.count, n_features), dtype=np.float64)
+        counts = xp.zeros(centres.count, dtype=np.float64)
+        for part_sums, part_counts in parts:  # in chunk order: deterministic
+            sums += part_sums
+            counts += part_counts
+    return Assignment(labels=labels, sqdist=sqdist, sums=sums, counts=counts)
+
+
 def assign_nearest(
     data: Any,
     centres: Any,
     *,
     backend: Backend,
     with_sums: bool = False,
+    with_distances: bool = True,
 ) -> Assignment:
     """Assign every row of ``data`` to its nearest centre, in chunks under the memory budget.
 
@@ -74,41 +256,40 @@ def assign_nearest(
         Array backend and memory budget.
     with_sums
         Also return per-centre sums and counts (for a centre update), in float64.
+    with_distances
+        Return the squared distances (False saves a pass over each block).
 
     Returns
     -------
     Assignment
     """
-    xp = backend.xp
-    n, n_features = data.shape
     dtype = _compute_dtype(data, backend)
-    centres_dev = backend.asarray(centres, dtype=dtype)
-    n_centres = centres_dev.shape[0]
-    centre_sq = (centres_dev.astype(np.float64) ** 2).sum(axis=1).astype(dtype)
-    labels = xp.empty(n, dtype=np.int64)
-    sqdist = xp.empty(n, dtype=np.float64)
-    sums = xp.zeros((n_centres, n_features), dtype=np.float64) if with_sums else None
-    counts = xp.zeros(n_centres, dtype=np.float64) if with_sums else None
-    itemsize = np.dtype(dtype).itemsize
-    # Per row: the distance block and its temporaries, the row itself, labels and distances.
-    bytes_per_row = 3 * n_centres * itemsize + 2 * n_features * 8 + 32
-    for rows in backend.chunks(n, bytes_per_row=bytes_per_row):
-        chunk = backend.asarray(data[rows], dtype=dtype)
-        # ||x||^2 is constant per row: argmin over ||c||^2 - 2 x.c is enough.
-        scores = chunk @ centres_dev.T
-        scores *= -2
-        scores += centre_sq[None, :]
-        nearest = xp.argmin(scores, axis=1)
-        best = xp.take_along_axis(scores, nearest[:, None], axis=1)[:, 0].astype(np.float64)
-        best += (chunk.astype(np.float64) ** 2).sum(axis=1)
-        labels[rows] = nearest
-        sqdist[rows] = xp.maximum(best, 0.0)
-        if with_sums:
-            counts += xp.bincount(nearest, minlength=n_centres).astype(np.float64)
-            for j in range(n_features):
-                sums[:, j] += xp.bincount(nearest, weights=chunk[:, j].astype(np.float64),
-                                          minlength=n_centres)
-    return Assignment(labels=labels, sqdist=sqdist, sums=sums, counts=counts)
+    prepared = _prepare_centres(centres, backend=backend, dtype=dtype)
+    with backend.parallel() as runner:
+        return _assign(data, prepared, backend=backend, runner=runner, dtype=dtype,
+                       with_sums=with_sums, with_distances=with_distances)
+
+
+def _feature_means(data: Any, *, backend: Backend, runner: ChunkRunner) -> Any:
+    """float64 mean of each column, summed chunk by chunk (no float64 copy of the data)."""
+    slices = _task_slices(backend, data.shape[0], bytes_per_row=16 * data.shape[1],
+                          threads=runner.threads)
+    return sum(runner.map(lambda rows: data[rows].astype(np.float64).sum(axis=0), slices)
+               ) / data.shape[0]
+
+
+def _shifted_sq_norms(data: Any, shift: Any, *, backend: Backend, runner: ChunkRunner) -> Any:
+    """float64 ``||x - shift||^2`` of every row."""
+    xp = backend.xp
+    out = xp.empty(data.shape[0], dtype=np.float64)
+
+    def task(rows: slice) -> None:
+        centred = data[rows].astype(np.float64) - shift[None, :]
+        out[rows] = xp.einsum("ij,ij->i", centred, centred)
+
+    runner.map(task, _task_slices(backend, data.shape[0], bytes_per_row=24 * data.shape[1],
+                                  threads=runner.threads))
+    return out
 
 
 def kmeans_plusplus(
@@ -142,34 +323,77 @@ def kmeans_plusplus(
     ``(n_clusters, d)`` float64 centres on the host.
     """
     xp = backend.xp
-    n = data.shape[0]
+    n, n_features = data.shape
     if n_local_trials is None:
         n_local_trials = 2 + int(math.log(n_clusters))
     rng = np.random.default_rng(seed)
-    data_dev = backend.asarray(data)
-    first = int(rng.integers(n))
-    centres = np.empty((n_clusters, data.shape[1]), dtype=np.float64)
-    centres[0] = backend.to_host(data_dev[first]).astype(np.float64)
-    closest = assign_nearest(data_dev, centres[:1], backend=backend).sqdist
-    for c in range(1, n_clusters):
-        cumulative = xp.cumsum(closest)
-        potential = float(cumulative[-1])
-        draws = backend.asarray(rng.random(n_local_trials) * potential)
-        candidates = xp.minimum(xp.searchsorted(cumulative, draws), n - 1)
-        candidate_rows = backend.to_host(data_dev[candidates]).astype(np.float64)
-        # Distances of every row to each candidate, chunked: candidates act as centres.
-        trial = xp.empty((n, n_local_trials), dtype=np.float64)
-        cand_dev = backend.asarray(candidate_rows, dtype=_compute_dtype(data_dev, backend))
-        cand_sq = (cand_dev.astype(np.float64) ** 2).sum(axis=1)
-        for rows in backend.chunks(n, bytes_per_row=4 * n_local_trials * 8 + data.shape[1] * 8):
-            chunk = data_dev[rows]
-            d2 = (chunk.astype(np.float64) ** 2).sum(axis=1)[:, None] - 2.0 * (
-                chunk @ cand_dev.T).astype(np.float64) + cand_sq[None, :]
-            trial[rows] = xp.minimum(closest[rows, None], xp.maximum(d2, 0.0))
-        best = int(xp.argmin(trial.sum(axis=0)))
-        closest = trial[:, best].copy()
-        centres[c] = candidate_rows[best]
+    data_dev = backend.asarray(data)  # moved once
+    dtype = _compute_dtype(data_dev, backend)
+    itemsize = np.dtype(dtype).itemsize
+    centres = np.empty((n_clusters, n_features), dtype=np.float64)
+    centres[0] = backend.to_host(data_dev[int(rng.integers(n))]).astype(np.float64)
+    with backend.parallel() as runner:
+        # A row's distances are kept less ||x - m||^2 (m: the data mean), which is what one
+        # product gives (see _Centres); ||x - m||^2 is added back only for the D^2 weights.
+        # Every candidate's potential then lacks the same sum over rows: the best is the same.
+        shift = _feature_means(data_dev, backend=backend, runner=runner)
+        row_sq = _shifted_sq_norms(data_dev, shift, backend=backend, runner=runner)
+        slices = _task_slices(backend, n, bytes_per_row=n_features * itemsize
+                              + 3 * n_local_trials * itemsize, threads=runner.threads)
+        common = {"backend": backend, "dtype": dtype}
+        closest = xp.empty((1, n), dtype=dtype)
+        first = _prepare_centres(centres[:1], shift=shift, pad=False, **common)
+        runner.map(partial(_trial_potentials, data_dev, candidates=first, closest=None,
+                           trial=closest, **common), slices)
+        # Candidates x rows (contiguous rows: fast minimum and sums). The winner's row is kept
+        # when the matrix fits the budget, else recomputed.
+        keep_trials = n * n_local_trials * itemsize <= backend.budget_bytes
+        trial = xp.empty((n_local_trials, n), dtype=dtype) if keep_trials else None
+        for c in range(1, n_clusters):
+            weights = xp.maximum(closest[0].astype(np.float64) + row_sq, 0.0)
+            cumulative = xp.cumsum(weights)
+            draws = backend.asarray(rng.random(n_local_trials) * float(cumulative[-1]))
+            candidates = xp.minimum(xp.searchsorted(cumulative, draws), n - 1)
+            candidate_rows = backend.to_host(data_dev[candidates]).astype(np.float64)
+            prepared = _prepare_centres(candidate_rows, shift=shift, pad=False, **common)
+            potentials = sum(runner.map(  # in chunk order: deterministic
+                partial(_trial_potentials, data_dev, candidates=prepared, closest=closest,
+                        trial=trial, **common), slices))
+            best = int(xp.argmin(potentials))
+            if keep_trials:
+                closest = trial[best:best + 1].copy()
+            else:
+                winner = _prepare_centres(candidate_rows[best:best + 1], shift=shift,
+                                          pad=False, **common)
+                updated = xp.empty_like(closest)
+                runner.map(partial(_trial_potentials, data_dev, candidates=winner,
+                                   closest=closest, trial=updated, **common), slices)
+                closest = updated
+            centres[c] = candidate_rows[best]
     return centres
+
+
+def _trial_potentials(data: Any, rows: slice, *, candidates: _Centres, closest: Any, trial: Any,
+                      backend: Backend, dtype: Any) -> Any:
+    """Squared distances (less ``||x - s||^2``) of one chunk's rows to each candidate, as
+    ``(candidates, rows)``, floored by ``closest`` (``(1, n)``, when given) and stored in
+    ``trial``; returns their float64 sums over the chunk's rows."""
+    xp = backend.xp
+    chunk = _rows(data[rows], candidates, backend=backend, dtype=dtype)
+    step = _block_rows(backend, candidates.width, np.dtype(dtype).itemsize, chunk.shape[0])
+    weights, bias = candidates.weights.T, candidates.bias[:, None]
+    totals = xp.zeros(candidates.width, dtype=np.float64)
+    for start in range(0, chunk.shape[0], step):  # cache-sized blocks on the CPU
+        stop = min(start + step, chunk.shape[0])
+        block = weights @ chunk[start:stop].T  # BLAS reads the transpose in place
+        block += bias
+        where = slice(rows.start + start, rows.start + stop)
+        if closest is not None:
+            xp.minimum(block, closest[:, where], out=block)
+        if trial is not None:
+            trial[:, where] = block
+        totals += block.sum(axis=1, dtype=np.float64)
+    return totals
 
 
 @dataclass(frozen=True)
@@ -235,8 +459,8 @@ def kmeans(
         Stop when the summed squared centre shift is at most ``tol`` times the mean feature
         variance (scikit-learn's definition); also stop when no label changes.
     use_sklearn
-        Run the Lloyd iterations with scikit-learn on the CPU. None: on the CPU backend yes,
-        on the GPU no. Ignored (False) on the GPU.
+        Run the Lloyd iterations with scikit-learn's compiled loop on the CPU. None: no (our
+        kernel, which is as fast; see ``benchmarks/clustering.py``). Ignored on the GPU.
 
     Returns
     -------
@@ -253,8 +477,6 @@ def kmeans(
     init = np.asarray(init, dtype=np.float64)
     if init.shape != (n_clusters, data.shape[1]):
         raise ValueError(f"init has shape {init.shape}, expected {(n_clusters, data.shape[1])}")
-    if use_sklearn is None:
-        use_sklearn = not backend.is_gpu
     if use_sklearn and not backend.is_gpu:
         return _kmeans_sklearn(np.asarray(data), init, max_iter=max_iter, tol=tol, seed=seed)
     return _kmeans_lloyd(data, init, backend=backend, max_iter=max_iter, tol=tol)
@@ -272,27 +494,48 @@ def _kmeans_sklearn(data: np.ndarray, init: np.ndarray, *, max_iter: int, tol: f
                         n_iter=int(model.n_iter_))
 
 
+def _mean_feature_variance(data: Any, *, backend: Backend, runner: ChunkRunner) -> float:
+    """Mean over features of the variance, in float64 chunks (two passes, no full copy)."""
+    xp = backend.xp
+    mean = _feature_means(data, backend=backend, runner=runner)
+    slices = _task_slices(backend, data.shape[0], bytes_per_row=16 * data.shape[1],
+                          threads=runner.threads)
+
+    def squares(rows: slice) -> Any:
+        centred = data[rows].astype(np.float64) - mean[None, :]
+        return (centred * centred).sum(axis=0)
+
+    return float(xp.mean(sum(runner.map(squares, slices)) / data.shape[0]))
+
+
 def _kmeans_lloyd(data: Any, init: np.ndarray, *, backend: Backend, max_iter: int,
                   tol: float) -> KMeansResult:
     xp = backend.xp
     data_dev = backend.asarray(data)  # once per call, not per iteration
-    tol_abs = tol * float(xp.var(data_dev.astype(np.float64), axis=0).mean()) if tol > 0 else 0.0
+    dtype = _compute_dtype(data_dev, backend)
     centres = backend.asarray(init, dtype=np.float64)
     previous = None
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is reported)
-        step = assign_nearest(data_dev, centres, backend=backend, with_sums=True)
-        if previous is not None and bool(xp.array_equal(step.labels, previous)):
-            break  # strict convergence: the centres are already the means of their rows
-        previous = step.labels
-        filled = step.counts > 0
-        # An empty cluster keeps its centre (rare with k-means++; documented behaviour).
-        updated = xp.where(filled[:, None], step.sums / xp.maximum(step.counts, 1.0)[:, None],
-                           centres)
-        shift = float(((updated - centres) ** 2).sum())
-        centres = updated
-        if shift <= tol_abs:
-            break
-    final = assign_nearest(data_dev, centres, backend=backend)
+    with backend.parallel() as runner:
+        tol_abs = (tol * _mean_feature_variance(data_dev, backend=backend, runner=runner)
+                   if tol > 0 else 0.0)
+        for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is reported)
+            step = _assign(data_dev, _prepare_centres(centres, backend=backend, dtype=dtype),
+                           backend=backend, runner=runner, dtype=dtype, with_sums=True,
+                           with_distances=False)
+            if previous is not None and bool(xp.array_equal(step.labels, previous)):
+                break  # strict convergence: the centres are already the means of their rows
+            previous = step.labels
+            filled = step.counts > 0
+            # An empty cluster keeps its centre (rare with k-means++; documented behaviour).
+            updated = xp.where(filled[:, None],
+                               step.sums / xp.maximum(step.counts, 1.0)[:, None], centres)
+            shift = float(((updated - centres) ** 2).sum())
+            centres = updated
+            if shift <= tol_abs:
+                break
+        final = _assign(data_dev, _prepare_centres(centres, backend=backend, dtype=dtype),
+                        backend=backend, runner=runner, dtype=dtype, with_sums=False,
+                        with_distances=True)
     return KMeansResult(centres=backend.to_host(centres), labels=backend.to_host(final.labels),
                         inertia=float(final.sqdist.sum()), n_iter=n_iter)

@@ -12,8 +12,10 @@ This runs on the host with SciPy: it sees ``xdim * ydim`` codes (100 by default)
 from __future__ import annotations
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import squareform
+from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import pdist, squareform
+
+from .backend import blas_single_threaded
 
 
 def _cut_average_linkage(points_or_dist: np.ndarray, n_clusters: int, *,
@@ -22,7 +24,42 @@ def _cut_average_linkage(points_or_dist: np.ndarray, n_clusters: int, *,
         tree = linkage(squareform(points_or_dist, checks=False), method="average")
     else:
         tree = linkage(points_or_dist, method="average", metric="euclidean")
-    return fcluster(tree, t=n_clusters, criterion="maxclust") - 1
+    return _cut_maxclust(tree, n_clusters)
+
+
+def _cut_maxclust(tree: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Flat clusters as ``fcluster(tree, n_clusters, criterion="maxclust")`` forms them.
+
+    The lowest height ``r`` at which at most ``n_clusters`` clusters remain, joining every
+    merge whose subtree's highest merge is at most ``r`` (tied heights join together, so ties
+    may leave fewer clusters). Same partition as SciPy's (the labels may be numbered
+    differently), without ``fcluster``'s validation of the tree, which costs more than the cut
+    on the ~100-node trees cut here 100 times per metaclustering.
+    """
+    n = tree.shape[0] + 1
+    if n_clusters >= n:
+        return np.arange(n, dtype=np.int64)
+    highest = [0.0] * (n - 1)
+    for i, (left, right, height) in enumerate(tree[:, :3].tolist()):  # lists: fast scalars
+        left, right = int(left), int(right)
+        if left >= n:
+            height = max(height, highest[left - n])
+        if right >= n:
+            height = max(height, highest[right - n])
+        highest[i] = height
+    highest = np.asarray(highest)
+    threshold = np.partition(highest, n - n_clusters - 1)[n - n_clusters - 1]
+    joined = np.flatnonzero(highest <= threshold)
+    children = tree[:, :2].astype(np.int64)
+    parent = np.arange(2 * n - 1)
+    parent[children[joined, 0]] = n + joined
+    parent[children[joined, 1]] = n + joined
+    while True:  # pointer jumping: each leaf ends at the top of its joined subtree
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            break
+        parent = grand
+    return np.unique(parent[:n], return_inverse=True)[1].astype(np.int64)
 
 
 def consensus_metaclusters(
@@ -69,14 +106,22 @@ def consensus_metaclusters(
         return np.arange(n_nodes, dtype=np.int64)
     rng = np.random.default_rng(seed)
     n_drawn = max(n_clusters, int(n_nodes * resample_fraction))
-    together = np.zeros((n_nodes, n_nodes))
-    drawn_together = np.zeros((n_nodes, n_nodes))
-    for _ in range(n_resamples):
+    # Euclidean distances once; a resample's linkage takes its rows and columns (the same
+    # numbers linkage would compute from the drawn codes, without recomputing them).
+    distances = squareform(pdist(codes, metric="euclidean"))
+    drawn_mask = np.zeros((n_resamples, n_nodes))
+    members = np.zeros((n_nodes, n_resamples * n_clusters))
+    for r in range(n_resamples):
         drawn = np.sort(rng.choice(n_nodes, size=n_drawn, replace=False))
-        labels = _cut_average_linkage(codes[drawn], n_clusters, precomputed=False)
-        same = (labels[:, None] == labels[None, :]).astype(np.float64)
-        together[np.ix_(drawn, drawn)] += same
-        drawn_together[np.ix_(drawn, drawn)] += 1.0
+        labels = _cut_average_linkage(distances[np.ix_(drawn, drawn)], n_clusters,
+                                      precomputed=True)
+        drawn_mask[r, drawn] = 1.0
+        members[drawn, r * n_clusters + labels] = 1.0
+    # Times two nodes fell in one cluster, and times both were drawn: two matrix products
+    # over the one-hot memberships of all resamples (exact counts in float64).
+    with blas_single_threaded():  # small products
+        together = members @ members.T
+        drawn_together = drawn_mask.T @ drawn_mask
     consensus = together / np.maximum(drawn_together, 1.0)
     np.fill_diagonal(consensus, 1.0)
     distance = 1.0 - consensus

@@ -19,6 +19,12 @@ product plus O(n d). A batch pass replaces ``n`` online steps, which is why the 
 rate is of order 1 where FlowSOM's online rate is 0.05. The last passes run at radius 0, which
 are Lloyd k-means steps on the codes: mapping quality at the end is that of k-means.
 
+A pass is the nearest-centre kernel of :mod:`bcellmap.kernels.kmeans` (on the CPU one matrix
+product per cache-sized block, in float32 for float32 events, chunks spread over threads; on
+the GPU float64 chunks sized by the memory budget) plus per-node sums in the same pass, so a
+pass costs about as much as mapping the events once. On the CPU the events are never copied
+whole: each chunk is copied once per pass, with a column of ones appended.
+
 Events are mapped to nodes by the nearest code (:func:`map_to_nodes`).
 """
 
@@ -29,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, check_finite
-from .kmeans import assign_nearest
+from .kmeans import _assign, _compute_dtype, _prepare_centres, assign_nearest
 
 
 def grid_distances(xdim: int, ydim: int) -> np.ndarray:
@@ -101,23 +107,27 @@ def train_som(
     xp = backend.xp
     rng = np.random.default_rng(seed)
     data_dev = backend.asarray(data)  # once per training run
+    dtype = _compute_dtype(data_dev, backend)
     start_rows = np.sort(rng.choice(data.shape[0], size=n_nodes, replace=False))
     codes = backend.asarray(backend.to_host(data_dev[backend.asarray(start_rows)]),
                             dtype=np.float64)
     grid = backend.asarray(grid_distances(xdim, ydim))
     start_radius = default_radius(xdim, ydim) if radius is None else float(radius)
-    for t in range(rlen):
-        progress = t / (rlen - 1) if rlen > 1 else 1.0
-        current_radius = start_radius * (1.0 - progress)
-        rate = alpha[0] + (alpha[1] - alpha[0]) * progress
-        step = assign_nearest(data_dev, codes, backend=backend, with_sums=True)
-        # Bubble neighbourhood; +1e-9 keeps integer radii inclusive against rounding.
-        neighbourhood = (grid <= current_radius + 1e-9).astype(np.float64)
-        weight = neighbourhood @ step.counts
-        target_sums = neighbourhood @ step.sums
-        reached = weight > 0
-        target = target_sums / xp.maximum(weight, 1.0)[:, None]
-        codes = xp.where(reached[:, None], codes + rate * (target - codes), codes)
+    with backend.parallel() as runner:  # one thread pool for all passes
+        for t in range(rlen):
+            progress = t / (rlen - 1) if rlen > 1 else 1.0
+            current_radius = start_radius * (1.0 - progress)
+            rate = alpha[0] + (alpha[1] - alpha[0]) * progress
+            step = _assign(data_dev, _prepare_centres(codes, backend=backend, dtype=dtype),
+                           backend=backend, runner=runner, dtype=dtype, with_sums=True,
+                           with_distances=False)
+            # Bubble neighbourhood; +1e-9 keeps integer radii inclusive against rounding.
+            neighbourhood = (grid <= current_radius + 1e-9).astype(np.float64)
+            weight = neighbourhood @ step.counts
+            target_sums = neighbourhood @ step.sums
+            reached = weight > 0
+            target = target_sums / xp.maximum(weight, 1.0)[:, None]
+            codes = xp.where(reached[:, None], codes + rate * (target - codes), codes)
     return backend.to_host(codes)
 
 
