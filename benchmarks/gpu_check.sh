@@ -31,9 +31,10 @@ export BCELLMAP_DEVICE=gpu
 echo "== pytest -m gpu"
 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_backend.py tests/test_som.py \
   tests/test_kmeans.py tests/test_pca.py tests/test_knn.py tests/test_leiden.py \
-  tests/test_cluster_flow.py 2>&1 | tail -40
-echo "== benchmark: 1M events on the GPU (bcellmap only)"
-"$PYTHON" benchmarks/clustering.py --device gpu --events 1000000 --train-events 1000000 2>&1
+  tests/test_cluster_flow.py tests/test_flowsom_parity.py 2>&1 | tail -40
+echo "== benchmark: 1M events on the GPU (peers: flowsom and scikit-learn on the CPU, cuML where importable)"
+"$PYTHON" benchmarks/clustering.py --device gpu --events 1000000 --train-events 1000000 \
+  --repeats 1 2>&1
 echo "== benchmark: 1M events on this machine's CPU (same script, for the GPU/CPU ratio)"
 BCELLMAP_DEVICE=cpu "$PYTHON" benchmarks/clustering.py --device cpu --events 1000000 \
   --train-events 1000000 --skip-peers --only som 2>&1
