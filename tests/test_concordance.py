@@ -44,16 +44,14 @@ def test_no_shared_visit_gives_an_empty_table():
 
 
 def test_identifiers_stay_strings_through_the_command(tmp_path):
-    import argparse
-
-    from bcellmap.cohort._concordance import cli_concordance
+    from bcellmap.cli import main
 
     samples = pd.DataFrame([_row("007", "NA", 0, "flow", 1_000, 100, 100, 100),
                             _row("007r", "NA", 0, "scrna", 1_000, 90, 90, 90)])
     table = tmp_path / "samples.tsv"
     samples.to_csv(table, sep="\t", index=False)
     out = tmp_path / "concordance.tsv"
-    cli_concordance(argparse.Namespace(table=str(table), out=str(out)))
+    assert main(["concordance", "--table", str(table), "--out", str(out)]) == 0
     written = pd.read_csv(out, sep="\t", dtype=str, keep_default_na=False)
     assert set(written["patient_id"]) == {"NA"} and set(written["flow_sample_id"]) == {"007"}
     assert len(written) == 3

@@ -7,7 +7,6 @@ test.
 
 from __future__ import annotations
 
-import argparse
 import math
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -159,12 +158,18 @@ def _write_inputs(directory: Path, samples, kinetics, qc) -> dict[str, Path]:
     return paths
 
 
-def _args(paths: dict[str, Path], annotated: list[Path], outdir: Path,
-          config: Path | None = None) -> argparse.Namespace:
-    return argparse.Namespace(config=config, samples_table=paths["samples"],
-                              kinetics=paths["kinetics"], cohort=paths["cohort"],
-                              qc=paths["qc"], model=outdir / "absent.npz",
-                              annotated=[str(p) for p in annotated], outdir=outdir)
+def _report(paths: dict[str, Path], annotated: list[Path], outdir: Path,
+            config: Path | None = None) -> int:
+    """Run ``bcellmap report``; return its exit status."""
+    from bcellmap.cli import main
+
+    argv = ["report", "--samples-table", str(paths["samples"]),
+            "--kinetics", str(paths["kinetics"]), "--cohort", str(paths["cohort"]),
+            "--qc", str(paths["qc"]), "--model", str(outdir / "absent.npz"),
+            "--outdir", str(outdir), "--annotated", *[str(p) for p in annotated]]
+    if config is not None:
+        argv += ["--config", str(config)]
+    return main(argv)
 
 
 def _by_gid(fig, gid: str):
@@ -182,7 +187,7 @@ def test_cli_report_writes_every_figure(tmp_path, tables):
     config = tmp_path / "config.yaml"
     config.write_text("report:\n  embedding_events: 400\n")
     outdir = tmp_path / "report"
-    figures.cli_report(_args(paths, annotated, outdir, config))
+    assert _report(paths, annotated, outdir, config) == 0
     stems = [f"patient_{p}" for p in PATIENTS] + [
         "cohort_trajectories", "swimmer", "kaplan_meier", "composition_visits",
         "composition_baseline_vs_reconstitution", "cluster_heatmap", "embedding", "qc_removed",
@@ -616,20 +621,23 @@ def test_edge_cases_do_not_crash(tmp_path):
                                "events_out", "detail"])
     paths = _write_inputs(tmp_path, samples, kinetics, qc)
     outdir = tmp_path / "out"
-    figures.cli_report(_args(paths, [], outdir))
+    assert _report(paths, [], outdir) == 0
     assert (outdir / "patient_X1.png").stat().st_size > 0
     assert (outdir / "kaplan_meier.svg").stat().st_size > 0
     assert (outdir / "embedding.png").stat().st_size > 0
     assert math.isnan(float("nan"))
 
 
-def test_bad_input_raises_and_writes_nothing(tmp_path, tables):
+def test_bad_input_raises_and_writes_nothing(tmp_path, tables, capsys):
     samples, kinetics, qc = tables
     paths = _write_inputs(tmp_path, samples.drop(columns=["lloq_pct_lymphocytes"]), kinetics,
                           qc)
     outdir = tmp_path / "out"
+    assert _report(paths, [], outdir) == 1
+    error = capsys.readouterr().err
+    assert "lloq_pct_lymphocytes" in error and str(paths["samples"]) in error
     with pytest.raises(InputError, match="lloq_pct_lymphocytes"):
-        figures.cli_report(_args(paths, [], outdir))
+        figures.read_report_tables(paths["samples"], paths["kinetics"], paths["qc"])
     assert not outdir.exists() or not any(outdir.iterdir())
 
 
@@ -870,7 +878,7 @@ def test_cli_report_writes_gate_figures(tmp_path, tables):
     config = tmp_path / "config.yaml"
     config.write_text("report:\n  embedding_events: 300\n")
     outdir = tmp_path / "report"
-    figures.cli_report(_args(paths, annotated, outdir, config))
+    assert _report(paths, annotated, outdir, config) == 0
     for extension in ("png", "svg"):
         assert (outdir / f"gates_P01.{extension}").stat().st_size > 0
     assert not (outdir / "gates_P02.png").exists()  # scRNA only: no gates

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bcellmap.cli import main
 from bcellmap.config import load_config, merge
-from bcellmap.flow._qc import STEPS, cli_collect_qc, dead_flags, qc_reason, run_qc
+from bcellmap.flow._qc import STEPS, collect_qc, dead_flags, qc_reason, run_qc
 
 CANON = ["FSC-A", "FSC-H", "SSC-A", "CD19", "CD3", "Live", "Time"]
 KINDS = ["scatter", "scatter", "scatter", "fluorescence", "fluorescence", "viability", "time"]
@@ -156,8 +157,6 @@ def test_no_dead_cells_planted_removes_almost_nothing():
 
 
 def test_collect_qc_concatenates(tmp_path):
-    import argparse
-
     paths = []
     for sample in ("A", "B"):
         frame = pd.DataFrame({"sample_id": sample, "step": list(STEPS), "events_in": 10,
@@ -166,9 +165,10 @@ def test_collect_qc_concatenates(tmp_path):
         frame.to_csv(path, sep="\t", index=False)
         paths.append(str(path))
     out = tmp_path / "tables" / "qc.tsv"
-    cli_collect_qc(argparse.Namespace(inputs=paths, out=str(out)))
+    assert main(["collect-qc", "--inputs", *paths, "--out", str(out)]) == 0
     combined = pd.read_csv(out, sep="\t")
     assert len(combined) == 2 * len(STEPS) and list(combined["sample_id"].unique()) == ["A", "B"]
+    assert collect_qc([]).columns.tolist() == list(combined.columns)
 
 
 def _log_channel_qc(remove_saturated):

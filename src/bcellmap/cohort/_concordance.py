@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pandas as pd
 
 from ..contracts import CONCORDANCE_COLUMNS
@@ -52,12 +50,3 @@ def concordance(samples: pd.DataFrame) -> pd.DataFrame:
                 "scrna_lymphocytes": pair["lymphocytes_scrna"],
             })
     return pd.DataFrame(rows, columns=list(CONCORDANCE_COLUMNS))
-
-
-def cli_concordance(args: argparse.Namespace) -> None:
-    """``bcellmap concordance --table samples.tsv --out concordance.tsv``."""
-    from ..io._atomic import write_tsv
-    from ..io.readers import read_table
-
-    samples = read_table(args.table, what="samples table")
-    write_tsv(concordance(samples), args.out)

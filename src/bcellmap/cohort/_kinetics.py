@@ -61,7 +61,6 @@ composition at baseline and at reconstitution.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -476,20 +475,3 @@ def cohort_summary(kinetics: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.D
                     add(f"{subset}_pct_b_mean", values.mean() if len(values) else np.nan,
                         len(values), when)
     return pd.DataFrame(rows, columns=list(COHORT_COLUMNS))
-
-
-def cli_kinetics(args: argparse.Namespace) -> None:
-    """``bcellmap kinetics``: samples.tsv -> kinetics.tsv and cohort.tsv."""
-    from ..config import load_config
-    from ..io._atomic import atomic_path
-    from ..io.readers import read_table
-
-    config = load_config(args.config)
-    table = read_table(args.table, what="samples table")
-    kinetics = patient_kinetics(table, config=config)
-    cohort = cohort_summary(kinetics, config=config)
-    # Both outputs or neither: write to temporaries, rename only when both are complete.
-    with atomic_path(args.out) as kinetics_tmp, atomic_path(args.cohort) as cohort_tmp:
-        kinetics.to_csv(kinetics_tmp, sep="\t", index=False, float_format="%.10g")
-        cohort.to_csv(cohort_tmp, sep="\t", index=False, float_format="%.10g")
-    log.info("%d patient x modality x measure rows", len(kinetics))

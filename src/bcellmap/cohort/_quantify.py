@@ -37,11 +37,9 @@ Definitions (flow and scRNA alike; the counts tables come from ``annotate`` and
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -242,25 +240,3 @@ def read_counts(paths: Sequence[str]) -> pd.DataFrame:
         frames.append(read_table(path, required=("sample_id", "lymphocytes", "b_cells"),
                                  what="counts table", one_row=True))
     return pd.concat(frames, ignore_index=True)
-
-
-def _lloq_events(config: Mapping[str, Any]) -> float:
-    return float(config["kinetics"]["lloq_events"])
-
-
-def _loq_events(config: Mapping[str, Any]) -> float:
-    return float(config["kinetics"]["loq_events"])
-
-
-def cli_quantify(args: argparse.Namespace) -> None:
-    """``bcellmap quantify``: counts tables + sheet -> results/tables/samples.tsv."""
-    from ..config import load_config
-    from ..io._atomic import write_tsv
-    from ..io.samplesheet import read_sample_sheet
-
-    config = load_config(args.config)
-    sheet = read_sample_sheet(args.samples, check_files=False)
-    table = quantify(read_counts(args.inputs), sheet, lloq_events=_lloq_events(config),
-                     loq_events=_loq_events(config))
-    write_tsv(table, args.out, float_format="%.10g")
-    log.info("%d samples quantified", len(table))

@@ -145,7 +145,6 @@ Singlet FSC-H is 0.85 times FSC-A (sigma 2.5%).
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import logging
 import os
@@ -1105,13 +1104,3 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
     log.info("simulated %d flow samples of %d events into %s", len(_design(seed)), n_events,
              outdir)
     return outdir / "samples.tsv"
-
-
-def cli_simulate(args: argparse.Namespace) -> None:
-    """``bcellmap simulate --out DIR [--preset P] [--seed S] [--events N] [--no-drift]
-    [--no-lymphopenic] [--no-scrna]``."""
-    sheet = simulate_cohort(args.out, preset=args.preset, seed=args.seed, scrna=not args.no_scrna,
-                            events_per_file=args.events,
-                            drift=not getattr(args, "no_drift", False),
-                            lymphopenic=not getattr(args, "no_lymphopenic", False))
-    print(f"{sheet}: demo cohort written")

@@ -50,7 +50,6 @@ skipped, and recorded as skipped in ``detail``, when its channels are absent.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -184,7 +183,7 @@ def scatter_gate_flags(fsc: np.ndarray, ssc: np.ndarray, *, fit_mask: np.ndarray
     if fit_index.size > _GMM_MAX_EVENTS:
         fit_index = np.sort(rng.choice(fit_index, _GMM_MAX_EVENTS, replace=False))
     mixture = GaussianMixture(n_components=n_components, covariance_type="full",
-                              random_state=seed, reg_covar=1e-4).fit(points[fit_index])
+                              random_state=seed, reg_covar=1e-4, n_init=5).fit(points[fit_index])
     means, covariances, weights = mixture.means_, mixture.covariances_, mixture.weights_
     candidates = np.flatnonzero(weights >= 0.05)
     top_fsc = means[candidates, 0].max()
@@ -442,14 +441,22 @@ def qc_table(steps: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], *
     return frame[list(QC_TABLE_COLUMNS)]
 
 
-def cli_collect_qc(args: argparse.Namespace) -> None:
-    """``bcellmap collect-qc``: concatenate per-sample QC tables into one table."""
+def collect_qc(tables: Sequence[Any]):
+    """The cohort QC table (``results/tables/qc.tsv``): per-sample QC tables, one after another.
+
+    Parameters
+    ----------
+    tables
+        Per-sample QC tables (:func:`qc_table`, ``results/qc/{sample_id}.tsv``), each with at
+        least the ``QC_TABLE_COLUMNS``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The rows of every table in the order given (an empty table when none is given).
+    """
     import pandas as pd
 
-    from ..io._atomic import write_tsv
-    from ..io.readers import read_table
-
-    frames = []
-    for path in args.inputs:
-        frames.append(read_table(path, required=QC_TABLE_COLUMNS, what="QC table"))
-    write_tsv(pd.concat(frames, ignore_index=True), args.out)
+    if not tables:
+        return pd.DataFrame(columns=list(QC_TABLE_COLUMNS))
+    return pd.concat(list(tables), ignore_index=True)

@@ -41,8 +41,6 @@ parameters, the references with their batches, and per batch the median shift pe
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -583,94 +581,94 @@ def normalise(
     return result
 
 
-def _read_h5ad(path: str | Path) -> Any:
-    from ..io.readers import read_h5ad
+def flow_sample_id(adata: Any, *, path: str | Path | None = None) -> str:
+    """The sample id of a flow AnnData: ``uns["sample"]["sample_id"]``, else the file name.
 
-    return read_h5ad(path, what="ingested flow sample")
+    Parameters
+    ----------
+    adata
+        An ingested flow sample.
+    path
+        The h5ad file it was read from; its name without ``.h5ad`` is the fallback id
+        (``"sample"`` without a path).
 
-
-def _sheet(args: argparse.Namespace, config: Mapping[str, Any]):
-    from ..io.samplesheet import read_sample_sheet
-
-    return read_sample_sheet(args.samples, panels=list(config["panels"]))
-
-
-def cli_train_normalisation(args: argparse.Namespace) -> None:
-    """Train the reference-sample normalisation (``bcellmap train-normalisation``).
-
-    ``args``: ``config`` (YAML or None), ``samples`` (sheet: batches and reference flags),
-    ``inputs`` (the references' flow h5ad), ``model`` (NPZ out), ``info`` (JSON out).
-    Every input must be a sample the sheet marks ``reference`` (with a batch).
+    Returns
+    -------
+    str
     """
-    from .. import __version__
-    from ..config import load_config
-    from ..io._atomic import atomic_path
-    from ..kernels.backend import get_backend
-
-    config = load_config(args.config)
-    options = normalisation_options(config)
-    sheet = _sheet(args, config)
-    references, batches, sample_ids = [], [], []
-    for raw_path in args.inputs:
-        path = Path(raw_path)
-        adata = _read_h5ad(path)
-        sample_id = _sample_id(adata, path.name.removesuffix(".h5ad"))
-        if sample_id not in sheet.index:
-            raise InputError(f"sample {sample_id!r} is not listed in the sample sheet "
-                             f"{args.samples}", path=path, sample_id=sample_id)
-        row = sheet.loc[sample_id]
-        if not bool(row["reference"]):
-            raise InputError(f"not marked as a reference in the sample sheet {args.samples} "
-                             f"(column 'reference'); only reference samples train the "
-                             f"normalisation", path=path, sample_id=sample_id)
-        references.append(adata)
-        batches.append(str(row["batch"]))
-        sample_ids.append(sample_id)
-    backend = get_backend(config)
-    model, info = train_normalisation(
-        references, batches, markers=options["markers"], quantiles=options["levels"].tolist(),
-        n_clusters=options["n_clusters"], events_per_sample=options["events_per_sample"],
-        min_cluster_events=options["min_cluster_events"], xdim=options["xdim"],
-        ydim=options["ydim"], rlen=options["rlen"], seed=options["seed"], backend=backend,
-        sample_ids=sample_ids, paths=list(args.inputs))
-    info = {"bcellmap_version": __version__, **info, "device_reason": backend.reason}
-    # Both outputs or neither: the model is renamed into place only after the JSON.
-    with atomic_path(args.model) as tmp_model:
-        model.save(tmp_model)
-        with atomic_path(args.info) as tmp_info:
-            tmp_info.write_text(json.dumps(info, indent=2) + "\n")
-    log.info("trained the normalisation of %d markers on %d references in %d batches",
-             len(options["markers"]), len(references), len(model.batches))
+    return _sample_id(adata, "sample" if path is None else Path(path).name.removesuffix(".h5ad"))
 
 
-def cli_normalise_flow(args: argparse.Namespace) -> None:
-    """Normalise one flow sample to the reference goal (``bcellmap normalise-flow``).
+def reference_batch(sheet: Any, sample_id: str, *, path: str | Path | None = None,
+                    sheet_path: str | Path | None = None) -> str:
+    """The batch of a reference sample, checking that the sample sheet marks it a reference.
 
-    ``args``: ``config``, ``input`` (flow h5ad), ``model`` (NPZ), ``out`` (h5ad), and the
-    batch: ``batch``, or ``samples`` (sheet) with ``sample_id`` (default: the sample id in
-    the h5ad).
+    Parameters
+    ----------
+    sheet
+        The sample sheet as ``bcellmap.io.samplesheet.read_sample_sheet`` returns it (indexed
+        by sample_id, with ``reference`` and ``batch`` columns).
+    sample_id
+        The sample (see :func:`flow_sample_id`).
+    path
+        The sample's h5ad file, for the error message.
+    sheet_path
+        The sample sheet's file, for the error message.
+
+    Returns
+    -------
+    str
+        The sample's batch.
+
+    Raises
+    ------
+    bcellmap.errors.InputError
+        The sheet does not list the sample, or does not mark it ``reference``: only reference
+        samples train the normalisation.
     """
-    from ..config import load_config
-    from ..io._atomic import write_h5ad
-    from ..kernels.backend import get_backend
+    if sample_id not in sheet.index:
+        raise InputError(f"sample {sample_id!r} is not listed in the sample sheet "
+                         f"{sheet_path}", path=path, sample_id=sample_id)
+    row = sheet.loc[sample_id]
+    if not bool(row["reference"]):
+        raise InputError(f"not marked as a reference in the sample sheet {sheet_path} "
+                         f"(column 'reference'); only reference samples train the "
+                         f"normalisation", path=path, sample_id=sample_id)
+    return str(row["batch"])
 
-    config = load_config(args.config)
-    path = Path(args.input)
-    model = NormalisationModel.load(args.model)
-    adata = _read_h5ad(path)
-    sample_id = args.sample_id or _sample_id(adata, path.name.removesuffix(".h5ad"))
-    if args.batch is not None:
-        batch = str(args.batch)
-    elif args.samples:
-        from ..io.samplesheet import sample_row
 
-        row = sample_row(_sheet(args, config), sample_id, path=args.samples)
-        batch = str(row["batch"])
-        if not batch:
-            raise InputError(f"has no batch in the sample sheet {args.samples}, so no "
-                             f"reference to normalise to", path=path, sample_id=sample_id)
-    else:
-        raise ConfigError("normalise-flow: give --batch, or --samples (with --sample-id)")
-    normalised = normalise(adata, model, batch=batch, backend=get_backend(config),
-                           model_path=args.model, sample_id=sample_id, path=path)
-    write_h5ad(normalised, args.out)
+def sample_batch(sheet: Any, sample_id: str, *, path: str | Path | None = None,
+                 sheet_path: str | Path | None = None) -> str:
+    """The batch a sample is normalised in, from the sample sheet.
+
+    Parameters
+    ----------
+    sheet
+        The sample sheet as ``bcellmap.io.samplesheet.read_sample_sheet`` returns it.
+    sample_id
+        The sample (see :func:`flow_sample_id`).
+    path
+        The sample's h5ad file, for the error message.
+    sheet_path
+        The sample sheet's file, for the error messages.
+
+    Returns
+    -------
+    str
+        The sample's batch (never empty).
+
+    Raises
+    ------
+    bcellmap.errors.SampleSheetError
+        The sheet does not list the sample.
+    bcellmap.errors.InputError
+        The sample has no batch, so no reference to normalise to.
+    """
+    from ..io.samplesheet import sample_row
+
+    row = sample_row(sheet, sample_id, path="" if sheet_path is None else sheet_path)
+    batch = str(row["batch"])
+    if not batch:
+        raise InputError(f"has no batch in the sample sheet {sheet_path}, so no "
+                         f"reference to normalise to", path=path, sample_id=sample_id)
+    return batch

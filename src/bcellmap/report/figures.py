@@ -2,8 +2,9 @@
 
 Every ``plot_*`` function takes tables (pandas DataFrames as written by ``quantify``,
 ``kinetics`` and ``collect-qc``) or pooled events and returns a matplotlib ``Figure``; key
-artists carry a ``gid`` so tests and users can read back what was drawn. :func:`cli_report`
-reads the workflow's tables and writes each figure as PNG and SVG under fixed file stems.
+artists carry a ``gid`` so tests and users can read back what was drawn. :func:`draw_report`
+draws them all from the workflow's tables (:func:`read_report_tables`) under fixed file stems,
+and :func:`save_figure` writes each as PNG and SVG (``bcellmap report``).
 
 Conventions shared by the figures: colour-blind-safe Okabe-Ito colours, at most 7 inches wide,
 fonts of at least 7 pt, B-cell levels on a log axis. A level at or below zero, or below the
@@ -18,15 +19,13 @@ pale, hatched and labelled with their event count.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -1871,32 +1870,76 @@ def _check_patient_id(patient_id: str, *, path: object) -> None:
         raise InputError(f"patient_id {patient_id!r} cannot be used in a file name", path=path)
 
 
-def cli_report(args: argparse.Namespace) -> None:
-    """``bcellmap report``: write every report figure as PNG and SVG into ``args.outdir``.
+def read_report_tables(samples_path: str | Path, kinetics_path: str | Path,
+                       qc_path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Read the tables the report draws: ``samples.tsv``, ``kinetics.tsv`` and ``qc.tsv``.
 
-    Reads ``args.samples_table``, ``args.kinetics``, ``args.qc`` and the annotated h5ads
-    (``args.annotated``, may be empty); ``args.cohort`` and ``args.model`` are not needed.
-    Every patient with a flow row in the samples table gets ``gates_{patient_id}``.
-    All figures are drawn before any is written, so bad input leaves no figure behind.
+    Parameters
+    ----------
+    samples_path, kinetics_path, qc_path
+        The workflow's tables (``results/tables/``).
+
+    Returns
+    -------
+    tuple of pandas.DataFrame
+        ``(samples, kinetics, qc)``, ids as text and ``samples["day"]`` numeric.
+
+    Raises
+    ------
+    bcellmap.errors.InputError
+        A table is missing or lacks a column the figures need, a day is empty or not a
+        number, or a patient id cannot be used in a file name.
     """
-    # Headless: the report only writes files (set here, not at import, so that a notebook
-    # importing bcellmap.pl keeps its own backend).
-    matplotlib.use("Agg")
-    from ..config import load_config
+    samples = _read_table(samples_path, _SAMPLES_COLUMNS)
+    samples["day"] = pd.to_numeric(samples["day"], errors="coerce")
+    if samples["day"].isna().any():
+        raise InputError("column 'day' has empty or non-numeric values", path=samples_path)
+    kinetics = _read_table(kinetics_path, _KINETICS_COLUMNS)
+    qc = _read_table(qc_path, _QC_COLUMNS)
+    for patient in samples["patient_id"].unique():
+        _check_patient_id(str(patient), path=samples_path)
+    return samples, kinetics, qc
 
-    config = load_config(args.config)
+
+def draw_report(samples: pd.DataFrame, kinetics: pd.DataFrame, qc: pd.DataFrame,
+                annotated_paths: Sequence[str | Path], *, config: Mapping[str, Any],
+                samples_path: str | Path | None = None) -> list[tuple[str, Figure]]:
+    """Draw every report figure, each with the file stem it is written under.
+
+    The figures: ``patient_{patient_id}`` per patient, ``cohort_trajectories``, ``swimmer``,
+    ``kaplan_meier``, ``composition_visits``, ``composition_baseline_vs_reconstitution``,
+    ``qc_removed``, ``flags``, ``cluster_heatmap``, ``embedding`` and ``gates_{patient_id}``
+    for every patient with a flow row in ``samples``. All are drawn before any is written
+    (:func:`save_figure`), so bad input leaves no figure behind; on an error the figures
+    drawn so far are closed.
+
+    Parameters
+    ----------
+    samples, kinetics, qc
+        The workflow's tables (:func:`read_report_tables`).
+    annotated_paths
+        Annotated h5ad files (may be empty), read a bounded number of events at a time.
+    config
+        The bcellmap config (``bcellmap.config.load_config``): ``seed``, ``report.*`` and
+        ``cluster.markers``.
+    samples_path
+        The samples table's file, for messages.
+
+    Returns
+    -------
+    list of (str, matplotlib.figure.Figure)
+        ``(file stem, figure)`` in writing order; the caller closes (or saves) them.
+
+    Raises
+    ------
+    bcellmap.errors.InputError
+        A patient id that cannot be a file name, or an unreadable annotated file.
+    """
     settings = config["report"]
     seed = int(config["seed"])
     min_b = int(settings["min_b_events_composition"])
-    samples = _read_table(args.samples_table, _SAMPLES_COLUMNS)
-    samples["day"] = pd.to_numeric(samples["day"], errors="coerce")
-    if samples["day"].isna().any():
-        raise InputError("column 'day' has empty or non-numeric values", path=args.samples_table)
-    kinetics = _read_table(args.kinetics, _KINETICS_COLUMNS)
-    qc = _read_table(args.qc, _QC_COLUMNS)
     for patient in samples["patient_id"].unique():
-        _check_patient_id(str(patient), path=args.samples_table)
-
+        _check_patient_id(str(patient), path=samples_path)
     figures: list[tuple[str, Figure]] = []
     try:
         for patient in sorted(samples["patient_id"].unique()):
@@ -1911,7 +1954,7 @@ def cli_report(args: argparse.Namespace) -> None:
             ("qc_removed", plot_qc_removed(qc)),
             ("flags", plot_flags(samples, kinetics)),
         ]
-        pooled = pool_annotated(args.annotated, markers=config["cluster"]["markers"],
+        pooled = pool_annotated(annotated_paths, markers=config["cluster"]["markers"],
                                 events_per_sample=int(settings["heatmap_events_per_sample"]),
                                 seed=seed)
         figures.append(("cluster_heatmap", plot_cluster_heatmap(pooled)))
@@ -1920,7 +1963,7 @@ def cli_report(args: argparse.Namespace) -> None:
             n_neighbors=int(settings["embedding_neighbors"]))))
         del pooled
         # Gates: one figure per patient with flow samples, its files read one at a time.
-        by_patient = gate_visits_by_patient(args.annotated, samples)
+        by_patient = gate_visits_by_patient(annotated_paths, samples)
         flow_patients = samples.loc[samples["modality"] == "flow", "patient_id"].astype(str)
         for patient in sorted(set(flow_patients)):
             visits = [read_gate_visit(path, samples=samples, seed=seed,
@@ -1930,17 +1973,14 @@ def cli_report(args: argparse.Namespace) -> None:
                                                            min_b_events=min_b)))
         for patient in sorted(set(by_patient) - set(flow_patients)):
             log.warning("annotated samples of patient %s have no flow row in %s: no gate "
-                        "figure", patient, args.samples_table)
+                        "figure", patient, samples_path or "the samples table")
     except BaseException:
-        for _, fig in figures:
-            plt.close(fig)
+        close_figures(figures)
         raise
-    dpi = int(settings["dpi"])
-    for index, (stem, fig) in enumerate(figures):
-        try:
-            save_figure(fig, args.outdir, stem, dpi=dpi)
-        except BaseException:
-            for _, rest in figures[index + 1:]:
-                plt.close(rest)
-            raise
-    log.info("wrote %d figures to %s", len(figures), args.outdir)
+    return figures
+
+
+def close_figures(figures: Sequence[tuple[str, Figure]]) -> None:
+    """Close every figure of ``(stem, figure)`` pairs (as :func:`draw_report` returns)."""
+    for _, fig in figures:
+        plt.close(fig)
