@@ -10,10 +10,6 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The repository root, so that the workflow runs from any working directory.
-BCELLMAP_ROOT = workflow.basedir
-
-
 configfile: workflow.source_path("config/config.yaml")
 
 
@@ -21,6 +17,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/setup.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/normalise.smk"
 include: "workflow/rules/cluster.smk"

@@ -136,3 +136,121 @@ def test_scaled_model_maps_consistently(tmp_path):
     cli_map_flow(argparse.Namespace(config=config, input=str(tmp_path / "a.h5ad"),
                                     model=args.model, out=str(out)))
     assert adjusted_rand_score(truth, ad.read_h5ad(out).obs["metacluster"]) > 0.95
+
+
+def test_train_events_caps_the_training_subsample_of_a_large_cohort(tmp_path):
+    paths = [tmp_path / f"s{i}.h5ad" for i in range(3)]
+    for i, path in enumerate(paths):
+        _flow_h5ad(path, f"s{i}", n=1500, seed=i)
+    _train(tmp_path, paths, _config(tmp_path, train_events=900))
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert [s["events_used"] for s in info["samples"]] == [300, 300, 300]
+    assert info["training_events"] == 900
+
+
+# --- the workflow's per-sample job: map + annotate in one process -------------------------------
+
+
+def _sheet_and_gates(tmp_path, sample_ids):
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame([{"sample_id": s, "patient_id": "P1", "day": 10 * i, "modality": "flow",
+                   "path": f"{s}.fcs"} for i, s in enumerate(sample_ids)]
+                 ).to_csv(sheet, sep="\t", index=False)
+    table = pd.DataFrame([("all", m, "pos", 2.0, "fixed") for m in MARKERS],
+                         columns=["group", "marker", "level", "threshold", "method"])
+    table.to_csv(tmp_path / "thresholds.tsv", sep="\t", index=False)
+    gates = pd.concat([table.drop(columns="group").assign(sample_id=s, group="all", parent="",
+                                                          n_events=0, flag="")
+                       for s in sample_ids])
+    gates.to_csv(tmp_path / "gates.tsv", sep="\t", index=False)
+    return sheet
+
+
+def test_map_annotate_flow_equals_map_flow_then_annotate(tmp_path):
+    from bcellmap.cli import main
+
+    paths = [tmp_path / f"s{i}.h5ad" for i in range(3)]
+    for i, path in enumerate(paths):
+        _flow_h5ad(path, f"s{i}", n=1500, seed=i)
+    # An ingested file carries the compensated layer (keep_intermediates, or bcellmap alone).
+    source = ad.read_h5ad(paths[1])
+    source.layers["compensated"] = source.X * 100
+    source.write_h5ad(paths[1])
+    config = _config(tmp_path)
+    args = _train(tmp_path, paths, config)
+    sheet = _sheet_and_gates(tmp_path, ["s0", "s1", "s2"])
+    common = ["--config", config, "--samples", str(sheet), "--sample-id", "s1",
+              "--thresholds", str(tmp_path / "thresholds.tsv"),
+              "--gates", str(tmp_path / "gates.tsv")]
+    old = tmp_path / "old"
+    cli_map_flow(argparse.Namespace(config=config, input=str(paths[1]), model=args.model,
+                                    out=str(old / "mapped.h5ad")))
+    assert main(["annotate", *common, "--input", str(old / "mapped.h5ad"),
+                 "--out", str(old / "annotated.h5ad"), "--counts", str(old / "counts.tsv"),
+                 "--lineage-qc", str(old / "lineage.tsv")]) == 0
+    new = tmp_path / "new"
+    assert main(["map-annotate-flow", *common, "--input", str(paths[1]), "--model", args.model,
+                 "--out", str(new / "annotated.h5ad"), "--counts", str(new / "counts.tsv"),
+                 "--lineage-qc", str(new / "lineage.tsv"),
+                 "--mapped", str(new / "mapped.h5ad")]) == 0
+
+    for name in ("counts.tsv", "lineage.tsv"):
+        assert (old / name).read_text() == (new / name).read_text(), name
+    before, after = ad.read_h5ad(old / "annotated.h5ad"), ad.read_h5ad(new / "annotated.h5ad")
+    pd.testing.assert_frame_equal(before.obs, after.obs)
+    assert np.array_equal(before.X, after.X)
+    # The layer the source file holds is left out; the mapped file is map-flow's.
+    assert list(before.layers) == ["compensated"] and not list(after.layers)
+    mapped_old, mapped_new = ad.read_h5ad(old / "mapped.h5ad"), ad.read_h5ad(new / "mapped.h5ad")
+    pd.testing.assert_frame_equal(mapped_old.obs, mapped_new.obs)
+    assert list(mapped_new.layers) == ["compensated"]
+    # --keep-layers keeps it in the annotated file too.
+    assert main(["map-annotate-flow", *common, "--input", str(paths[1]), "--model", args.model,
+                 "--out", str(new / "kept.h5ad"), "--counts", str(new / "counts.tsv"),
+                 "--lineage-qc", str(new / "lineage.tsv"), "--keep-layers"]) == 0
+    assert list(ad.read_h5ad(new / "kept.h5ad").layers) == ["compensated"]
+
+
+def test_map_annotate_flow_leaves_nothing_behind_on_failure(tmp_path):
+    from bcellmap.cli import main
+
+    paths = [tmp_path / f"s{i}.h5ad" for i in range(2)]
+    for i, path in enumerate(paths):
+        _flow_h5ad(path, f"s{i}", n=800, seed=i)
+    config = _config(tmp_path)
+    args = _train(tmp_path, paths, config)
+    sheet = _sheet_and_gates(tmp_path, ["s0"])  # no gates for s1
+    sheet_rows = pd.read_csv(sheet, sep="\t")
+    pd.concat([sheet_rows, sheet_rows.assign(sample_id="s1", day=5)]).to_csv(sheet, sep="\t",
+                                                                             index=False)
+    out = tmp_path / "out"
+    assert main(["map-annotate-flow", "--config", config, "--samples", str(sheet),
+                 "--sample-id", "s1", "--input", str(paths[1]), "--model", args.model,
+                 "--thresholds", str(tmp_path / "thresholds.tsv"),
+                 "--gates", str(tmp_path / "gates.tsv"), "--out", str(out / "a.h5ad"),
+                 "--counts", str(out / "c.tsv"), "--lineage-qc", str(out / "l.tsv"),
+                 "--mapped", str(out / "m.h5ad")]) == 1
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_gates_learned_on_ingested_files_equal_those_learned_on_mapped_ones(tmp_path):
+    """The thresholds step reads the QC-passed events of the ingested files (not mapped ones)."""
+    from bcellmap.flow.thresholds import cli_thresholds
+
+    ingested, mapped = tmp_path / "ingested", tmp_path / "mapped"
+    ingested.mkdir()
+    mapped.mkdir()
+    ids = [f"s{i}" for i in range(3)]
+    for i, sample_id in enumerate(ids):
+        _flow_h5ad(ingested / f"{sample_id}.h5ad", sample_id, n=3000, seed=i)
+        adata = ad.read_h5ad(ingested / f"{sample_id}.h5ad")
+        adata[adata.obs["qc_pass"].to_numpy()].copy().write_h5ad(mapped / f"{sample_id}.h5ad")
+    sheet = _sheet_and_gates(tmp_path, ids)
+    tables = {}
+    for folder in (ingested, mapped):
+        cli_thresholds(argparse.Namespace(
+            config=None, samples=str(sheet), inputs=[str(folder / f"{s}.h5ad") for s in ids],
+            out=str(folder / "thresholds.tsv"), gates=str(folder / "gates.tsv")))
+        tables[folder.name] = pd.read_csv(folder / "gates.tsv", sep="\t")
+    assert len(tables["ingested"]) >= 3 * 3  # CD3, CD19 and CD20 gates of every sample
+    pd.testing.assert_frame_equal(tables["ingested"], tables["mapped"])

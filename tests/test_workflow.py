@@ -236,3 +236,146 @@ def test_gpu_run_gives_the_same_tables(demo_run, tmp_path_factory):
         pd.testing.assert_frame_equal(cpu.drop(columns=cluster_columns),
                                       gpu.drop(columns=cluster_columns),
                                       check_exact=False, rtol=1e-6)
+
+
+# --- lean results, no parse-time side effects, rerun triggers ---------------------------------
+
+
+def test_parsing_writes_nothing(tmp_path):
+    """Building the DAG (a dry run) neither simulates the demo nor writes the config."""
+    (tmp_path / "my.yaml").write_text(f"demo:\n  outdir: {tmp_path / 'demo'}\n")
+    result = _snakemake("--cores", "1", "--configfile", "my.yaml", "-n", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    # The jobs that make them are planned instead.
+    assert "simulate_demo" in output and "write_config" in output
+    written = [p for p in tmp_path.rglob("*")
+               if ".snakemake" not in p.relative_to(tmp_path).parts and p.name != "my.yaml"]
+    assert written == []
+
+
+def test_demo_sheet_is_known_before_the_cohort_is_simulated(demo_run):
+    from bcellmap.cli.workflow import demo_sample_sheet
+    from bcellmap.io.samplesheet import read_sample_sheet
+
+    written = read_sample_sheet(demo_run / "demo" / "samples.tsv")
+    planned = demo_sample_sheet(demo_run / "demo", preset="fixture", seed=20241121)
+    pd.testing.assert_frame_equal(planned, written, check_like=True)
+
+
+def _input_bytes(run: Path) -> int:
+    sheet = pd.read_csv(run / "demo" / "samples.tsv", sep="\t")
+    paths = [run / "demo" / p for p in sheet["path"]]
+    return sum(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
+               else p.stat().st_size for p in paths)
+
+
+def test_results_are_at_most_one_and_a_half_times_the_input(demo_run):
+    import anndata as ad
+
+    results = demo_run / "results"
+    size = sum(p.stat().st_size for p in results.rglob("*") if p.is_file())
+    assert size <= 1.5 * _input_bytes(demo_run)
+    # The per-event intermediates are gone once used ...
+    for folder in ("flow", "mapped", "normalised", "scrna", "scrna_mapped"):
+        assert not list((results / folder).glob("*.h5ad")), folder
+    # ... and the annotated files keep the values and calls, not the source's layers.
+    sheet = pd.read_csv(demo_run / "demo" / "samples.tsv", sep="\t").set_index("modality")
+    for modality in ("flow", "scrna"):
+        sample_id = sheet.loc[modality, "sample_id"].iloc[0]
+        annotated = ad.read_h5ad(results / "annotated" / f"{sample_id}.h5ad")
+        assert not list(annotated.layers), modality
+        assert annotated.n_vars > 0 and {"event_index", "cell_type"} <= set(annotated.obs)
+
+
+def _edit(run: Path, edit: str, *args: str) -> str:
+    """Stdout of ``snakemake ARGS`` in ``run`` with ``edit`` (YAML) merged over its config."""
+    (run / "edit.yaml").write_text(edit)
+    return _snakemake("--cores", "1", "--configfile", "my.yaml", "edit.yaml", *args,
+                      cwd=run).stdout
+
+
+def _params_changed(run: Path, edit: str) -> set[str]:
+    """Rules with an output whose params changed after ``edit`` (``snakemake --summary``).
+
+    The summary judges every output on its own; the dry run's reasons do not name a params
+    change of a job that must rerun anyway because its input is remade.
+    """
+    rows = [line.split("\t") for line in _edit(run, edit, "--summary").splitlines()]
+    return {row[2] for row in rows[1:] if len(row) > 4 and row[4] == "params changed"}
+
+
+def _planned(run: Path, edit: str) -> set[str]:
+    """Rules of the jobs a dry run plans after ``edit``."""
+    return {line.split()[1].rstrip(":") for line in _edit(run, edit, "-n").splitlines()
+            if line.startswith(("rule ", "localrule "))}
+
+
+# Each edit (a config file merged over the run's) and the rules that read what it changes.
+RERUN_CASES = {
+    "annotate.thresholds": ("annotate:\n  thresholds:\n    fallback_sd: 3.5\n", {"thresholds"}),
+    "annotate.gating": ("annotate:\n  gating:\n    naive_sd: 2.5\n",
+                        {"thresholds", "map_annotate_flow"}),
+    "cluster.som": ("cluster:\n  som:\n    rlen: 5\n", {"train_flow"}),
+    "cluster.markers": ("cluster:\n  markers: [CD3, CD19, CD20, IgD, CD27, CD38]\n",
+                        {"train_flow", "report"}),
+    "scrna.annotate.car": ("scrna:\n  annotate:\n    car_min_counts: 2\n",
+                           {"map_annotate_scrna"}),
+    "scrna.annotate.markers": ("scrna:\n  annotate:\n    markers:\n      B: [MS4A1, CD79A]\n",
+                               {"train_scrna", "map_annotate_scrna"}),
+    "scrna.qc": ("scrna:\n  qc:\n    min_genes: 150\n", {"ingest_scrna"}),
+    "kinetics.depletion": ("kinetics:\n  depletion:\n    per_ul: 2.0\n", {"kinetics"}),
+    "kinetics.loq_events": ("kinetics:\n  loq_events: 40\n", {"quantify", "kinetics"}),
+    "report.dpi": ("report:\n  dpi: 100\n", {"report"}),
+    "ingest.qc": ("ingest:\n  qc:\n    doublets:\n      mad_cutoff: 5.0\n", {"ingest_flow"}),
+}
+
+
+@pytest.mark.parametrize("case", list(RERUN_CASES))
+def test_editing_a_setting_changes_the_params_of_exactly_the_rules_that_read_it(demo_run, case):
+    edit, readers = RERUN_CASES[case]
+    # write_config records the merged config; no rule reruns because it was rewritten.
+    assert _params_changed(demo_run, edit) == readers | {"write_config"}
+
+
+def test_kinetics_and_report_settings_rerun_nothing_upstream(demo_run):
+    assert _planned(demo_run, RERUN_CASES["kinetics.depletion"][0]) == {
+        "write_config", "kinetics", "report", "all"}
+    assert _planned(demo_run, RERUN_CASES["report.dpi"][0]) == {"write_config", "report", "all"}
+
+
+@pytest.fixture(scope="session")
+def kept_run(demo_run, tmp_path_factory) -> Path:
+    """Patient P01 of the demo (6 flow and 4 scRNA visits), run with keep_intermediates."""
+    run = tmp_path_factory.mktemp("kept")
+    sheet = pd.read_csv(demo_run / "demo" / "samples.tsv", sep="\t")
+    sheet = sheet[sheet["patient_id"] == "P01"]
+    sheet = pd.concat([sheet[sheet["modality"] == "flow"].head(6),
+                       sheet[sheet["modality"] == "scrna"]])
+    sheet["path"] = [str(demo_run / "demo" / p) for p in sheet["path"]]
+    sheet.to_csv(run / "samples.tsv", sep="\t", index=False)
+    (run / "my.yaml").write_text("samples: samples.tsv\ndevice: cpu\nkeep_intermediates: true\n"
+                                 "report: {enabled: false}\nscrna: {car_feature: CAR_FMC63}\n")
+    _snakemake("--cores", "2", "--configfile", "my.yaml", cwd=run,
+               env_extra={"BCELLMAP_DEVICE": "cpu"})
+    return run
+
+
+# Counting, the QC table and the cohort tables follow every per-sample job.
+_TABLES = {"collect_qc", "quantify", "kinetics", "concordance"}
+KEPT_CASES = {
+    "annotate.gating": {"thresholds", "map_annotate_flow", *_TABLES},
+    "cluster.som": {"train_flow", "map_annotate_flow", *_TABLES},
+    "scrna.annotate.car": {"map_annotate_scrna", *_TABLES} - {"collect_qc"},
+    "scrna.qc": {"ingest_scrna", "train_scrna", "map_annotate_scrna", *_TABLES},
+    "kinetics.depletion": {"kinetics"},
+}
+
+
+@pytest.mark.parametrize("case", list(KEPT_CASES))
+def test_with_kept_intermediates_an_edit_reruns_its_readers_and_what_follows(kept_run, case):
+    """No ingest (or other upstream step) reruns: the intermediates are there to be read."""
+    edit, readers = RERUN_CASES[case]
+    assert _params_changed(kept_run, edit) == readers | {"write_config"}
+    assert _planned(kept_run, edit) == KEPT_CASES[case] | {"write_config", "all"}
+    for folder in ("flow", "mapped", "scrna", "scrna_mapped"):
+        assert list((kept_run / "results" / folder).glob("*.h5ad")), folder

@@ -1,47 +1,67 @@
-# Annotation: hierarchical gates learned on the registered, pooled cohort (bcellmap.flow.gating),
-# mapped onto every sample's own scale, then applied per sample.
+# Gates and the per-sample flow job. The gates are learned once on the registered, pooled
+# cohort (bcellmap.flow.gating) from the QC-passed events of the ingested files, and mapped
+# onto every sample's own scale. Then one job per sample, from the cohort model to its counts:
+# map to the SOM, annotate with its gates, count, lineage-gate QC row (map-annotate-flow).
 
 
 rule thresholds:
     input:
-        expand("results/mapped/{sample_id}.h5ad", sample_id=FLOW_SAMPLES),
+        h5ads=flow_h5ads,
+        sheet=ancient(SAMPLE_SHEET),
     output:
         cohort="results/models/thresholds.tsv",
         gates="results/models/gates.tsv",
     params:
-        config=CONFIG_FILE,
-        sheet=SAMPLE_SHEET,
-        settings=lambda wildcards: [config["annotate"], config["seed"]],
+        config=config_json,
+        settings=settings("annotate", "seed"),
+        subset_rules=subset_rules_text(),
+        # Gating groups (panel, batch) and baseline pools (day) come from the sheet.
+        sheet=sheet_records(["day", "panel", "batch"], modality="flow"),
+    # A cohort step: every per-sample job after it waits for it, so it goes first.
+    priority: 10
     log:
         "logs/thresholds.log",
+    benchmark:
+        "logs/benchmarks/thresholds.tsv"
     conda:
         CONDA_ENV
     shell:
-        "bcellmap thresholds --config {params.config} --samples {params.sheet}"
-        " --inputs {input} --out {output.cohort} --gates {output.gates} 2> {log}"
+        "bcellmap thresholds --config-json {params.config:q} --samples {input.sheet}"
+        " --inputs {input.h5ads} --out {output.cohort} --gates {output.gates} 2> {log}"
 
 
-rule annotate:
+rule map_annotate_flow:
     input:
-        h5ad="results/mapped/{sample_id}.h5ad",
+        h5ad=flow_h5ad,
+        model="results/models/flow_som.npz",
         thresholds="results/models/thresholds.tsv",
         gates="results/models/gates.tsv",
+        sheet=ancient(SAMPLE_SHEET),
     output:
         h5ad="results/annotated/{sample_id}.h5ad",
         counts="results/counts/{sample_id}.tsv",
         lineage_qc="results/qc/{sample_id}.lineage.tsv",
+        **({"mapped": "results/mapped/{sample_id}.h5ad"} if KEEP else {}),
     params:
-        config=CONFIG_FILE,
-        sheet=SAMPLE_SHEET,
-        subset_rules=lambda wildcards: subset_rules_text(),
+        config=config_json,
+        settings=settings("annotate.gating", "annotate.subsets", "device"),
+        subset_rules=subset_rules_text(),
+        sample=sample_record,
+        keep=lambda wildcards, output: (
+            f"--mapped {output.mapped} --keep-layers" if KEEP else ""
+        ),
     wildcard_constraints:
         sample_id=FLOW_SAMPLE,
+    resources:
+        gpu=PER_SAMPLE_GPU,
     log:
-        "logs/annotate/{sample_id}.log",
+        "logs/map_annotate_flow/{sample_id}.log",
+    benchmark:
+        "logs/benchmarks/map_annotate_flow/{sample_id}.tsv"
     conda:
-        CONDA_ENV
+        CONDA_ENV_CLUSTER
     shell:
-        "bcellmap annotate --config {params.config} --samples {params.sheet}"
-        " --sample-id {wildcards.sample_id} --input {input.h5ad}"
+        "bcellmap map-annotate-flow --config-json {params.config:q} --samples {input.sheet}"
+        " --sample-id {wildcards.sample_id} --input {input.h5ad} --model {input.model}"
         " --thresholds {input.thresholds} --gates {input.gates} --out {output.h5ad}"
-        " --counts {output.counts} --lineage-qc {output.lineage_qc} 2> {log}"
+        " --counts {output.counts} --lineage-qc {output.lineage_qc} {params.keep} 2> {log}"

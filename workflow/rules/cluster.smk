@@ -1,44 +1,28 @@
-# Clustering: one cohort-wide SOM fit on a bounded subsample, then one mapping job per sample.
-# Both ask for a GPU (resources: gpu=1) so a cluster profile sends them to GPU nodes.
+# Flow clustering: one cohort-wide SOM fit on a bounded subsample (cluster.events_per_sample
+# per sample), then the per-sample job (annotate.smk) maps every event to it. Training asks
+# for a GPU (resources: gpu=1) so that a cluster profile sends it to GPU nodes.
 
 
 rule train_flow:
     input:
-        flow_h5ads,
+        h5ads=flow_h5ads,
     output:
         model="results/models/flow_som.npz",
         info="results/models/flow_som.json",
     params:
-        config=CONFIG_FILE,
-        settings=lambda wildcards: [config["cluster"], config["device"], config["seed"]],
+        config=config_json,
+        settings=settings("cluster", "device", "seed"),
     threads: 2
     resources:
         gpu=1,
+    # A cohort step: every per-sample job after it waits for it, so it goes first.
+    priority: 10
     log:
         "logs/train_flow.log",
+    benchmark:
+        "logs/benchmarks/train_flow.tsv"
     conda:
         CONDA_ENV_CLUSTER
     shell:
-        "bcellmap train-flow --config {params.config} --inputs {input}"
+        "bcellmap train-flow --config-json {params.config:q} --inputs {input.h5ads}"
         " --model {output.model} --info {output.info} 2> {log}"
-
-
-rule map_flow:
-    input:
-        h5ad=flow_h5ad,
-        model="results/models/flow_som.npz",
-    output:
-        "results/mapped/{sample_id}.h5ad",
-    params:
-        config=CONFIG_FILE,
-    wildcard_constraints:
-        sample_id=FLOW_SAMPLE,
-    resources:
-        gpu=1,
-    log:
-        "logs/map_flow/{sample_id}.log",
-    conda:
-        CONDA_ENV_CLUSTER
-    shell:
-        "bcellmap map-flow --config {params.config} --input {input.h5ad}"
-        " --model {input.model} --out {output} 2> {log}"

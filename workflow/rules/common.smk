@@ -1,22 +1,33 @@
-# Configuration, sample sheet and input functions shared by every rule.
+# Configuration, sample sheet, rerun triggers and input functions shared by every rule.
+#
+# Parsing writes nothing and runs nothing: the demo cohort is made by rule simulate_demo (its
+# sample list is a pure function of demo.preset and demo.seed), results/config.yaml by rule
+# write_config. Each command gets the merged config on its command line (--config-json: the
+# differences from the package defaults), and each rule reruns when the settings it reads
+# change (its `settings` param names the config sections or keys), not for any edit.
 
+import json
 import sys
 from pathlib import Path
 
-import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-# Import the package from this checkout, so the workflow and its commands agree.
-sys.path.insert(0, str(Path(BCELLMAP_ROOT) / "src"))
-from bcellmap.config import default_config, merge  # noqa: E402
-from bcellmap.errors import BcellmapError  # noqa: E402
-from bcellmap.io.samplesheet import read_sample_sheet  # noqa: E402
+# bcellmap is imported as installed (`pip install -e .`, README), the same package the rules'
+# `bcellmap` commands run; no sys.path manipulation.
+try:
+    from bcellmap.cli.workflow import demo_sample_sheet, settings_text
+    from bcellmap.config import check_config_keys, default_config, merge
+    from bcellmap.errors import BcellmapError
+    from bcellmap.io.samplesheet import normalisation_active, read_sample_sheet
+except ImportError as error:
+    raise WorkflowError(
+        f"the bcellmap package cannot be imported ({error}); install it into the environment "
+        f"that runs snakemake: pip install -e {workflow.basedir}"
+    ) from None
 
 # Package defaults under the user's values (config.yaml, --configfile, --config); an
 # unknown key (a typo such as `devise`) is an error with a "did you mean".
-from bcellmap.config import check_config_keys  # noqa: E402
-
 try:
     check_config_keys(dict(config), source="config")
 except BcellmapError as error:
@@ -26,34 +37,52 @@ config.clear()
 config.update(_merged)
 validate(config, schema="../schemas/config.schema.yaml")
 
-
-def _sample_sheet_path() -> Path:
-    """The user's sample sheet, or the demo cohort's (simulated on first use)."""
-    if config["samples"] != "demo":
-        return Path(config["samples"])
-    demo = config["demo"]
-    sheet = Path(demo["outdir"]) / "samples.tsv"
-    if not sheet.exists():
-        from bcellmap.demo.simulate import simulate_cohort
-
-        logger.info(f"bcellmap: simulating the demo cohort into {demo['outdir']} (first run)")
-        simulate_cohort(demo["outdir"], preset=demo["preset"], seed=demo["seed"])
-    return sheet
+# keep_intermediates: false (default) deletes the per-event intermediates once every job that
+# reads them has run, and leaves the annotated files without the layers the source files hold.
+KEEP = bool(config["keep_intermediates"])
 
 
-SAMPLE_SHEET = _sample_sheet_path().resolve()
-# Preflight (bcellmap.preflight, as `bcellmap check-samples --deep`): every sheet line and
-# every file's header, all problems listed at once, before any job. Only in the main
-# process (not in cluster jobs) and not for --lint; the GPU is checked in onstart (below),
-# where it is known whether jobs run on this machine.
-if workflow.is_main_process and config["preflight"] and "--lint" not in sys.argv:
-    from bcellmap.preflight import run_preflight
+def intermediate(path: str):
+    """A per-event intermediate file: temp() unless keep_intermediates."""
+    return path if KEEP else temp(path)
 
-    _preflight = run_preflight(SAMPLE_SHEET, config, check_gpu=False)
-    if not _preflight.ok:
-        raise WorkflowError(_preflight.format())
-    for _finding in _preflight.warnings:
-        logger.warning(f"bcellmap preflight: {_finding.text}")
+
+def settings(*keys: str) -> str:
+    """The config values (dotted keys) a rule reads, as canonical text; its rerun trigger."""
+    return settings_text(config, keys)
+
+
+# --- samples ---------------------------------------------------------------------------------
+
+DEMO = config["samples"] == "demo"
+if DEMO:
+    # The demo sheet as the simulator will write it; rule simulate_demo makes the files.
+    try:
+        samples = demo_sample_sheet(
+            config["demo"]["outdir"], preset=config["demo"]["preset"], seed=config["demo"]["seed"]
+        )
+    except BcellmapError as error:
+        raise WorkflowError(str(error)) from None
+    SAMPLE_SHEET = f"{str(config['demo']['outdir']).rstrip('/')}/samples.tsv"
+else:
+    SAMPLE_SHEET = str(config["samples"])
+    # Preflight (bcellmap.preflight, as `bcellmap check-samples --deep`): every sheet line and
+    # every file's header, all problems listed at once, before any job (so at parse time: it
+    # reads, never writes). Only in the main process (not in cluster jobs) and not for
+    # --lint; the GPU is checked in onstart (below), where it is known whether jobs run here.
+    if workflow.is_main_process and config["preflight"] and "--lint" not in sys.argv:
+        from bcellmap.preflight import run_preflight
+
+        _preflight = run_preflight(SAMPLE_SHEET, config, check_gpu=False)
+        if not _preflight.ok:
+            raise WorkflowError(_preflight.format())
+        for _finding in _preflight.warnings:
+            logger.warning(f"bcellmap preflight: {_finding.text}")
+    try:
+        samples = read_sample_sheet(SAMPLE_SHEET, panels=list(config["panels"]))
+    except BcellmapError as error:
+        raise WorkflowError(str(error)) from None
+validate(samples, schema="../schemas/samples.schema.yaml")
 
 
 onstart:
@@ -66,32 +95,72 @@ onstart:
             raise WorkflowError(f"bcellmap preflight: {_gpu.errors[0].text}")
 
 
-try:
-    samples = read_sample_sheet(SAMPLE_SHEET, panels=list(config["panels"]))
-except BcellmapError as error:
-    raise WorkflowError(str(error)) from None
-validate(samples, schema="../schemas/samples.schema.yaml")
-
 FLOW_SAMPLES = samples.loc[samples["modality"] == "flow", "sample_id"].tolist()
 SCRNA_SAMPLES = samples.loc[samples["modality"] == "scrna", "sample_id"].tolist()
 PATIENTS = sorted(samples["patient_id"].unique())
 
-
-def _write_effective_config(path: Path) -> Path:
-    """Write the merged config for the commands; rewrite only when it changed."""
-    text = yaml.safe_dump(dict(config), sort_keys=True)
-    if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return path.resolve()
-
-
-CONFIG_FILE = _write_effective_config(Path("results/config.yaml"))
+# The merged config, written by rule write_config for the record; no rule reads it (see
+# config_json).
+CONFIG_FILE = "results/config.yaml"
 CONDA_ENV = "../../envs/bcellmap.yaml"
 # The clustering rules use the CuPy environment when the config asks for the GPU.
 CONDA_ENV_CLUSTER = (
     "../../envs/bcellmap-gpu.yaml" if config["device"] == "gpu" else "../../envs/bcellmap.yaml"
 )
+
+
+def _per_sample_gpu() -> int:
+    """`resources: gpu` of the per-sample jobs: 1 only where they will use a GPU.
+
+    The cohort training jobs always ask for one. A per-sample job maps one sample (seconds on
+    the CPU); asking for the GPU with device auto on a machine without one would run them
+    one at a time under the default profile's `gpu: 1`, for nothing.
+    """
+    import os
+
+    device = os.environ.get("BCELLMAP_DEVICE", "").strip().lower() or config["device"]
+    if device == "cpu":
+        return 0
+    if device == "gpu" or not workflow.local_exec:
+        return 1
+    from bcellmap.kernels.backend import gpu_status
+
+    return int(gpu_status()[0])
+
+
+PER_SAMPLE_GPU = _per_sample_gpu()
+
+
+def config_overrides() -> str:
+    """The merged config's differences from the package defaults, as JSON (write_config)."""
+
+    def diff(merged, defaults):
+        out = {}
+        for key, value in merged.items():
+            if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+                nested = diff(value, defaults[key])
+                if nested:
+                    out[key] = nested
+            elif key not in defaults or defaults[key] != value:
+                out[key] = value
+        return out
+
+    return json.dumps(diff(dict(config), default_config()), sort_keys=True)
+
+
+CONFIG_OVERRIDES = config_overrides()
+
+
+def config_json(wildcards, input) -> str:
+    """What a command gets as --config-json: the config's differences from the defaults.
+
+    A function of `input` on purpose: Snakemake leaves params derived from input out of its
+    params rerun trigger, so a rule reruns when the settings it reads change (its `settings`
+    param), not for every edit of the config. (A config file that every rule takes as an
+    input cannot do this: Snakemake does not re-check the params of the jobs below a job
+    that must run, and the file's writer must run after every edit.)
+    """
+    return CONFIG_OVERRIDES
 
 
 def _one_of(names) -> str:
@@ -108,6 +177,24 @@ SCRNA_SAMPLE = _one_of(SCRNA_SAMPLES)
 def sample_path(wildcards) -> str:
     """The data file of one sample, as the sheet resolves it."""
     return samples.loc[wildcards.sample_id, "path"]
+
+
+def _records(sample_ids, columns) -> str:
+    frame = samples.loc[list(sample_ids), list(columns)]
+    return frame.astype(str).to_json(orient="index")
+
+
+def sample_record(wildcards) -> str:
+    """The sample's sheet row: a per-sample rerun trigger (a corrected day, panel, count)."""
+    return _records([wildcards.sample_id], samples.columns)
+
+
+def sheet_records(columns=None, modality=None) -> str:
+    """Sheet rows (of one modality, some columns): a cohort rule's rerun trigger."""
+    ids = samples["sample_id"] if modality is None else (
+        FLOW_SAMPLES if modality == "flow" else SCRNA_SAMPLES
+    )
+    return _records(ids, columns or samples.columns)
 
 
 def subset_rules_text() -> str:
@@ -153,6 +240,7 @@ def _flow_patients() -> list[str]:
 
 def all_targets() -> list[str]:
     targets = [
+        CONFIG_FILE,
         "results/tables/samples.tsv",
         "results/tables/kinetics.tsv",
         "results/tables/cohort.tsv",
@@ -209,8 +297,6 @@ def report_outputs() -> list:
 # Reference-sample batch normalisation (normalise.smk): on for normalisation.method
 # "reference", or "auto" with a reference marked in the sheet; then every batch of flow
 # samples needs a reference, checked here before any job runs.
-from bcellmap.io.samplesheet import normalisation_active  # noqa: E402
-
 try:
     NORMALISE = normalisation_active(
         samples, method=config["normalisation"]["method"], path=SAMPLE_SHEET
@@ -233,12 +319,13 @@ def reference_batches() -> list[list[str]]:
 
 
 def flow_h5ad(wildcards) -> str:
-    """The flow file clustering reads: normalised when normalisation is on."""
+    """The flow file clustering and gating read: normalised when normalisation is on."""
     folder = "normalised" if NORMALISE else "flow"
     return f"results/{folder}/{wildcards.sample_id}.h5ad"
 
 
 def flow_h5ads(wildcards=None) -> list[str]:
-    """flow_h5ad of every flow sample (train_flow's input)."""
+    """flow_h5ad of every flow sample (train_flow's and thresholds' input)."""
     folder = "normalised" if NORMALISE else "flow"
     return [f"results/{folder}/{sample_id}.h5ad" for sample_id in FLOW_SAMPLES]
+

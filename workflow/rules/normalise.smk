@@ -1,55 +1,56 @@
 # Reference-sample batch normalisation (normalisation.method; config/README.md): one model
-# learned on the references of every batch, then one job per flow sample. Clustering reads
-# results/normalised/ instead of results/flow/ when it is on (flow_h5ad in common.smk).
+# learned on the references of every batch, then one job per flow sample. Clustering and
+# gating read results/normalised/ instead of results/flow/ when it is on (flow_h5ad in
+# common.smk); both are intermediates (keep_intermediates).
 
 
 rule train_normalisation:
     input:
-        reference_h5ads,
+        h5ads=reference_h5ads,
+        sheet=ancient(SAMPLE_SHEET),
     output:
         model="results/models/normalisation.npz",
         info="results/models/normalisation.json",
     params:
-        config=CONFIG_FILE,
-        sheet=SAMPLE_SHEET,
-        settings=lambda wildcards: [
-            config["normalisation"],
-            config["cluster"]["markers"],
-            config["device"],
-            config["seed"],
-            reference_batches(),
-        ],
+        config=config_json,
+        settings=settings("normalisation", "cluster.markers", "device", "seed"),
+        references=reference_batches(),
     threads: 2
     resources:
         gpu=1,
     log:
         "logs/train_normalisation.log",
+    benchmark:
+        "logs/benchmarks/train_normalisation.tsv"
     conda:
         CONDA_ENV_CLUSTER
     shell:
-        "bcellmap train-normalisation --config {params.config} --samples {params.sheet}"
-        " --inputs {input} --model {output.model} --info {output.info} 2> {log}"
+        "bcellmap train-normalisation --config-json {params.config:q} --samples {input.sheet}"
+        " --inputs {input.h5ads} --model {output.model} --info {output.info} 2> {log}"
 
 
 rule normalise_flow:
     input:
         h5ad="results/flow/{sample_id}.h5ad",
         model="results/models/normalisation.npz",
+        sheet=ancient(SAMPLE_SHEET),
     output:
-        "results/normalised/{sample_id}.h5ad",
+        intermediate("results/normalised/{sample_id}.h5ad"),
     params:
-        config=CONFIG_FILE,
-        sheet=SAMPLE_SHEET,
+        config=config_json,
+        settings=settings("device"),
         batch=lambda wildcards: samples.loc[wildcards.sample_id, "batch"],
     wildcard_constraints:
         sample_id=FLOW_SAMPLE,
     resources:
-        gpu=1,
+        gpu=PER_SAMPLE_GPU,
     log:
         "logs/normalise_flow/{sample_id}.log",
+    benchmark:
+        "logs/benchmarks/normalise_flow/{sample_id}.tsv"
     conda:
         CONDA_ENV_CLUSTER
     shell:
-        "bcellmap normalise-flow --config {params.config} --samples {params.sheet}"
+        "bcellmap normalise-flow --config-json {params.config:q} --samples {input.sheet}"
         " --sample-id {wildcards.sample_id} --input {input.h5ad} --model {input.model}"
         " --out {output} 2> {log}"

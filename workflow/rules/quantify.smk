@@ -3,37 +3,43 @@
 
 rule quantify:
     input:
-        counts_tables,
+        counts=counts_tables,
+        sheet=ancient(SAMPLE_SHEET),
     output:
         "results/tables/samples.tsv",
     params:
-        config=CONFIG_FILE,
-        sheet=SAMPLE_SHEET,
-        settings=lambda wildcards: [config["kinetics"]["lloq_events"], config["kinetics"]["loq_events"]],
+        config=config_json,
+        settings=settings("kinetics.lloq_events", "kinetics.loq_events"),
+        # Patient, day, clinical counts and the other columns come from the sheet.
+        sheet=sheet_records(),
     log:
         "logs/quantify.log",
+    benchmark:
+        "logs/benchmarks/quantify.tsv"
     conda:
         CONDA_ENV
     shell:
-        "bcellmap quantify --config {params.config} --samples {params.sheet}"
-        " --inputs {input} --out {output} 2> {log}"
+        "bcellmap quantify --config-json {params.config:q} --samples {input.sheet}"
+        " --inputs {input.counts} --out {output} 2> {log}"
 
 
 rule kinetics:
     input:
-        "results/tables/samples.tsv",
+        table="results/tables/samples.tsv",
     output:
         kinetics="results/tables/kinetics.tsv",
         cohort="results/tables/cohort.tsv",
     params:
-        config=CONFIG_FILE,
-        settings=lambda wildcards: config["kinetics"],
+        config=config_json,
+        settings=settings("kinetics"),
     log:
         "logs/kinetics.log",
+    benchmark:
+        "logs/benchmarks/kinetics.tsv"
     conda:
         CONDA_ENV
     shell:
-        "bcellmap kinetics --config {params.config} --table {input}"
+        "bcellmap kinetics --config-json {params.config:q} --table {input.table}"
         " --out {output.kinetics} --cohort {output.cohort} 2> {log}"
 
 
@@ -44,6 +50,8 @@ rule concordance:
         "results/tables/concordance.tsv",
     log:
         "logs/concordance.log",
+    benchmark:
+        "logs/benchmarks/concordance.tsv"
     conda:
         CONDA_ENV
     shell:

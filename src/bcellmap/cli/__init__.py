@@ -7,25 +7,27 @@ their subcommand runs, so ``bcellmap --help`` and per-sample jobs stay fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 from .. import __version__
 
 # subcommand -> (module, function, help). The function takes the parsed arguments.
 _COMMANDS: dict[str, tuple[str, str, str]] = {
-    "simulate": ("bcellmap.demo.simulate", "cli_simulate",
+    "simulate": ("bcellmap.cli.demo", "cli_simulate",
                  "write the simulated demo cohort (FCS files, sample sheet, truth tables)"),
     "check-samples": ("bcellmap.cli", "_cli_check_samples",
                       "validate a sample sheet (--deep: and every file's header)"),
     "ingest-flow": ("bcellmap.flow.ingest", "cli_ingest_flow",
                     "read one FCS sample: compensate, transform, QC -> h5ad"),
-    "collect-qc": ("bcellmap.flow._qc", "cli_collect_qc", "combine per-sample QC tables"),
-    "train-normalisation": ("bcellmap.flow.normalise", "cli_train_normalisation",
+    "collect-qc": ("bcellmap.cli.flow", "cli_collect_qc", "combine per-sample QC tables"),
+    "train-normalisation": ("bcellmap.cli.flow", "cli_train_normalisation",
                             "learn per-batch quantile maps from the reference (anchor) samples"),
-    "normalise-flow": ("bcellmap.flow.normalise", "cli_normalise_flow",
+    "normalise-flow": ("bcellmap.cli.flow", "cli_normalise_flow",
                        "normalise one flow sample to the reference goal of its batch"),
     "train-flow": ("bcellmap.flow.cluster", "cli_train_flow",
                    "fit the cohort SOM and metaclusters on a subsample of every sample"),
@@ -35,27 +37,38 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                    "learn positive/negative marker thresholds on the pooled cohort"),
     "annotate": ("bcellmap.flow.annotate", "cli_annotate",
                  "label one sample's events: cell type and B-cell subset"),
-    "quantify": ("bcellmap.cohort._quantify", "cli_quantify",
+    "quantify": ("bcellmap.cli.cohort", "cli_quantify",
                  "per-sample counts and frequencies -> results/tables/samples.tsv"),
-    "kinetics": ("bcellmap.cohort._kinetics", "cli_kinetics",
+    "kinetics": ("bcellmap.cli.cohort", "cli_kinetics",
                  "per-patient depletion and reconstitution, cohort summary"),
-    "concordance": ("bcellmap.cohort._concordance", "cli_concordance",
+    "concordance": ("bcellmap.cli.cohort", "cli_concordance",
                     "flow vs scRNA B-cell frequencies at visits measured both ways"),
-    "report": ("bcellmap.report.figures", "cli_report", "figures for the Snakemake report"),
+    "report": ("bcellmap.cli.report", "cli_report", "figures for the Snakemake report"),
     "ingest-scrna": ("bcellmap.scrna.ingest", "cli_ingest_scrna",
                      "read one scRNA sample (10x .h5, mtx folder, .h5ad): QC, normalise -> h5ad"),
     "train-scrna": ("bcellmap.scrna.cluster", "cli_train_scrna",
                     "cohort PCA + kNN + Leiden on a bounded subsample of every scRNA sample"),
     "map-scrna": ("bcellmap.scrna.cluster", "cli_map_scrna",
                   "label every cell of one scRNA sample by kNN transfer from the cohort model"),
-    "annotate-scrna": ("bcellmap.scrna.annotate", "cli_annotate_scrna",
+    "annotate-scrna": ("bcellmap.cli.scrna", "cli_annotate_scrna",
                        "label one scRNA sample's cells: cell type, B-cell subset, CAR-T"),
+    "map-annotate-flow": ("bcellmap.cli.sample", "cli_map_annotate_flow",
+                          "map-flow, then annotate, in one process (the workflow's per-sample "
+                          "job)"),
+    "map-annotate-scrna": ("bcellmap.cli.sample", "cli_map_annotate_scrna",
+                           "map-scrna, then annotate-scrna, in one process (the workflow's "
+                           "per-sample job)"),
+    "write-config": ("bcellmap.cli.workflow", "cli_write_config",
+                     "write the merged config (overrides of the defaults, JSON) as checked YAML"),
 }
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", default=None,
                         help="config file merged over the package defaults")
+    parser.add_argument("--config-json", metavar="JSON", default=None,
+                        help="settings (JSON mapping) merged over --config and the defaults; "
+                             "the workflow passes its config's differences from the defaults")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fcs", metavar="FCS", help="read this file instead of a sheet's row")
     s.add_argument("--out", required=True, metavar="H5AD")
     s.add_argument("--qc", required=True, metavar="TSV", help="per-sample QC table")
+    s.add_argument("--no-layers", action="store_true",
+                   help="leave out layers['compensated'] (no later step reads it)")
 
     s = p["collect-qc"]
     s.add_argument("--inputs", required=True, nargs="+", metavar="TSV")
@@ -209,6 +224,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protein-thresholds", default=None, metavar="TSV",
                    help="cohort CITE-seq protein gates from train-scrna (default: learned on "
                         "this sample alone, with a warning)")
+
+    for name, modality in (("map-annotate-flow", "flow"), ("map-annotate-scrna", "scrna")):
+        s = p[name]
+        _add_common(s)
+        s.add_argument("--samples", required=True, metavar="TSV")
+        s.add_argument("--sample-id", required=True, metavar="ID")
+        s.add_argument("--input", required=True, metavar="H5AD",
+                       help=f"the sample's ingested {modality} h5ad")
+        s.add_argument("--model", required=True, metavar="NPZ")
+        if modality == "flow":
+            s.add_argument("--thresholds", required=True, metavar="TSV",
+                           help="cohort reference gates")
+            s.add_argument("--gates", required=True, metavar="TSV",
+                           help="every sample's own gates")
+        else:
+            s.add_argument("--protein-thresholds", default=None, metavar="TSV",
+                           help="cohort CITE-seq protein gates from train-scrna")
+        s.add_argument("--out", required=True, metavar="H5AD", help="annotated h5ad")
+        s.add_argument("--counts", required=True, metavar="TSV", help="per-sample counts table")
+        if modality == "flow":
+            s.add_argument("--lineage-qc", required=True, metavar="TSV",
+                           help="per-sample lineage-gate QC row")
+        s.add_argument("--mapped", default=None, metavar="H5AD",
+                       help=f"also write the mapped h5ad (as map-{modality} does)")
+        s.add_argument("--keep-layers", action="store_true",
+                       help="keep every layer in the annotated h5ad (default: leave out the "
+                            "one the source file holds: flow compensated, scRNA counts)")
+        s.add_argument("--compression", choices=["gzip", "lzf", "none"], default="gzip",
+                       help="h5ad compression of the annotated file (default gzip)")
+
+    s = p["write-config"]
+    s.add_argument("--json", required=True, metavar="TEXT",
+                   help="the merged config as JSON (the workflow passes it)")
+    s.add_argument("--out", required=True, metavar="YAML")
     return parser
 
 
@@ -234,6 +283,51 @@ def _cli_check_samples(args: argparse.Namespace) -> None:
     print(f"{args.samples}: {len(sheet)} samples, {sheet['patient_id'].nunique()} patients: ok")
 
 
+@contextlib.contextmanager
+def _config_with_json(args: argparse.Namespace) -> Iterator[None]:
+    """Point ``args.config`` at ``--config`` with ``--config-json`` merged in, while it runs.
+
+    Every command reads its settings with ``load_config(args.config)``; the merged mapping is
+    handed to it as a temporary YAML file (removed afterwards), checked there like any
+    config file.
+    """
+    text = getattr(args, "config_json", None)
+    if text is None:
+        yield
+        return
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from ..config import check_config_keys, load_config, merge
+    from ..errors import ConfigError
+
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--config-json is not valid JSON ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError("--config-json must be a mapping of keys")
+    # Checked here, so that a problem names --config-json or the user's file, not the
+    # temporary file.
+    check_config_keys(overrides, source="--config-json")
+    base: dict = {}
+    if args.config is not None:
+        load_config(args.config)
+        base = yaml.safe_load(Path(args.config).read_text()) or {}
+    handle, path = tempfile.mkstemp(prefix="bcellmap-config-json-", suffix=".yaml")
+    try:
+        with os.fdopen(handle, "w") as out:
+            yaml.safe_dump(merge(base, overrides), out)
+        args.config = path
+        yield
+    finally:
+        os.unlink(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error in the input)."""
     parser = build_parser()
@@ -249,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         function = getattr(importlib.import_module(module_name), function_name)
-        function(args)
+        with _config_with_json(args):
+            function(args)
     except BcellmapError as exc:
         print(f"bcellmap {args.command}: error: {exc}", file=sys.stderr)
         return 1

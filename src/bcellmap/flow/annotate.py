@@ -472,32 +472,18 @@ def cli_annotate(args: argparse.Namespace) -> None:
     from ..config import load_config
     from ..io._atomic import write_h5ad, write_tsv
     from ..io.samplesheet import read_sample_sheet, sample_row
-    from .gating import gates_for_sample
-    from .thresholds import read_thresholds
 
     config = load_config(args.config)
     sheet = read_sample_sheet(args.samples, check_files=False)
     row = sample_row(sheet, args.sample_id, path=args.samples)
-    rules = load_subset_rules(config)
-    table = read_thresholds(args.thresholds)
-    gates = read_thresholds(args.gates, required=("sample_id", "marker", "level", "threshold"))
-    thresholds, gate_rows = gates_for_sample(gates, args.sample_id)
-    if gate_rows.empty:
-        raise InputError("the gates table has no gates for this sample (was it learned "
-                         "without it?)", path=args.gates, sample_id=args.sample_id)
-    group = str(gate_rows["group"].iloc[0]) if "group" in gate_rows.columns else "all"
-    used = table[table["group"].astype(str) == group]
     try:
         adata = ad.read_h5ad(args.input)
     except OSError as exc:
         raise InputError(f"cannot read the mapped h5ad ({exc})", path=args.input,
                          sample_id=args.sample_id) from None
-    gating = dict(config.get("annotate", {}).get("gating", {}) or {})
-    annotated, counts = annotate_sample(
-        adata, thresholds, rules, sample_id=args.sample_id, modality=str(row["modality"]),
-        threshold_table=used, gate_table=gate_rows,
-        max_mahalanobis=float(gating.get("lymphocyte_max_mahalanobis", 3.5)),
-        day=int(row["day"]))
+    annotated, counts = annotate_with_gates(adata, config=config, row=row,
+                                            thresholds_path=args.thresholds,
+                                            gates_path=args.gates)
     outputs = [Path(args.out), Path(args.counts)]
     try:
         write_h5ad(annotated, args.out)
@@ -511,3 +497,50 @@ def cli_annotate(args: argparse.Namespace) -> None:
         raise
     log.info("%s: %d events, %d lymphocytes by markers, %d B cells", args.sample_id,
              annotated.n_obs, int(counts["lymphocytes"].iloc[0]), int(counts["b_cells"].iloc[0]))
+
+
+def annotate_with_gates(adata: Any, *, config: Mapping[str, Any], row: Mapping[str, Any],
+                        thresholds_path: str | Path, gates_path: str | Path
+                        ) -> tuple[Any, pd.DataFrame]:
+    """Annotate one mapped sample with its own gates from ``gates.tsv``.
+
+    Parameters
+    ----------
+    adata
+        The mapped AnnData (QC-passed events with ``obs["metacluster"]``).
+    config
+        The merged config (``annotate.subsets``, ``annotate.gating``).
+    row
+        The sample's sample-sheet row (``sample_id``, ``modality``, ``day``).
+    thresholds_path, gates_path
+        ``results/models/thresholds.tsv`` (the cohort's reference gates, of which the
+        sample's group is stored) and ``gates.tsv`` (every sample's own gates).
+
+    Returns
+    -------
+    The annotated copy and the one-row counts table (:func:`annotate_sample`).
+
+    Raises
+    ------
+    InputError
+        The gates table has no gates for this sample.
+    """
+    from .gating import gates_for_sample
+    from .thresholds import read_thresholds
+
+    sample_id = str(row["sample_id"])
+    rules = load_subset_rules(config)
+    table = read_thresholds(thresholds_path)
+    gates = read_thresholds(gates_path, required=("sample_id", "marker", "level", "threshold"))
+    thresholds, gate_rows = gates_for_sample(gates, sample_id)
+    if gate_rows.empty:
+        raise InputError("the gates table has no gates for this sample (was it learned "
+                         "without it?)", path=gates_path, sample_id=sample_id)
+    group = str(gate_rows["group"].iloc[0]) if "group" in gate_rows.columns else "all"
+    used = table[table["group"].astype(str) == group]
+    gating = dict(config.get("annotate", {}).get("gating", {}) or {})
+    return annotate_sample(
+        adata, thresholds, rules, sample_id=sample_id, modality=str(row["modality"]),
+        threshold_table=used, gate_table=gate_rows,
+        max_mahalanobis=float(gating.get("lymphocyte_max_mahalanobis", 3.5)),
+        day=int(row["day"]))

@@ -1,8 +1,9 @@
 """Cohort SOM training (``bcellmap train-flow``) and per-sample mapping (``bcellmap map-flow``).
 
 Training sees a bounded, seeded subsample of the QC-passed events of every sample (at most
-``cluster.events_per_sample`` each), so the cohort can grow without bound. The columns are the
-canonical markers ``cluster.markers`` of the transformed ``X``.
+``cluster.events_per_sample`` each, and at most ``cluster.train_events`` in all: past that many
+samples each gives ``train_events // samples``), so the cohort can grow without bound. The
+columns are the canonical markers ``cluster.markers`` of the transformed ``X``.
 
 Scaling: by default the transformed values are used unscaled, as FlowSOM does: arcsinh/logicle
 put every fluorescence channel on a comparable scale, and z-scoring would inflate the noise of
@@ -32,8 +33,7 @@ from ..config import load_config
 from ..errors import ConfigError, InputError
 from ..io._atomic import atomic_path, write_h5ad
 from ..kernels.backend import get_backend
-from ..kernels.metacluster import consensus_metaclusters
-from ..kernels.som import map_to_nodes, train_som
+from ..kernels.som import map_to_nodes
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ def _cluster_options(config: dict[str, Any]) -> dict[str, Any]:
     return {
         "markers": markers,
         "events_per_sample": int(cluster.get("events_per_sample", 5000)),
+        "train_events": (None if cluster.get("train_events") is None
+                         else int(cluster["train_events"])),
         "scale": bool(cluster.get("scale", False)),
         "xdim": int(som.get("xdim", 10)),
         "ydim": int(som.get("ydim", 10)),
@@ -141,20 +143,19 @@ def shared_markers(paths: Sequence[str | Path], markers: Sequence[str]
     the markers the panels share (named in the log); no shared marker is an error that
     lists every sample and what it lacks, at once.
     """
-    import anndata as ad
+    import h5py
+    from anndata.io import read_elem
 
     lacking: dict[str, list[str]] = {}
     for raw_path in paths:
         path = Path(raw_path)
+        # Only var: opening the AnnData would read the whole obs of every sample.
         try:
-            adata = ad.read_h5ad(path, backed="r")
-        except OSError as exc:
+            with h5py.File(path, "r") as handle:
+                var = read_elem(handle["var"])
+        except (OSError, KeyError) as exc:
             raise InputError(f"cannot read the flow h5ad ({exc})", path=path) from None
-        try:
-            canonical = set(adata.var["canonical"].astype(str)) if "canonical" in \
-                adata.var.columns else set()
-        finally:
-            adata.file.close()
+        canonical = set(var["canonical"].astype(str)) if "canonical" in var.columns else set()
         for marker in markers:
             if marker not in canonical:
                 lacking.setdefault(marker, []).append(path.name.removesuffix(".h5ad"))
@@ -178,19 +179,25 @@ def cli_train_flow(args: argparse.Namespace) -> None:
     ``args``: ``config`` (YAML or None), ``inputs`` (flow h5ad files), ``model`` (NPZ out),
     ``info`` (JSON out).
     """
-    import anndata as ad
+    # Here, not at module level: per-sample mapping jobs need neither (scipy's linkage).
+    from ..kernels.metacluster import consensus_metaclusters
+    from ..kernels.som import train_som
 
     config = load_config(args.config)
     options = _cluster_options(config)
     options["markers"], dropped = shared_markers(args.inputs, options["markers"])
     backend = get_backend(config)
+    per_sample = options["events_per_sample"]
+    if options["train_events"] is not None:
+        # The cohort-wide cap: training memory and time stay bounded however many samples.
+        per_sample = min(per_sample, max(1, options["train_events"] // len(args.inputs)))
     blocks, provenance = [], []
     for raw_path in args.inputs:
         path = Path(raw_path)
-        adata = ad.read_h5ad(path)
+        adata = read_flow_arrays(path)
         sample_id = _sample_id(adata, path)
         passed = np.flatnonzero(_qc_mask(adata, path=path, sample_id=sample_id))
-        n_take = min(passed.size, options["events_per_sample"])
+        n_take = min(passed.size, per_sample)
         rng = _subsample_seed(options["seed"], sample_id)
         chosen = np.sort(rng.choice(passed, size=n_take, replace=False)) if n_take else passed[:0]
         blocks.append(marker_matrix(adata, options["markers"], rows=chosen, path=path,
@@ -272,10 +279,34 @@ def cli_map_flow(args: argparse.Namespace) -> None:
     import anndata as ad
 
     config = load_config(args.config)
-    backend = get_backend(config)
-    model = load_model(args.model)
     path = Path(args.input)
     adata = ad.read_h5ad(path)
+    mapped = map_sample(adata, load_model(args.model), backend=get_backend(config), path=path)
+    write_h5ad(mapped, args.out)
+
+
+def map_sample(adata: Any, model: dict[str, Any], *, backend: Any,
+               path: Path | str | None = None) -> Any:
+    """The QC-passed events of one ingested sample, each assigned its SOM node.
+
+    Parameters
+    ----------
+    adata
+        An ingested (or normalised) flow AnnData with ``obs["qc_pass"]``.
+    model
+        The cohort model (:func:`load_model`).
+    backend
+        :class:`bcellmap.kernels.backend.Backend`.
+    path
+        The file ``adata`` came from, for messages.
+
+    Returns
+    -------
+    anndata.AnnData
+        A copy of the QC-passed rows with ``obs["som_node"]`` and ``obs["metacluster"]``
+        (int64); valid and empty when no event passed QC.
+    """
+    path = Path(path) if path is not None else Path("<memory>")
     sample_id = _sample_id(adata, path)
     passed = _qc_mask(adata, path=path, sample_id=sample_id)
     mapped = adata[passed].copy()
@@ -284,6 +315,46 @@ def cli_map_flow(args: argparse.Namespace) -> None:
     nodes, _ = map_to_nodes(scaled, model["codes"], backend=backend)
     mapped.obs["som_node"] = nodes.astype(np.int64)
     mapped.obs["metacluster"] = model["node_metacluster"][nodes].astype(np.int64)
-    write_h5ad(mapped, args.out)
     log.info("mapped %d QC-passed events of %s (%d in the file)", mapped.n_obs, sample_id,
              adata.n_obs)
+    return mapped
+
+
+def read_flow_arrays(path: str | Path) -> Any:
+    """``X``, ``var``, ``obs["qc_pass"]`` and ``uns["sample"]`` of a flow h5ad, nothing else.
+
+    Training reads every sample of the cohort; the obs index, the other QC columns and the
+    layers are not needed, and at a million events reading them costs more than ``X``. A
+    file that is not a dense flow h5ad is read whole (``anndata.read_h5ad``).
+
+    Returns
+    -------
+    An object with ``X``, ``var``, ``obs`` (``qc_pass`` only), ``uns`` (``sample``) and
+    ``n_obs``, as :func:`marker_matrix` and the QC mask read them.
+
+    Raises
+    ------
+    InputError
+        The file cannot be read.
+    """
+    from types import SimpleNamespace
+
+    import h5py
+    import pandas as pd
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as handle:
+            if isinstance(handle.get("X"), h5py.Dataset):
+                x = handle["X"][...]
+                obs = pd.DataFrame(
+                    {"qc_pass": read_elem(handle["obs/qc_pass"])} if "qc_pass" in handle["obs"]
+                    else {}, index=pd.RangeIndex(x.shape[0]))
+                sample = read_elem(handle["uns/sample"]) if "uns/sample" in handle else {}
+                return SimpleNamespace(X=x, var=read_elem(handle["var"]), obs=obs,
+                                       uns={"sample": dict(sample)}, n_obs=int(x.shape[0]))
+    except (OSError, KeyError):
+        pass  # not a dense flow h5ad: the full reader says what is wrong
+    from ..io.readers import read_h5ad
+
+    return read_h5ad(path, what="flow h5ad")

@@ -229,6 +229,10 @@ def cli_ingest_flow(args: argparse.Namespace) -> None:
     adata = ingest_flow(fcs_path, config=config, sample_id=sample_id, panel=panel,
                         sample_meta=sample_meta)
     table = _qc_steps_table(adata, sample_id=sample_id)
+    if getattr(args, "no_layers", False):
+        # The workflow's default: no step reads the compensated layer, and writing it
+        # doubles the file (keep_intermediates keeps it).
+        adata.layers.clear()
     # Both outputs or neither: the h5ad is renamed into place only after the table is written.
     with atomic_path(args.out) as tmp:
         adata.write_h5ad(tmp)

@@ -95,12 +95,13 @@ def threshold_group(row: Mapping[str, Any], method: str) -> str:
 
 def _instrument_kind(path: Path) -> str:
     """``mass_cytometry`` or ``fluorescence``, as ingest recorded it in ``uns["source"]``."""
-    import anndata as ad
+    import h5py
 
+    # One scalar of uns, read directly: opening the AnnData would read the whole obs.
     try:
-        adata = ad.read_h5ad(path, backed="r")
-        mass = bool(adata.uns.get("source", {}).get("mass_cytometry", False))
-        adata.file.close()
+        with h5py.File(path, "r") as handle:
+            node = handle.get("uns/source/mass_cytometry")
+            mass = bool(node[()]) if isinstance(node, h5py.Dataset) else False
     except (OSError, KeyError, TypeError):
         return "fluorescence"
     return "mass_cytometry" if mass else "fluorescence"
@@ -121,13 +122,13 @@ def split_instrument_mix(groups: Mapping[str, str], kinds: Mapping[str, str]) ->
 
 
 def cli_thresholds(args: argparse.Namespace) -> None:
-    """``bcellmap thresholds``: learn the gates on the mapped samples.
+    """``bcellmap thresholds``: learn the gates on the QC-passed events of every sample.
 
-    Writes the cohort's reference gates (``--out``, ``THRESHOLD_COLUMNS``) and every
-    sample's own gates (``--gates``, ``gating.GATE_COLUMNS``), which ``annotate`` applies.
+    ``--inputs`` are the ingested (or normalised) flow h5ad files; mapped files (QC-passed
+    events only) give the same gates. Writes the cohort's reference gates (``--out``,
+    ``THRESHOLD_COLUMNS``) and every sample's own gates (``--gates``,
+    ``gating.GATE_COLUMNS``), which ``annotate`` applies.
     """
-    import anndata as ad
-
     from ..config import load_config
     from ..io._atomic import write_tsv
     from ..io.samplesheet import read_sample_sheet
@@ -157,13 +158,7 @@ def cli_thresholds(args: argparse.Namespace) -> None:
         paths[sample_id] = path
 
     def _reader(path: Path, sample_id: str) -> Any:
-        def _read() -> Any:
-            try:
-                return ad.read_h5ad(path)
-            except OSError as exc:
-                raise InputError(f"cannot read the mapped h5ad ({exc})", path=path,
-                                 sample_id=sample_id) from None
-        return _read
+        return lambda: read_qc_passed(path, sample_id=sample_id)
 
     groups = split_instrument_mix(
         {s: threshold_group(sheet.loc[s], settings["method"]) for s in paths},
@@ -189,3 +184,45 @@ def cli_thresholds(args: argparse.Namespace) -> None:
     except BaseException:
         Path(args.out).unlink(missing_ok=True)  # the two outputs are all-or-nothing
         raise
+
+
+def read_qc_passed(path: str | os.PathLike, *, sample_id: str | None = None) -> Any:
+    """The QC-passed events of a flow h5ad: ``X`` rows and ``var``, nothing else.
+
+    Gating reads every sample once per stage, so this reads only ``X``, ``var`` and
+    ``obs["qc_pass"]`` (not the obs index, the other QC columns or layers). A file without
+    ``qc_pass`` (a mapped file) is taken whole.
+
+    Returns
+    -------
+    types.SimpleNamespace
+        ``X`` (the QC-passed rows) and ``var``, as the gating functions read them.
+
+    Raises
+    ------
+    InputError
+        The file is missing or is not a flow h5ad.
+    """
+    from types import SimpleNamespace
+
+    import h5py
+    import numpy as np
+    from anndata.io import read_elem
+
+    from ..io.readers import read_h5ad
+
+    try:
+        with h5py.File(path, "r") as handle:
+            if isinstance(handle.get("X"), h5py.Dataset):
+                var = read_elem(handle["var"])
+                obs = handle["obs"]
+                passed = (np.asarray(read_elem(obs["qc_pass"]), dtype=bool)
+                          if "qc_pass" in obs else None)
+                x = handle["X"][...]
+                return SimpleNamespace(X=x if passed is None else x[passed], var=var)
+    except (OSError, KeyError):
+        pass  # not a dense flow h5ad written by ingest: read_h5ad says what is wrong
+    adata = read_h5ad(path, what="flow h5ad", sample_id=sample_id)
+    if "qc_pass" in adata.obs.columns:
+        adata = adata[adata.obs["qc_pass"].to_numpy().astype(bool)]
+    return adata
