@@ -8,6 +8,7 @@
 
 import json
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -35,7 +36,8 @@ except BcellmapError as error:
 _merged = merge(default_config(), config)
 config.clear()
 config.update(_merged)
-validate(config, schema="../schemas/config.schema.yaml")
+# The package ships the schema (load_config validates every command's config against it too).
+validate(config, schema=str(files("bcellmap").joinpath("schemas", "config.schema.yaml")))
 
 # keep_intermediates: false (default) deletes the per-event intermediates once every job that
 # reads them has run, and leaves the annotated files without the layers the source files hold.
