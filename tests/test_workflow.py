@@ -177,9 +177,13 @@ def test_lymphocytes_are_counted_by_markers_in_lymphopenic_whole_blood(demo_run,
         assert (true & called).sum() / called.sum() >= 0.97, sample_id  # purity
         assert (true & called).sum() / true.sum() >= 0.95, sample_id  # recall
         assert lineage.loc[sample_id, "events_out"] == called.sum()
-        myeloid_share.append((category == "myeloid").mean())
-    # The scatter gate alone let myeloid events in: the test exercises the problem.
-    assert max(myeloid_share) > 0.2
+        # The challenge is in the data, whatever the scatter gate does with it: myeloid
+        # events of the whole file (truth) outnumber the lymphocytes.
+        all_categories = codes.loc[event_codes, "category"].to_numpy()
+        myeloid_share.append((all_categories == "myeloid").sum()
+                             / max(np.isin(all_categories, ["t_cells", "nk_cells",
+                                                            "b_cells"]).sum(), 1))
+    assert min(myeloid_share) > 1.0
 
 
 def test_rerun_has_nothing_to_do(demo_run):
