@@ -128,10 +128,11 @@ def run_scenario(workdir: Path, *, events: int, n_samples: int, cores: int, seed
         sys.exit(f"snakemake failed in {run}:\n{result.stderr[-4000:]}")
     import pandas as pd
 
-    used = pd.read_csv(sheet_n, sep="\t")["path"].unique()
+    # Per sheet row: past 55 samples rows share files, but a real cohort's would not.
+    used = pd.read_csv(sheet_n, sep="\t")["path"]
     return {"events": events, "samples": n_samples, "wall": wall,
             "rules": read_benchmarks(run),
-            "input_mb": _size_mb(data / p for p in used),
+            "input_mb": sum(_size_mb([data / p]) for p in used),
             "results_mb": _size_mb([run / "results"])}
 
 
