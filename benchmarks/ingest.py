@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bcellmap.config import load_config, merge
-    from bcellmap.flow.ingest import ingest_flow
+    from bcellmap.flow._ingest import ingest_flow
 
     config = merge(load_config(), {"ingest": {"required_markers": []}})
     with tempfile.TemporaryDirectory() as folder:

@@ -22,7 +22,7 @@ def test_help_imports_no_scientific_stack():
 
 
 def test_flow_ingest_does_not_import_scanpy_or_numba():
-    loaded = _modules_after("import bcellmap.flow.ingest")
+    loaded = _modules_after("import bcellmap.flow._ingest")
     assert not {"scanpy", "numba", "umap", "pynndescent", "cupy"} & loaded
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from bcellmap.config import load_config, merge
 from bcellmap.errors import InputError
-from bcellmap.flow.ingest import ingest_flow
+from bcellmap.flow._ingest import ingest_flow
 from bcellmap.io.fcs import read_fcs
 
 VARIANTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "fcs_variants"

@@ -337,7 +337,7 @@ REALFCS = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfcs"
 @pytest.mark.skipif(not (REALFCS / "flowsom_ff.fcs").exists(), reason="realfcs folder absent")
 def test_real_expert_gated_file_b_and_t_gates_and_a_b_depleted_copy():
     from bcellmap.config import merge
-    from bcellmap.flow.ingest import ingest_flow
+    from bcellmap.flow._ingest import ingest_flow
 
     config = merge(load_config(), {"panels": {"pre": {
         "channels": {}, "compensation": {"source": "none"}, "transform": {"method": "none"},

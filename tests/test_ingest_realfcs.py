@@ -8,7 +8,7 @@ import pytest
 
 from bcellmap.config import load_config, merge
 from bcellmap.errors import InputError
-from bcellmap.flow.ingest import ingest_flow
+from bcellmap.flow._ingest import ingest_flow
 
 pytestmark = pytest.mark.realfcs
 

@@ -396,7 +396,7 @@ def _b_fraction(adata):
 
 @pytest.mark.realfcs
 def test_cytonorm_controls_batch_effect_shrinks(realfcs_dir, tmp_path):
-    from bcellmap.flow.ingest import ingest_flow
+    from bcellmap.flow._ingest import ingest_flow
 
     config = {"ingest": {"required_markers": [["CD19", "CD20"]]}, "device": "cpu",
               "normalisation": {"markers": CYTOF_MARKERS, "n_clusters": 5}}

@@ -226,7 +226,7 @@ def test_ingest_with_nan_and_inf_events_counts_and_removes_them(tmp_path):
     import flowio
 
     from bcellmap.config import load_config, merge
-    from bcellmap.flow.ingest import ingest_flow
+    from bcellmap.flow._ingest import ingest_flow
 
     linear, _ = _planted({"lymphocyte": 0.8, "debris": 0.2}, n=3000, seed=11)
     linear = np.clip(linear, -1e5, 262000).astype(np.float32)

@@ -17,7 +17,7 @@ import pytest
 from bcellmap.config import load_config
 from bcellmap.demo import simulate
 
-ingest = pytest.importorskip("bcellmap.flow.ingest")
+ingest = pytest.importorskip("bcellmap.flow._ingest")
 
 REMOVED_AT_LEAST = 0.90     # share of each planted artefact class that QC must remove
 KEPT_AT_LEAST = 0.90        # share of true lymphocytes (outside an anomaly) QC must keep

@@ -173,7 +173,7 @@ def _known_tree(defaults: dict[str, Any]) -> dict[str, Any]:
     """The known-key tree: defaults, with ``panels.*`` shaped as a panel may be.
 
     A panel carries ``channels`` and may override any ``ingest`` section for its samples
-    (``compensation``, ``transform``, ``qc``, ``required_markers``; see ``bcellmap.flow.ingest``).
+    (``compensation``, ``transform``, ``qc``, ``required_markers``; see ``bcellmap.flow._ingest``).
     """
     tree = copy.deepcopy(defaults)
     panel = {"channels": {}}

@@ -22,7 +22,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                  "write the simulated demo cohort (FCS files, sample sheet, truth tables)"),
     "check-samples": ("bcellmap.cli", "_cli_check_samples",
                       "validate a sample sheet (--deep: and every file's header)"),
-    "ingest-flow": ("bcellmap.flow.ingest", "cli_ingest_flow",
+    "ingest-flow": ("bcellmap.flow._ingest", "cli_ingest_flow",
                     "read one FCS sample: compensate, transform, QC -> h5ad"),
     "collect-qc": ("bcellmap.cli.flow", "cli_collect_qc", "combine per-sample QC tables"),
     "train-normalisation": ("bcellmap.cli.flow", "cli_train_normalisation",

@@ -25,18 +25,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..io._atomic import write_h5ad
+
 log = logging.getLogger(__name__)
 
 #: The layer each modality's annotated file leaves out without ``--keep-layers``.
 _DROPPED_LAYER = {"flow": "compensated", "scrna": "counts"}
-
-
-def write_h5ad(adata: Any, path: str | Path, *, compression: str | None) -> None:
-    """Write ``adata`` atomically, compressed with ``compression`` (None, "gzip", "lzf")."""
-    from ..io._atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp, compression=compression)
 
 
 def _compression(args: argparse.Namespace) -> str | None:

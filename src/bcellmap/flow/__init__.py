@@ -11,17 +11,6 @@ The submodules (``bcellmap.flow.gating``, ``bcellmap.flow.annotate``, ...) hold 
 algorithms the workflow's commands run.
 """
 
-try:
-    # The submodule ``bcellmap.flow.ingest`` shares its name with the API function
-    # ``ingest``. Importing it first means Python binds the submodule to this package's
-    # attribute now, once, and the function below replaces it for good (a later import of
-    # the submodule finds it in sys.modules and leaves the attribute alone). Remove this
-    # once the submodule is private (``_ingest.py``).
-    from . import ingest as _ingest_module  # noqa: F401
-except ModuleNotFoundError as exc:  # pragma: no cover - the submodule became private
-    if exc.name != f"{__name__}.ingest":
-        raise
-
 from ._api import compensate, ingest, qc, read_fcs, transform
 
 __all__ = ["read_fcs", "compensate", "transform", "qc", "ingest"]

@@ -2,7 +2,7 @@
 
 Each function calls the algorithm the workflow's ``ingest-flow`` step runs
 (``bcellmap.io.fcs``, ``bcellmap.flow.compensation``, ``bcellmap.flow._transform``,
-``bcellmap.flow._qc``, ``bcellmap.flow.ingest``), so ``read_fcs`` -> ``compensate`` ->
+``bcellmap.flow._qc``, ``bcellmap.flow._ingest``), so ``read_fcs`` -> ``compensate`` ->
 ``transform`` -> ``qc`` gives the events, values and QC flags that ``ingest`` (and
 ``bcellmap ingest-flow``) gives. Settings default to the package defaults
 (``bcellmap/defaults.yaml``); a ``config`` (mapping or YAML file) replaces them, and keyword
@@ -40,7 +40,7 @@ __all__ = ["read_fcs", "compensate", "transform", "qc", "ingest"]
 
 def _panel_settings(config: Mapping[str, Any], panel: str | None) -> tuple[dict, dict]:
     """The panel's config and its ``ingest`` settings (panel overrides merged in)."""
-    from .ingest import _ingest_settings
+    from ._ingest import _ingest_settings
 
     return _ingest_settings(config, panel or "default")
 
@@ -169,19 +169,9 @@ def read_fcs(
         adata.var_names_make_unique()
     adata.uns["sample"] = {"sample_id": sample_id, "patient_id": "", "day": None,
                            "modality": "flow", "panel": panel_name}
-    adata.uns["source"] = {
-        "path": str(Path(path).resolve()),
-        "fcs_version": fcs.version,
-        "$CYT": fcs.cytometer,
-        "$DATE": fcs.date,
-        "n_events": fcs.n_events,
-        "timestep": fcs.timestep,
-        "mass_cytometry": mass_cytometry,
-        "offset_error_ignored": fcs.offset_error_ignored,
-        "data_set": fcs.data_set,
-        "n_data_sets": fcs.n_data_sets,
-        "read_notes": list(fcs.notes),
-    }
+    from ._ingest import source_record
+
+    adata.uns["source"] = source_record(fcs, path, mass_cytometry=mass_cytometry)
     # Parallel lists, not {keyword: value}: keywords may hold "/", which HDF5 keys cannot.
     adata.uns["fcs"] = {"keyword": list(fcs.text), "value": [str(v) for v in fcs.text.values()],
                         "datatype": fcs.datatype}
@@ -533,7 +523,7 @@ def ingest(
     bcellmap.errors.InputError
         Unreadable file, missing required marker, invalid spillover matrix, ...
     """
-    from .ingest import ingest_flow
+    from ._ingest import ingest_flow
 
     cfg = resolve_config(config)
     sample_id = sample_id or Path(path).name.removesuffix(".fcs").removesuffix(".FCS")

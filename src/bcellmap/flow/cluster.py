@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import load_config
+from ..contracts import sample_rng, subsample_indices
 from ..errors import ConfigError, InputError
 from ..io._atomic import atomic_path, write_h5ad
 from ..kernels.backend import get_backend
@@ -104,11 +104,6 @@ def marker_matrix(adata: Any, markers: list[str], *, rows: np.ndarray | None = N
         raise InputError(f"{n_bad} QC-passed event(s) hold NaN or infinite values in the "
                          f"clustering markers", path=path, sample_id=sample_id)
     return values
-
-
-def _subsample_seed(seed: int, sample_id: str) -> np.random.Generator:
-    # Seeded per sample (not by input order), so adding a sample leaves the others' draws alone.
-    return np.random.default_rng([int(seed), zlib.crc32(sample_id.encode())])
 
 
 def _cluster_options(config: dict[str, Any]) -> dict[str, Any]:
@@ -198,8 +193,8 @@ def cli_train_flow(args: argparse.Namespace) -> None:
         sample_id = _sample_id(adata, path)
         passed = np.flatnonzero(_qc_mask(adata, path=path, sample_id=sample_id))
         n_take = min(passed.size, per_sample)
-        rng = _subsample_seed(options["seed"], sample_id)
-        chosen = np.sort(rng.choice(passed, size=n_take, replace=False)) if n_take else passed[:0]
+        chosen = passed[subsample_indices(passed.size, n_take,
+                                          sample_rng(options["seed"], sample_id))]
         blocks.append(marker_matrix(adata, options["markers"], rows=chosen, path=path,
                                     sample_id=sample_id))
         provenance.append({"sample_id": sample_id, "path": str(path.resolve()),

@@ -40,7 +40,7 @@ def write_tsv(frame, path: str | os.PathLike, **kwargs) -> None:
         frame.to_csv(tmp, sep="\t", index=False, **kwargs)
 
 
-def write_h5ad(adata, path: str | os.PathLike) -> None:
-    """Write an AnnData object atomically (gzip-free for speed; h5ad stays portable)."""
+def write_h5ad(adata, path: str | os.PathLike, *, compression: str | None = None) -> None:
+    """Write an AnnData object atomically; ``compression`` None (fast), "gzip" or "lzf"."""
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        adata.write_h5ad(tmp, compression=compression)

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from ..contracts import SUBSETS, sample_rng
+from ..contracts import SUBSETS, sample_rng, subsample_indices
 from ..errors import InputError
 from ..io._atomic import atomic_path
 
@@ -1261,12 +1261,6 @@ def _gate_table(value: Any, *, path: object, sample_id: str) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def _subsample(indices: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    if indices.size <= size:
-        return indices
-    return np.sort(rng.choice(indices, size=size, replace=False))
-
-
 def _read_rows(x: Any, rows: np.ndarray, columns: list[int], *,
                block: int = 65_536) -> np.ndarray:
     """Rows (sorted) and columns of a dense or sparse X, read one block of rows at a time."""
@@ -1393,8 +1387,10 @@ def _gate_visit_parts(path: object, sample: dict, gates: Any, var: pd.DataFrame,
     lineage = [m for m in _CD3NEG_MARKERS if m in markers]
     b_markers = [m for m in _B_MARKERS if m in markers]
     rng = sample_rng(seed, sample_id)
-    cd3neg_rows = _subsample(np.flatnonzero(cd3neg), rng, int(max_events))
-    b_rows = _subsample(np.flatnonzero(is_b), rng, int(max_events))
+    cd3neg_rows = np.flatnonzero(cd3neg)
+    cd3neg_rows = cd3neg_rows[subsample_indices(cd3neg_rows.size, int(max_events), rng)]
+    b_rows = np.flatnonzero(is_b)
+    b_rows = b_rows[subsample_indices(b_rows.size, int(max_events), rng)]
     rows = np.union1d(cd3neg_rows, b_rows)
     wanted = list(dict.fromkeys(lineage + b_markers))
     columns = [canonical.index(m) for m in wanted]

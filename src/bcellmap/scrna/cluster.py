@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ..contracts import sample_rng, subsample_indices
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,8 @@ def train_scrna(paths: Sequence[str | Path], *, config: Mapping[str, Any], backe
             raise InputError("no obs['qc_pass']: not an ingest-scrna output", path=path,
                              sample_id=sample_id)
         passed = np.flatnonzero(adata.obs["qc_pass"].to_numpy())
-        rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
         take = int(ccfg["cells_per_sample"])
-        chosen = np.sort(rng.choice(passed, size=take, replace=False)) if passed.size > take \
-            else passed
+        chosen = passed[subsample_indices(passed.size, take, sample_rng(seed, sample_id))]
         per_sample[sample_id] = int(chosen.size)
         genes = np.asarray(adata.var_names, dtype=object)
         gene_lists.append(genes)
@@ -322,9 +320,8 @@ def learn_scrna_protein_thresholds(paths: Sequence[str | Path], *, config: Mappi
                              sample_id=sample_id)
         passed = np.flatnonzero(adata.obs["qc_pass"].to_numpy())
         # A stream of its own (not the clustering subsample's): the two sizes are independent.
-        rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode()), 1])
-        chosen = np.sort(rng.choice(passed, size=take, replace=False)) if passed.size > take \
-            else passed
+        chosen = passed[subsample_indices(passed.size, take,
+                                          sample_rng(seed, sample_id, stream=1))]
         protein = np.asarray(adata.obsm["protein"], dtype=np.float64)[chosen]
         columns = {name: protein[:, j] for j, name in enumerate(names)}
         rna = None

@@ -96,7 +96,7 @@ def train_som(
     Parameters
     ----------
     adatas
-        Ingested flow samples (:func:`bcellmap.flow.ingest`): one AnnData, a sequence (named
+        Ingested flow samples (:func:`bcellmap.flow._ingest`): one AnnData, a sequence (named
         by ``uns["sample"]["sample_id"]``) or a mapping ``{sample_id: AnnData}``. The order
         is the pooling order (the workflow's: sample-sheet order).
     markers
@@ -144,7 +144,8 @@ def train_som(
     import numpy as np
 
     from .. import __version__
-    from ..flow.cluster import _subsample_seed, marker_matrix
+    from ..contracts import sample_rng, subsample_indices
+    from ..flow.cluster import marker_matrix
     from ..kernels.backend import get_backend
     from ..kernels.metacluster import consensus_metaclusters
     from ..kernels.som import train_som as train_som_kernel
@@ -160,8 +161,8 @@ def train_som(
     for sample_id, adata in samples.items():
         passed = np.flatnonzero(qc_mask(adata))
         n_take = min(passed.size, options["events_per_sample"])
-        rng = _subsample_seed(options["seed"], sample_id)
-        chosen = np.sort(rng.choice(passed, size=n_take, replace=False)) if n_take else passed[:0]
+        chosen = passed[subsample_indices(passed.size, n_take,
+                                          sample_rng(options["seed"], sample_id))]
         blocks.append(marker_matrix(adata, options["markers"], rows=chosen, sample_id=sample_id))
         provenance.append({"sample_id": sample_id, "events_total": int(adata.n_obs),
                            "events_qc_pass": int(passed.size), "events_used": int(n_take)})
@@ -248,7 +249,7 @@ def map_som(
     Parameters
     ----------
     adata
-        An ingested flow sample (:func:`bcellmap.flow.ingest`).
+        An ingested flow sample (:func:`bcellmap.flow._ingest`).
     model
         The model :func:`train_som` returned, or a ``flow_som.npz`` the workflow wrote.
         None: ``adata.uns[key]``.

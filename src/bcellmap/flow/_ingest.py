@@ -47,6 +47,23 @@ def _ingest_settings(config: Mapping[str, Any], panel: str) -> tuple[dict, dict]
     return panel_config, merge(dict(config.get("ingest") or {}), overrides)
 
 
+def source_record(fcs: Any, path: str | os.PathLike, *, mass_cytometry: bool) -> dict[str, Any]:
+    """``uns["source"]`` of a flow sample: the file, its FCS header facts and read notes."""
+    return {
+        "path": str(Path(path).resolve()),
+        "fcs_version": fcs.version,
+        "$CYT": fcs.cytometer,
+        "$DATE": fcs.date,
+        "n_events": fcs.n_events,
+        "timestep": fcs.timestep,
+        "mass_cytometry": mass_cytometry,
+        "offset_error_ignored": fcs.offset_error_ignored,
+        "data_set": fcs.data_set,
+        "n_data_sets": fcs.n_data_sets,
+        "read_notes": list(fcs.notes),
+    }
+
+
 def ingest_flow(
     path: str | os.PathLike,
     *,
@@ -164,19 +181,7 @@ def ingest_flow(
         "modality": "flow",
         "panel": panel,
     }
-    adata.uns["source"] = {
-        "path": str(Path(path).resolve()),
-        "fcs_version": fcs.version,
-        "$CYT": fcs.cytometer,
-        "$DATE": fcs.date,
-        "n_events": fcs.n_events,
-        "timestep": fcs.timestep,
-        "mass_cytometry": mass_cytometry,
-        "offset_error_ignored": fcs.offset_error_ignored,
-        "data_set": fcs.data_set,
-        "n_data_sets": fcs.n_data_sets,
-        "read_notes": list(fcs.notes),
-    }
+    adata.uns["source"] = source_record(fcs, path, mass_cytometry=mass_cytometry)
     adata.uns["compensation"] = compensation_info
     # Column lists, not {channel: ...}: a $PnN may hold "/", which HDF5 keys cannot.
     adata.uns["transform"] = {
