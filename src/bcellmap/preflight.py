@@ -221,7 +221,7 @@ def _alternatives(entry: Any) -> list[str]:
 
 
 def _panel_settings(config: Mapping[str, Any], panel: str) -> tuple[dict, dict]:
-    from .flow.ingest import _ingest_settings
+    from .flow._ingest import _ingest_settings
 
     return _ingest_settings(config, panel)
 
