@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from importlib import resources
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 from bcellmap.cli import main
 from bcellmap.config import load_config
+from bcellmap.errors import ConfigError
 from bcellmap.flow.annotate import (
     COUNT_COLUMNS,
     SUBSETS,
@@ -18,9 +22,11 @@ from bcellmap.flow.annotate import (
     annotate_sample,
     call_events,
     load_subset_rules,
-    resolve_subsets_path,
 )
 from bcellmap.flow.gating import GatingSettings, gates_for_sample, learn_gates
+from bcellmap.flow.subsets import builtin_subsets_text, subsets_path, subsets_source
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MARKERS = ["CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24"]
 LEVEL_MEAN = {"-": 0.5, "+": 3.5, "h": 6.0}   # negative, positive, bright (transformed)
@@ -153,13 +159,74 @@ def test_cluster_discordant_events_are_counted(learned):
     assert (annotated.obs["metacluster_cell_type"].to_numpy()[moved] == "B").all()
 
 
-def test_subsets_path_resolves_from_repository_root(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = resolve_subsets_path(load_config())
-    assert path.name == "subsets.yaml" and path.parent.name == "config"
-    rules = load_subset_rules(load_config())
+def test_the_built_in_subset_table_is_read_from_the_package(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # away from the repository: the package's own copy is used
+    config = load_config()
+    assert config["annotate"]["subsets"] is None and subsets_path(config) is None
+    label, text = subsets_source(config)
+    assert "built-in" in label
+    assert text == resources.files("bcellmap").joinpath("subsets.yaml").read_text()
+    rules = load_subset_rules(config)
     assert [r.name for r in rules][:2] == ["plasmablast", "transitional"]
     assert isinstance(rules[0], SubsetRule)
+    assert not (ROOT / "config" / "subsets.yaml").exists()  # one copy of the default table
+
+
+def test_a_user_subset_table_overrides_the_built_in_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text(
+        "subsets:\n  - name: naive\n    rule: {IgD: pos, CD27: neg}\n")
+    config = load_config(overrides={"annotate": {"subsets": "mine.yaml"}})
+    assert subsets_path(config) == tmp_path / "mine.yaml"  # relative to the working directory
+    assert [(r.name, r.levels) for r in load_subset_rules(config)] == [
+        ("naive", {"IgD": "pos", "CD27": "neg"})]
+
+
+def test_a_missing_user_subset_table_is_a_config_error_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(overrides={"annotate": {"subsets": "config/subsets.yaml"}})
+    with pytest.raises(ConfigError, match=r"annotate\.subsets: .*config/subsets\.yaml does not "
+                                          r"exist .*annotate\.subsets: null"):
+        load_subset_rules(config)
+    adata = _labelled_sample(np.random.default_rng(1), scale=0.1)
+    mapped, sheet, thresholds = _write_inputs(tmp_path, adata)
+    out = tmp_path / "out.h5ad"
+    assert main(["annotate", "--config-json", json.dumps({"annotate": {"subsets": "gone.yaml"}}),
+                 "--samples", str(sheet), "--sample-id", "S1", "--input", str(mapped),
+                 "--thresholds", str(thresholds), "--gates", str(tmp_path / "gates.tsv"),
+                 "--out", str(out), "--counts", str(tmp_path / "counts.tsv")]) == 1
+    assert "gone.yaml does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bcellmap_subsets_prints_the_built_in_table_for_users_to_copy(tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["subsets"]) == 0
+    assert capsys.readouterr().out == builtin_subsets_text()
+    assert main(["subsets", "--out", "my_subsets.yaml"]) == 0
+    # The copy, named in the config, gives the built-in rules.
+    config = load_config(overrides={"annotate": {"subsets": "my_subsets.yaml"}})
+    assert subsets_path(config) == tmp_path / "my_subsets.yaml"
+    assert load_subset_rules(config) == load_subset_rules(load_config())
+
+
+def test_a_user_subset_table_changes_the_annotate_command_calls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "naive_only.yaml").write_text(
+        "subsets:\n  - name: naive\n    rule: {IgD: pos, CD27: neg}\n")
+    adata = _labelled_sample(np.random.default_rng(1), scale=0.2)
+    mapped, sheet, thresholds = _write_inputs(tmp_path, adata)
+    counts = tmp_path / "counts.tsv"
+    assert main(["annotate", "--config-json",
+                 json.dumps({"annotate": {"subsets": "naive_only.yaml"}}),
+                 "--samples", str(sheet), "--sample-id", "S1", "--input", str(mapped),
+                 "--thresholds", str(thresholds), "--gates", str(tmp_path / "gates.tsv"),
+                 "--out", str(tmp_path / "out.h5ad"), "--counts", str(counts)]) == 0
+    row = pd.read_csv(counts, sep="\t").iloc[0]
+    assert row["naive_count"] > 0 and pd.isna(row["plasmablast_count"])
+    assert set(str(row["subsets_not_called"]).split(";")) == set(SUBSETS) - {"naive"}
+    assert set(ad.read_h5ad(tmp_path / "out.h5ad").obs["b_subset"]) <= {"", "naive"}
 
 
 def _write_inputs(tmp_path, adata):

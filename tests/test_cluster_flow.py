@@ -13,8 +13,9 @@ import pytest
 import yaml
 from sklearn.metrics import adjusted_rand_score
 
+from bcellmap.cli import main
+from bcellmap.cli.flow import cli_train_flow
 from bcellmap.errors import InputError
-from bcellmap.flow.cluster import cli_map_flow, cli_train_flow
 
 MARKERS = ["CD3", "CD19", "CD20"]
 
@@ -58,6 +59,12 @@ def _train(tmp_path, inputs, config):
     return args
 
 
+def _map(config, input, model, out):
+    """``bcellmap map-flow``."""
+    assert main(["map-flow", "--config", str(config), "--input", str(input), "--model",
+                 str(model), "--out", str(out)]) == 0
+
+
 def test_train_and_map_recover_populations(tmp_path):
     truths = {f"s{i}": _flow_h5ad(tmp_path / f"s{i}.h5ad", f"s{i}", n=1500, seed=i)
               for i in range(3)}
@@ -69,8 +76,7 @@ def test_train_and_map_recover_populations(tmp_path):
     model = np.load(args.model)
     assert model["codes"].shape == (16, 3) and list(model["markers"]) == MARKERS
     out = tmp_path / "mapped" / "s1.h5ad"
-    cli_map_flow(argparse.Namespace(config=config, input=str(tmp_path / "s1.h5ad"),
-                                    model=args.model, out=str(out)))
+    _map(config, str(tmp_path / "s1.h5ad"), args.model, str(out))
     mapped = ad.read_h5ad(out)
     source = ad.read_h5ad(tmp_path / "s1.h5ad")
     passed = source.obs["qc_pass"].to_numpy()
@@ -90,8 +96,7 @@ def test_empty_sample_maps_to_zero_events(tmp_path):
     config = _config(tmp_path)
     args = _train(tmp_path, [tmp_path / "a.h5ad", tmp_path / "aplasia.h5ad"], config)
     out = tmp_path / "aplasia_mapped.h5ad"
-    cli_map_flow(argparse.Namespace(config=config, input=str(tmp_path / "aplasia.h5ad"),
-                                    model=args.model, out=str(out)))
+    _map(config, str(tmp_path / "aplasia.h5ad"), args.model, str(out))
     mapped = ad.read_h5ad(out)
     assert mapped.n_obs == 0 and {"som_node", "metacluster"} <= set(mapped.obs.columns)
 
@@ -133,8 +138,7 @@ def test_scaled_model_maps_consistently(tmp_path):
     model = np.load(args.model)
     assert not np.allclose(model["scale"], 1.0)
     out = tmp_path / "a_mapped.h5ad"
-    cli_map_flow(argparse.Namespace(config=config, input=str(tmp_path / "a.h5ad"),
-                                    model=args.model, out=str(out)))
+    _map(config, str(tmp_path / "a.h5ad"), args.model, str(out))
     assert adjusted_rand_score(truth, ad.read_h5ad(out).obs["metacluster"]) > 0.95
 
 
@@ -167,8 +171,6 @@ def _sheet_and_gates(tmp_path, sample_ids):
 
 
 def test_map_annotate_flow_equals_map_flow_then_annotate(tmp_path):
-    from bcellmap.cli import main
-
     paths = [tmp_path / f"s{i}.h5ad" for i in range(3)]
     for i, path in enumerate(paths):
         _flow_h5ad(path, f"s{i}", n=1500, seed=i)
@@ -183,8 +185,7 @@ def test_map_annotate_flow_equals_map_flow_then_annotate(tmp_path):
               "--thresholds", str(tmp_path / "thresholds.tsv"),
               "--gates", str(tmp_path / "gates.tsv")]
     old = tmp_path / "old"
-    cli_map_flow(argparse.Namespace(config=config, input=str(paths[1]), model=args.model,
-                                    out=str(old / "mapped.h5ad")))
+    _map(config, str(paths[1]), args.model, str(old / "mapped.h5ad"))
     assert main(["annotate", *common, "--input", str(old / "mapped.h5ad"),
                  "--out", str(old / "annotated.h5ad"), "--counts", str(old / "counts.tsv"),
                  "--lineage-qc", str(old / "lineage.tsv")]) == 0
@@ -212,8 +213,6 @@ def test_map_annotate_flow_equals_map_flow_then_annotate(tmp_path):
 
 
 def test_map_annotate_flow_leaves_nothing_behind_on_failure(tmp_path):
-    from bcellmap.cli import main
-
     paths = [tmp_path / f"s{i}.h5ad" for i in range(2)]
     for i, path in enumerate(paths):
         _flow_h5ad(path, f"s{i}", n=800, seed=i)
@@ -235,8 +234,6 @@ def test_map_annotate_flow_leaves_nothing_behind_on_failure(tmp_path):
 
 def test_gates_learned_on_ingested_files_equal_those_learned_on_mapped_ones(tmp_path):
     """The thresholds step reads the QC-passed events of the ingested files (not mapped ones)."""
-    from bcellmap.flow.thresholds import cli_thresholds
-
     ingested, mapped = tmp_path / "ingested", tmp_path / "mapped"
     ingested.mkdir()
     mapped.mkdir()
@@ -248,9 +245,10 @@ def test_gates_learned_on_ingested_files_equal_those_learned_on_mapped_ones(tmp_
     sheet = _sheet_and_gates(tmp_path, ids)
     tables = {}
     for folder in (ingested, mapped):
-        cli_thresholds(argparse.Namespace(
-            config=None, samples=str(sheet), inputs=[str(folder / f"{s}.h5ad") for s in ids],
-            out=str(folder / "thresholds.tsv"), gates=str(folder / "gates.tsv")))
+        assert main(["thresholds", "--samples", str(sheet), "--inputs",
+                     *[str(folder / f"{s}.h5ad") for s in ids],
+                     "--out", str(folder / "thresholds.tsv"),
+                     "--gates", str(folder / "gates.tsv")]) == 0
         tables[folder.name] = pd.read_csv(folder / "gates.tsv", sep="\t")
     assert len(tables["ingested"]) >= 3 * 3  # CD3, CD19 and CD20 gates of every sample
     pd.testing.assert_frame_equal(tables["ingested"], tables["mapped"])

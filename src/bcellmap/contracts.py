@@ -16,7 +16,8 @@ import numpy as np
 
 # --- B-cell subsets -------------------------------------------------------------------------
 
-#: B-cell subsets, in maturation order (``config/subsets.yaml`` defines their marker rules).
+#: B-cell subsets, in maturation order (the subset rule table defines their marker rules: the
+#: built-in ``bcellmap/subsets.yaml``, or the user's ``annotate.subsets``).
 SUBSETS = ("transitional", "naive", "unswitched_memory", "switched_memory", "double_negative",
            "plasmablast")
 #: Marker levels a subset rule may ask for.
@@ -59,6 +60,9 @@ CONCORDANCE_COLUMNS = ("patient_id", "day", "flow_sample_id", "scrna_sample_id",
 
 THRESHOLD_COLUMNS = ("group", "marker", "level", "threshold", "method", "n_events",
                      "n_samples", "pool")
+#: Gating group of the samples when one set of gates serves them all (the default panel,
+#: no batches): the ``group`` of thresholds.tsv and gates.tsv.
+ALL_SAMPLES = "all"
 GATE_COLUMNS = ("sample_id", "group", "marker", "level", "threshold", "parent", "method",
                 "n_events", "flag", "negative_landmark", "positive_landmark")
 PROTEIN_THRESHOLD_COLUMNS = ("marker", "parent", "threshold", "method", "n_events",

@@ -200,10 +200,11 @@ def sheet_records(columns=None, modality=None) -> str:
 
 
 def subset_rules_text() -> str:
-    """Text of the B-cell subset table; as a param, editing the table reruns annotation."""
-    from bcellmap.flow.annotate import resolve_subsets_path
+    """Text of the B-cell subset table in use (the user's annotate.subsets, else the built-in
+    one); as a param, editing the table reruns the rules that read it."""
+    from bcellmap.flow.subsets import subset_rules_text as _subset_rules_text
 
-    return resolve_subsets_path(config).read_text()
+    return _subset_rules_text(config)
 
 
 def counts_tables(wildcards=None) -> list[str]:

@@ -22,21 +22,23 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                  "write the simulated demo cohort (FCS files, sample sheet, truth tables)"),
     "check-samples": ("bcellmap.cli", "_cli_check_samples",
                       "validate a sample sheet (--deep: and every file's header)"),
-    "ingest-flow": ("bcellmap.flow._ingest", "cli_ingest_flow",
+    "ingest-flow": ("bcellmap.cli.flow", "cli_ingest_flow",
                     "read one FCS sample: compensate, transform, QC -> h5ad"),
     "collect-qc": ("bcellmap.cli.flow", "cli_collect_qc", "combine per-sample QC tables"),
     "train-normalisation": ("bcellmap.cli.flow", "cli_train_normalisation",
                             "learn per-batch quantile maps from the reference (anchor) samples"),
     "normalise-flow": ("bcellmap.cli.flow", "cli_normalise_flow",
                        "normalise one flow sample to the reference goal of its batch"),
-    "train-flow": ("bcellmap.flow.cluster", "cli_train_flow",
+    "train-flow": ("bcellmap.cli.flow", "cli_train_flow",
                    "fit the cohort SOM and metaclusters on a subsample of every sample"),
-    "map-flow": ("bcellmap.flow.cluster", "cli_map_flow",
+    "map-flow": ("bcellmap.cli.flow", "cli_map_flow",
                  "assign every event of one sample to a SOM node and metacluster"),
-    "thresholds": ("bcellmap.flow.thresholds", "cli_thresholds",
+    "thresholds": ("bcellmap.cli.flow", "cli_thresholds",
                    "learn positive/negative marker thresholds on the pooled cohort"),
-    "annotate": ("bcellmap.flow.annotate", "cli_annotate",
+    "annotate": ("bcellmap.cli.flow", "cli_annotate",
                  "label one sample's events: cell type and B-cell subset"),
+    "subsets": ("bcellmap.cli.flow", "cli_subsets",
+                "print the built-in B-cell subset rule table (copy it to write your own)"),
     "quantify": ("bcellmap.cli.cohort", "cli_quantify",
                  "per-sample counts and frequencies -> results/tables/samples.tsv"),
     "kinetics": ("bcellmap.cli.cohort", "cli_kinetics",
@@ -44,11 +46,11 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "concordance": ("bcellmap.cli.cohort", "cli_concordance",
                     "flow vs scRNA B-cell frequencies at visits measured both ways"),
     "report": ("bcellmap.cli.report", "cli_report", "figures for the Snakemake report"),
-    "ingest-scrna": ("bcellmap.scrna.ingest", "cli_ingest_scrna",
+    "ingest-scrna": ("bcellmap.cli.scrna", "cli_ingest_scrna",
                      "read one scRNA sample (10x .h5, mtx folder, .h5ad): QC, normalise -> h5ad"),
-    "train-scrna": ("bcellmap.scrna.cluster", "cli_train_scrna",
+    "train-scrna": ("bcellmap.cli.scrna", "cli_train_scrna",
                     "cohort PCA + kNN + Leiden on a bounded subsample of every scRNA sample"),
-    "map-scrna": ("bcellmap.scrna.cluster", "cli_map_scrna",
+    "map-scrna": ("bcellmap.cli.scrna", "cli_map_scrna",
                   "label every cell of one scRNA sample by kNN transfer from the cohort model"),
     "annotate-scrna": ("bcellmap.cli.scrna", "cli_annotate_scrna",
                        "label one scRNA sample's cells: cell type, B-cell subset, CAR-T"),
@@ -166,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--counts", required=True, metavar="TSV", help="per-sample counts table")
     s.add_argument("--lineage-qc", metavar="TSV",
                    help="per-sample lineage-gate QC row (lymphocytes by markers, purity)")
+
+    s = p["subsets"]
+    s.add_argument("--out", default=None, metavar="YAML",
+                   help="write the table to this file instead of printing it")
 
     s = p["quantify"]
     _add_common(s)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io._atomic import write_h5ad
+from ._outputs import write_all
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +56,6 @@ def _sample_row(args: argparse.Namespace, modality: str):
     return row
 
 
-def _write_all(writes: list[tuple[Path, Any]]) -> None:
-    """Run each ``(path, write)`` in turn; on failure remove every one already written."""
-    done: list[Path] = []
-    try:
-        for path, write in writes:
-            write()
-            done.append(Path(path))
-    except BaseException:
-        for path in done:  # the outputs are all-or-nothing
-            path.unlink(missing_ok=True)
-        raise
-
-
 def cli_map_annotate_flow(args: argparse.Namespace) -> None:
     """``bcellmap map-annotate-flow``: ingested flow h5ad + model + gates -> annotated, counts.
 
@@ -78,18 +66,19 @@ def cli_map_annotate_flow(args: argparse.Namespace) -> None:
     from ..config import load_config
     from ..flow.annotate import annotate_with_gates, lineage_qc_row
     from ..flow.cluster import load_model, map_sample
+    from ..flow.thresholds import read_gates, read_thresholds
     from ..io._atomic import write_tsv
     from ..kernels.backend import get_backend
 
     config = load_config(args.config)
     row = _sample_row(args, "flow")
     model = load_model(args.model)
+    thresholds, gates = read_thresholds(args.thresholds), read_gates(args.gates)
     adata = _read(args.input, what="ingested flow sample", sample_id=args.sample_id)
     mapped = map_sample(adata, model, backend=get_backend(config), path=args.input)
     del adata
-    annotated, counts = annotate_with_gates(mapped, config=config, row=row,
-                                            thresholds_path=args.thresholds,
-                                            gates_path=args.gates)
+    annotated, counts = annotate_with_gates(mapped, config=config, row=row, gates=gates,
+                                            thresholds=thresholds, gates_path=args.gates)
     if not args.keep_layers:
         annotated.layers.pop(_DROPPED_LAYER["flow"], None)
     compression = _compression(args)
@@ -103,7 +92,7 @@ def cli_map_annotate_flow(args: argparse.Namespace) -> None:
         (Path(args.lineage_qc), lambda: write_tsv(lineage_qc_row(counts), args.lineage_qc,
                                                   float_format="%.6g")),
     ]
-    _write_all(writes)
+    write_all(writes)
     log.info("%s: %d events, %d lymphocytes by markers, %d B cells", args.sample_id,
              annotated.n_obs, int(counts["lymphocytes"].iloc[0]),
              int(counts["b_cells"].iloc[0]))
@@ -116,24 +105,18 @@ def cli_map_annotate_scrna(args: argparse.Namespace) -> None:
     (NPZ), ``protein_thresholds`` (TSV, optional), ``out`` (annotated h5ad), ``counts``
     (TSV), ``mapped`` (optional h5ad), ``keep_layers``, ``compression``.
     """
-    import numpy as np
     import pandas as pd
 
     from ..config import load_config
     from ..contracts import COUNT_COLUMNS
-    from ..errors import InputError
     from ..io._atomic import write_tsv
     from ..kernels.backend import get_backend
     from ..scrna.annotate import annotate_scrna, read_protein_thresholds
-    from ..scrna.cluster import map_scrna
+    from ..scrna.cluster import load_scrna_model, map_scrna
 
     config = load_config(args.config)
     _sample_row(args, "scrna")
-    try:
-        with np.load(args.model, allow_pickle=False) as handle:
-            model = {key: handle[key] for key in handle.files}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the scRNA model ({exc})", path=args.model) from exc
+    model = load_scrna_model(args.model)
     adata = _read(args.input, what="ingested scRNA sample", sample_id=args.sample_id)
     mapped = map_scrna(adata, model, config=config, backend=get_backend(config),
                        sample_id=args.sample_id)
@@ -154,7 +137,7 @@ def cli_map_annotate_scrna(args: argparse.Namespace) -> None:
         (Path(args.out), lambda: write_h5ad(annotated, args.out, compression=compression)),
         (Path(args.counts), lambda: write_tsv(counts, args.counts)),
     ]
-    _write_all(writes)
+    write_all(writes)
     log.info("sample %s: %d cells, %d lymphocytes, %d B cells%s", args.sample_id,
              row["events_qc_pass"], row["lymphocytes"], row["b_cells"],
              f"; flagged protein gates: {row['gate_flags']}" if row["gate_flags"] else "")

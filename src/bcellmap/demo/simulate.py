@@ -131,10 +131,10 @@ deviate (correlation 0.6), so transitional cells (CD24hi CD38hi) are the upper t
 naive CD24int CD38int continuum rather than an island; memory CD38 is dim/low; memory CD27
 runs from dim (its lowest percent only about 4 times the 99th percentile of the
 CD27-negative naive cells) to bright; IgD on IgD- B cells is negative with a dim tail. The
-overlap is sized so that the best axis-aligned gates (the rules of ``config/subsets.yaml``,
-thresholds tuned per visit with the per-event truth on compensated arcsinh(x/150) values)
-get each subset within about 1 percentage point of truth for a visit of about 1,000 B
-cells, while still misclassifying 0.5-2.5% of them.
+overlap is sized so that the best axis-aligned gates (the rules of the built-in subset
+table, ``bcellmap/subsets.yaml``, thresholds tuned per visit with the per-event truth on
+compensated arcsinh(x/150) values) get each subset within about 1 percentage point of truth
+for a visit of about 1,000 B cells, while still misclassifying 0.5-2.5% of them.
 
 Scatter medians (FSC-A, SSC-A): lymphocytes 60,000 / 14,000 (NK SSC 18,000, B FSC
 62,000, plasmablasts 72,000 / 17,000), monocytes 95,000 / 42,000, granulocytes 105,000 /

@@ -1,4 +1,6 @@
-"""``bcellmap ingest-flow``: one FCS sample -> compensated, transformed, QC-flagged AnnData.
+"""The ingest step: one FCS sample -> compensated, transformed, QC-flagged AnnData.
+
+:func:`ingest_flow` is called by ``bcellmap ingest-flow`` and :func:`bcellmap.flow.ingest`.
 
 The AnnData and the QC table follow docs/architecture.md ("The flow AnnData" and "The
 per-sample QC table"). A panel in ``config["panels"]`` may carry its own ``compensation``,
@@ -14,7 +16,6 @@ the samples that use it, e.g. for files that are already compensated and transfo
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -197,48 +198,8 @@ def ingest_flow(
     return adata
 
 
-def _qc_steps_table(adata, *, sample_id: str):
+def qc_steps_table(adata: Any, *, sample_id: str) -> Any:
+    """The per-sample QC table (``results/qc/{sample_id}.tsv``) of an ingested sample."""
     from ._qc import qc_table
 
     return qc_table(adata.uns["qc"]["table"], sample_id=sample_id)
-
-
-def cli_ingest_flow(args: argparse.Namespace) -> None:
-    """``bcellmap ingest-flow``: write ``--out`` (h5ad) and ``--qc`` (TSV) for one sample."""
-    from ..config import load_config
-    from ..io._atomic import atomic_path, write_tsv
-
-    config = load_config(args.config)
-    sample_meta: dict[str, Any] = {}
-    panel = None
-    if args.samples:
-        from ..io.samplesheet import read_sample_sheet, sample_row
-
-        if not args.sample_id:
-            raise ConfigError("ingest-flow: --samples needs --sample-id")
-        sheet = read_sample_sheet(args.samples, panels=list(config.get("panels") or {}))
-        row = sample_row(sheet, args.sample_id, path=args.samples)
-        if row["modality"] != "flow":
-            raise InputError(f"modality is {row['modality']!r}, not 'flow'",
-                             path=row["path"], sample_id=args.sample_id)
-        sample_id = args.sample_id
-        fcs_path = args.fcs or row["path"]
-        panel = row.get("panel") or None
-        sample_meta = {"patient_id": row["patient_id"], "day": int(row["day"])}
-    elif args.fcs:
-        fcs_path = args.fcs
-        sample_id = args.sample_id or Path(args.fcs).stem
-    else:
-        raise ConfigError("ingest-flow: give --samples with --sample-id, or --fcs")
-
-    adata = ingest_flow(fcs_path, config=config, sample_id=sample_id, panel=panel,
-                        sample_meta=sample_meta)
-    table = _qc_steps_table(adata, sample_id=sample_id)
-    if getattr(args, "no_layers", False):
-        # The workflow's default: no step reads the compensated layer, and writing it
-        # doubles the file (keep_intermediates keeps it).
-        adata.layers.clear()
-    # Both outputs or neither: the h5ad is renamed into place only after the table is written.
-    with atomic_path(args.out) as tmp:
-        adata.write_h5ad(tmp)
-        write_tsv(table, args.qc)

@@ -7,8 +7,9 @@ Cell types (per event, thresholds from ``bcellmap.flow.thresholds``):
 - ``T``: CD3+.
 - ``other``: everything else (NK cells, monocytes, ... within the lymphocyte gate).
 
-B-cell subsets come from the ordered rule table ``annotate.subsets`` (``config/subsets.yaml``);
-the first rule that matches wins (plasmablast, transitional, then the IgD/CD27 quadrants).
+B-cell subsets come from the ordered subset rule table (:mod:`bcellmap.flow.subsets`: the
+built-in ``bcellmap/subsets.yaml``, or the user's ``annotate.subsets``); the first rule that
+matches wins (plasmablast, transitional, then the IgD/CD27 quadrants).
 Non-B events, and B events that no callable rule matches, get an empty ``b_subset``.
 
 Cluster-level phenotypes are reported beside the event calls: the median of every marker
@@ -20,76 +21,23 @@ counts table (``cluster_discordant_events``).
 
 from __future__ import annotations
 
-import argparse
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..contracts import COUNT_COLUMNS, LEVELS, SUBSETS
-from ..errors import ConfigError, InputError
+from ..contracts import ALL_SAMPLES, COUNT_COLUMNS, SUBSETS
+from ..errors import InputError
 from ..io.panel import marker_columns as _marker_columns
+from .subsets import SubsetRule, load_subset_rules
 
 log = logging.getLogger(__name__)
 
 # Keys under which ingest may record the number of events in the FCS file.
 _EVENT_TOTAL_KEYS = ("n_events", "events", "n_events_total", "events_total", "tot", "$TOT")
-
-
-@dataclass(frozen=True)
-class SubsetRule:
-    """One row of the subset rule table: a name and ``marker -> level``."""
-
-    name: str
-    levels: dict[str, str]
-
-
-def resolve_subsets_path(config: Mapping[str, Any]) -> Path:
-    """Find the subset rule table named by ``annotate.subsets``.
-
-    A relative path is looked up in the working directory, then in the repository root
-    (``Path(bcellmap.__file__).parents[2]``).
-    """
-    import bcellmap
-
-    name = Path(str(config.get("annotate", {}).get("subsets", "config/subsets.yaml")))
-    candidates = [name] if name.is_absolute() else [
-        Path.cwd() / name, Path(bcellmap.__file__).resolve().parents[2] / name]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"annotate.subsets: rule table {name} not found (looked in "
-                      f"{', '.join(str(c) for c in candidates)})")
-
-
-def load_subset_rules(config: Mapping[str, Any]) -> list[SubsetRule]:
-    """Read and check the ordered B-cell subset rules (see ``config/subsets.yaml``)."""
-    import yaml
-
-    path = resolve_subsets_path(config)
-    try:
-        content = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"subset rule table {path}: cannot be read ({exc})") from None
-    entries = content.get("subsets") if isinstance(content, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"subset rule table {path}: expected a non-empty 'subsets' list")
-    rules = []
-    for entry in entries:
-        if not isinstance(entry, dict) or "name" not in entry or not isinstance(
-                entry.get("rule"), dict):
-            raise ConfigError(f"subset rule table {path}: each entry needs 'name' and 'rule'")
-        levels = {str(k): str(v) for k, v in entry["rule"].items()}
-        bad = {k: v for k, v in levels.items() if v not in LEVELS}
-        if bad:
-            raise ConfigError(f"subset rule table {path}: {entry['name']}: levels {bad} not "
-                              f"in {', '.join(LEVELS)}")
-        rules.append(SubsetRule(str(entry["name"]), levels))
-    return rules
 
 
 def _level_mask(values: np.ndarray, level: str, cut: Mapping[str, float]) -> np.ndarray:
@@ -465,56 +413,33 @@ def lineage_qc_row(counts: pd.DataFrame) -> pd.DataFrame:
     }])
 
 
-def cli_annotate(args: argparse.Namespace) -> None:
-    """``bcellmap annotate``: one mapped sample -> annotated h5ad and counts table."""
-    import anndata as ad
-
-    from ..config import load_config
-    from ..io._atomic import write_h5ad, write_tsv
-    from ..io.samplesheet import read_sample_sheet, sample_row
-
-    config = load_config(args.config)
-    sheet = read_sample_sheet(args.samples, check_files=False)
-    row = sample_row(sheet, args.sample_id, path=args.samples)
-    try:
-        adata = ad.read_h5ad(args.input)
-    except OSError as exc:
-        raise InputError(f"cannot read the mapped h5ad ({exc})", path=args.input,
-                         sample_id=args.sample_id) from None
-    annotated, counts = annotate_with_gates(adata, config=config, row=row,
-                                            thresholds_path=args.thresholds,
-                                            gates_path=args.gates)
-    outputs = [Path(args.out), Path(args.counts)]
-    try:
-        write_h5ad(annotated, args.out)
-        write_tsv(counts, args.counts)
-        if args.lineage_qc:
-            outputs.append(Path(args.lineage_qc))
-            write_tsv(lineage_qc_row(counts), args.lineage_qc, float_format="%.6g")
-    except BaseException:
-        for path in outputs:  # keep the outputs all-or-nothing
-            path.unlink(missing_ok=True)
-        raise
-    log.info("%s: %d events, %d lymphocytes by markers, %d B cells", args.sample_id,
-             annotated.n_obs, int(counts["lymphocytes"].iloc[0]), int(counts["b_cells"].iloc[0]))
-
-
 def annotate_with_gates(adata: Any, *, config: Mapping[str, Any], row: Mapping[str, Any],
-                        thresholds_path: str | Path, gates_path: str | Path
+                        gates: pd.DataFrame, thresholds: pd.DataFrame | None = None,
+                        gates_path: str | os.PathLike | None = None
                         ) -> tuple[Any, pd.DataFrame]:
-    """Annotate one mapped sample with its own gates from ``gates.tsv``.
+    """Annotate one mapped sample with its own gates: the ``annotate`` step.
+
+    The one home of annotation with learned gates: ``bcellmap annotate``,
+    ``bcellmap map-annotate-flow`` and :func:`bcellmap.tl.annotate` all call it.
 
     Parameters
     ----------
     adata
-        The mapped AnnData (QC-passed events with ``obs["metacluster"]``).
+        The mapped AnnData (QC-passed events; without ``obs["metacluster"]`` no cluster
+        phenotypes are reported).
     config
         The merged config (``annotate.subsets``, ``annotate.gating``).
     row
-        The sample's sample-sheet row (``sample_id``, ``modality``, ``day``).
-    thresholds_path, gates_path
-        ``results/models/thresholds.tsv`` (the cohort's reference gates, of which the
-        sample's group is stored) and ``gates.tsv`` (every sample's own gates).
+        The sample's ``sample_id``, ``modality`` and ``day`` (None: unknown), e.g. its
+        sample-sheet row.
+    gates
+        Every sample's own gates (``gates.tsv``: ``sample_id``, ``marker``, ``level``,
+        ``threshold``, ...); this sample's rows are used.
+    thresholds
+        The cohort's reference gates (``thresholds.tsv``), of which the sample's group is
+        stored in ``uns["thresholds"]``; None: the sample's own gates are stored.
+    gates_path
+        The file ``gates`` came from, for messages.
 
     Returns
     -------
@@ -526,21 +451,25 @@ def annotate_with_gates(adata: Any, *, config: Mapping[str, Any], row: Mapping[s
         The gates table has no gates for this sample.
     """
     from .gating import gates_for_sample
-    from .thresholds import read_thresholds
 
     sample_id = str(row["sample_id"])
     rules = load_subset_rules(config)
-    table = read_thresholds(thresholds_path)
-    gates = read_thresholds(gates_path, required=("sample_id", "marker", "level", "threshold"))
-    thresholds, gate_rows = gates_for_sample(gates, sample_id)
+    if "sample_id" not in gates.columns:
+        raise InputError("the gates table has no sample_id column", path=gates_path,
+                         sample_id=sample_id)
+    own, gate_rows = gates_for_sample(gates, sample_id)
     if gate_rows.empty:
         raise InputError("the gates table has no gates for this sample (was it learned "
                          "without it?)", path=gates_path, sample_id=sample_id)
-    group = str(gate_rows["group"].iloc[0]) if "group" in gate_rows.columns else "all"
-    used = table[table["group"].astype(str) == group]
+    used = None
+    if thresholds is not None:
+        group = str(gate_rows["group"].iloc[0]) if "group" in gate_rows.columns \
+            else ALL_SAMPLES
+        used = thresholds[thresholds["group"].astype(str) == group]
     gating = dict(config.get("annotate", {}).get("gating", {}) or {})
+    day = row.get("day")
     return annotate_sample(
-        adata, thresholds, rules, sample_id=sample_id, modality=str(row["modality"]),
+        adata, own, rules, sample_id=sample_id, modality=str(row.get("modality") or "flow"),
         threshold_table=used, gate_table=gate_rows,
         max_mahalanobis=float(gating.get("lymphocyte_max_mahalanobis", 3.5)),
-        day=int(row["day"]))
+        day=None if day is None or pd.isna(day) else int(day))

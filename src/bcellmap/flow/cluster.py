@@ -1,4 +1,7 @@
-"""Cohort SOM training (``bcellmap train-flow``) and per-sample mapping (``bcellmap map-flow``).
+"""Cohort SOM training (:func:`train_flow_model`) and per-sample mapping (:func:`map_sample`).
+
+The one home of both: ``bcellmap train-flow`` / ``map-flow`` (on files) and
+:func:`bcellmap.tl.train_som` / :func:`~bcellmap.tl.map_som` (on AnnData objects) call them.
 
 Training sees a bounded, seeded subsample of the QC-passed events of every sample (at most
 ``cluster.events_per_sample`` each, and at most ``cluster.train_events`` in all: past that many
@@ -18,31 +21,26 @@ the provenance (inputs, events passing QC and events used per sample) and the de
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import __version__
-from ..config import load_config
 from ..contracts import sample_rng, subsample_indices
 from ..errors import ConfigError, InputError
-from ..io._atomic import atomic_path, write_h5ad
-from ..kernels.backend import get_backend
 from ..kernels.som import map_to_nodes
 
 log = logging.getLogger(__name__)
 
 
-def _sample_id(adata: Any, path: Path) -> str:
+def _sample_id(adata: Any, path: str | Path) -> str:
     sample = adata.uns.get("sample") if hasattr(adata, "uns") else None
     if isinstance(sample, dict) and sample.get("sample_id"):
         return str(sample["sample_id"])
-    return path.name.removesuffix(".h5ad")
+    return Path(path).name.removesuffix(".h5ad")
 
 
 def _qc_mask(adata: Any, *, path: Path, sample_id: str) -> np.ndarray:
@@ -106,7 +104,8 @@ def marker_matrix(adata: Any, markers: list[str], *, rows: np.ndarray | None = N
     return values
 
 
-def _cluster_options(config: dict[str, Any]) -> dict[str, Any]:
+def cluster_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The clustering settings of a merged config (``cluster``, ``seed``), as plain values."""
     cluster = config.get("cluster") or {}
     som = cluster.get("som") or {}
     markers = list(cluster.get("markers") or [])
@@ -130,30 +129,57 @@ def _cluster_options(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def shared_markers(paths: Sequence[str | Path], markers: Sequence[str]
+def canonical_markers(paths: Sequence[str | Path]) -> dict[str, set[str]]:
+    """``{sample: canonical markers}`` of flow h5ad files, reading only their ``var``.
+
+    Opening the AnnData would read the whole obs of every sample. Samples are named by
+    their file names without ``.h5ad``.
+
+    Raises
+    ------
+    InputError
+        A file cannot be read.
+    """
+    import h5py
+    from anndata.io import read_elem
+
+    markers: dict[str, set[str]] = {}
+    for raw_path in paths:
+        path = Path(raw_path)
+        try:
+            with h5py.File(path, "r") as handle:
+                var = read_elem(handle["var"])
+        except (OSError, KeyError) as exc:
+            raise InputError(f"cannot read the flow h5ad ({exc})", path=path) from None
+        markers[path.name.removesuffix(".h5ad")] = (
+            set(var["canonical"].astype(str)) if "canonical" in var.columns else set())
+    return markers
+
+
+def shared_markers(canonical: Mapping[str, Collection[str]], markers: Sequence[str]
                    ) -> tuple[list[str], dict[str, list[str]]]:
     """The ``cluster.markers`` every sample has, and who lacks each dropped one.
 
     One cohort SOM needs the same markers in every sample. Cohorts mixing panels cluster on
     the markers the panels share (named in the log); no shared marker is an error that
     lists every sample and what it lacks, at once.
-    """
-    import h5py
-    from anndata.io import read_elem
 
+    Parameters
+    ----------
+    canonical
+        ``{sample: its canonical markers}`` (:func:`canonical_markers` for files).
+    markers
+        The markers asked for, in order.
+
+    Returns
+    -------
+    The markers kept (in order) and ``{dropped marker: samples lacking it}``.
+    """
     lacking: dict[str, list[str]] = {}
-    for raw_path in paths:
-        path = Path(raw_path)
-        # Only var: opening the AnnData would read the whole obs of every sample.
-        try:
-            with h5py.File(path, "r") as handle:
-                var = read_elem(handle["var"])
-        except (OSError, KeyError) as exc:
-            raise InputError(f"cannot read the flow h5ad ({exc})", path=path) from None
-        canonical = set(var["canonical"].astype(str)) if "canonical" in var.columns else set()
+    for sample, present in canonical.items():
         for marker in markers:
-            if marker not in canonical:
-                lacking.setdefault(marker, []).append(path.name.removesuffix(".h5ad"))
+            if marker not in present:
+                lacking.setdefault(marker, []).append(sample)
     lacking = {m: lacking[m] for m in markers if m in lacking}  # in cluster.markers order
     kept = [m for m in markers if m not in lacking]
     if not kept:
@@ -168,44 +194,83 @@ def shared_markers(paths: Sequence[str | Path], markers: Sequence[str]
     return kept, lacking
 
 
-def cli_train_flow(args: argparse.Namespace) -> None:
-    """Fit the cohort SOM and metaclusters (``bcellmap train-flow``).
+def train_flow_model(
+    samples: Iterable[tuple[str, Any, str | Path | None]],
+    *,
+    n_samples: int,
+    canonical: Mapping[str, Collection[str]],
+    config: Mapping[str, Any],
+    backend: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit the cohort SOM and its metaclusters: the ``train-flow`` step.
 
-    ``args``: ``config`` (YAML or None), ``inputs`` (flow h5ad files), ``model`` (NPZ out),
-    ``info`` (JSON out).
+    A seeded subsample of at most ``cluster.events_per_sample`` QC-passed events of every
+    sample (fewer each when ``cluster.train_events`` would be exceeded) is pooled, a batch
+    SOM is trained on the shared ``cluster.markers`` and its nodes are grouped by consensus
+    hierarchical clustering.
+
+    Parameters
+    ----------
+    samples
+        ``(sample_id, flow AnnData, path or None)`` per sample, in pooling order; may be a
+        generator that reads each sample only when it is reached (:func:`read_flow_arrays`),
+        so the cohort need not fit in memory. ``sample_id`` seeds the sample's subsample.
+    n_samples
+        How many ``samples`` there are (the ``train_events`` cap is shared among them).
+    canonical
+        ``{sample: canonical markers}`` of every sample (:func:`shared_markers`).
+    config
+        The merged config (``cluster``, ``seed``).
+    backend
+        :class:`bcellmap.kernels.backend.Backend`.
+
+    Returns
+    -------
+    model
+        ``codes`` (nodes x markers, scaled space), ``node_metacluster``, ``markers`` (list),
+        ``center``, ``scale``, ``xdim``, ``ydim``: the arrays of ``flow_som.npz``.
+    info
+        The provenance of ``flow_som.json``: version, parameters, markers dropped, device,
+        training events and, per sample, events total / passing QC / used.
+
+    Raises
+    ------
+    InputError
+        Fewer training events than SOM nodes, a marker missing, NaN values.
+    ConfigError
+        ``cluster.n_metaclusters`` outside 1 .. SOM nodes.
     """
     # Here, not at module level: per-sample mapping jobs need neither (scipy's linkage).
     from ..kernels.metacluster import consensus_metaclusters
     from ..kernels.som import train_som
 
-    config = load_config(args.config)
-    options = _cluster_options(config)
-    options["markers"], dropped = shared_markers(args.inputs, options["markers"])
-    backend = get_backend(config)
+    options = cluster_options(config)
+    options["markers"], dropped = shared_markers(canonical, options["markers"])
     per_sample = options["events_per_sample"]
     if options["train_events"] is not None:
         # The cohort-wide cap: training memory and time stay bounded however many samples.
-        per_sample = min(per_sample, max(1, options["train_events"] // len(args.inputs)))
-    blocks, provenance = [], []
-    for raw_path in args.inputs:
-        path = Path(raw_path)
-        adata = read_flow_arrays(path)
-        sample_id = _sample_id(adata, path)
+        per_sample = min(per_sample, max(1, options["train_events"] // max(1, n_samples)))
+    blocks, provenance, paths = [], [], []
+    for sample_id, adata, path in samples:
         passed = np.flatnonzero(_qc_mask(adata, path=path, sample_id=sample_id))
         n_take = min(passed.size, per_sample)
         chosen = passed[subsample_indices(passed.size, n_take,
                                           sample_rng(options["seed"], sample_id))]
         blocks.append(marker_matrix(adata, options["markers"], rows=chosen, path=path,
                                     sample_id=sample_id))
-        provenance.append({"sample_id": sample_id, "path": str(path.resolve()),
-                           "events_total": int(adata.n_obs), "events_qc_pass": int(passed.size),
-                           "events_used": int(n_take)})
+        entry = {"sample_id": sample_id}
+        if path is not None:
+            entry["path"] = str(Path(path).resolve())
+            paths.append(str(path))
+        provenance.append({**entry, "events_total": int(adata.n_obs),
+                           "events_qc_pass": int(passed.size), "events_used": int(n_take)})
     training = np.concatenate(blocks, axis=0) if blocks else np.zeros((0, len(options["markers"])))
     n_nodes = options["xdim"] * options["ydim"]
     if training.shape[0] < n_nodes:
         raise InputError(f"only {training.shape[0]} QC-passed events across {len(blocks)} "
                          f"sample(s), fewer than the {n_nodes} SOM nodes; use a smaller grid "
-                         f"(cluster.som.xdim/ydim) or more events", path=", ".join(args.inputs))
+                         f"(cluster.som.xdim/ydim) or more events",
+                         path=", ".join(paths) if paths else None)
     if not 1 <= options["n_metaclusters"] <= n_nodes:
         raise ConfigError(f"cluster.n_metaclusters={options['n_metaclusters']} must be between "
                           f"1 and the {n_nodes} SOM nodes")
@@ -222,10 +287,9 @@ def cli_train_flow(args: argparse.Namespace) -> None:
     node_metacluster = consensus_metaclusters(codes, n_clusters=options["n_metaclusters"],
                                               seed=options["seed"],
                                               n_resamples=options["consensus_resamples"])
-    with atomic_path(args.model) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, codes=codes, node_metacluster=node_metacluster,
-                 markers=np.array(options["markers"], dtype=str), center=center, scale=scale,
-                 xdim=options["xdim"], ydim=options["ydim"])
+    model = {"codes": codes, "node_metacluster": node_metacluster,
+             "markers": list(options["markers"]), "center": center, "scale": scale,
+             "xdim": options["xdim"], "ydim": options["ydim"]}
     info = {
         "bcellmap_version": __version__,
         "parameters": {**options, "alpha": list(options["alpha"])},
@@ -235,11 +299,10 @@ def cli_train_flow(args: argparse.Namespace) -> None:
         "training_events": int(training.shape[0]),
         "samples": provenance,
     }
-    with atomic_path(args.info) as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
     log.info("trained a %dx%d SOM with %d metaclusters on %d events from %d samples (%s)",
              options["xdim"], options["ydim"], options["n_metaclusters"], training.shape[0],
              len(provenance), backend.device)
+    return model, info
 
 
 def load_model(path: str | Path) -> dict[str, Any]:
@@ -262,22 +325,6 @@ def load_model(path: str | Path) -> dict[str, Any]:
         raise InputError(f"cannot read the model ({exc})", path=path) from exc
     model["markers"] = [str(m) for m in model["markers"]]
     return model
-
-
-def cli_map_flow(args: argparse.Namespace) -> None:
-    """Map every QC-passed event of one sample to a SOM node (``bcellmap map-flow``).
-
-    ``args``: ``config``, ``input`` (flow h5ad), ``model`` (NPZ), ``out`` (mapped h5ad). A
-    sample with no QC-passed events (B-cell aplasia, a failed tube) is written as a valid empty
-    AnnData.
-    """
-    import anndata as ad
-
-    config = load_config(args.config)
-    path = Path(args.input)
-    adata = ad.read_h5ad(path)
-    mapped = map_sample(adata, load_model(args.model), backend=get_backend(config), path=path)
-    write_h5ad(mapped, args.out)
 
 
 def map_sample(adata: Any, model: dict[str, Any], *, backend: Any,

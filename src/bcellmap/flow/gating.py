@@ -68,10 +68,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..contracts import GATE_COLUMNS, THRESHOLD_COLUMNS, sample_rng, subsample_indices
+from ..contracts import (
+    ALL_SAMPLES,
+    GATE_COLUMNS,
+    THRESHOLD_COLUMNS,
+    sample_rng,
+    subsample_indices,
+)
 from ..io.panel import marker_columns
 from ..kernels.density import ThresholdFit, density_mode, find_modes, learn_marker_threshold
-from .thresholds import ALL_SAMPLES
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The thresholds tables and ``bcellmap thresholds``.
+"""The thresholds step: learn the cohort's gates (:func:`learn_cohort_gates`); its tables.
 
 A threshold placed per sample would invent positives: in B-cell aplasia a sample has no
 CD19+ population, and a two-population model fitted to that sample alone splits its
@@ -11,30 +11,30 @@ Each threshold is placed by the package's one 1-D learner,
 
 Where each threshold is learned (the parent population of every gate), how visits are
 registered onto each other before pooling, and the "hi" levels: ``bcellmap.flow.gating``.
-``bcellmap thresholds`` writes the cohort's reference gates (``thresholds.tsv``) and every
-sample's own gates (``gates.tsv``). Fixed values from ``annotate.thresholds.fixed`` (positive
+:func:`learn_cohort_gates` (called by ``bcellmap thresholds`` and :func:`bcellmap.tl.gate`)
+gives the cohort's reference gates (``thresholds.tsv``) and every sample's own gates
+(``gates.tsv``). Fixed values from ``annotate.thresholds.fixed`` (positive
 level) and ``annotate.thresholds.fixed_hi`` (hi level) override learning.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
+from ..contracts import ALL_SAMPLES
 from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
 #: Markers of the cell-type rules; subset markers come from the subset rule table.
 LINEAGE_MARKERS = ("CD3", "CD19", "CD20")
-#: Group name used when one set of thresholds serves every sample.
-ALL_SAMPLES = "all"
+#: Markers the lymphocyte gate uses where the panel has them (see ``gating.lymphocyte_gate``).
+_LYMPHOCYTE_GATE_MARKERS = ("CD45", "CD14", "CD56", "CD16")
 
 
 def _settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,6 +77,11 @@ def read_thresholds(path: str | os.PathLike, *,
     return read_table(path, required=required, what="thresholds table")
 
 
+def read_gates(path: str | os.PathLike) -> pd.DataFrame:
+    """Read ``gates.tsv`` (every sample's own gates), checking its key columns."""
+    return read_thresholds(path, required=("sample_id", "marker", "level", "threshold"))
+
+
 def threshold_group(row: Mapping[str, Any], method: str) -> str:
     """The gating group of a sample: its panel (``all`` for the default one), and under
     ``method: batch`` its batch too (``batch`` alone for the default panel).
@@ -93,7 +98,7 @@ def threshold_group(row: Mapping[str, Any], method: str) -> str:
     return panel or batch or ALL_SAMPLES
 
 
-def _instrument_kind(path: Path) -> str:
+def instrument_kind(path: str | os.PathLike) -> str:
     """``mass_cytometry`` or ``fluorescence``, as ingest recorded it in ``uns["source"]``."""
     import h5py
 
@@ -121,69 +126,96 @@ def split_instrument_mix(groups: Mapping[str, str], kinds: Mapping[str, str]) ->
     return {s: f"{g}:{kinds[s]}" if g in mixed else g for s, g in groups.items()}
 
 
-def cli_thresholds(args: argparse.Namespace) -> None:
-    """``bcellmap thresholds``: learn the gates on the QC-passed events of every sample.
+def gate_markers(rules: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """The markers that get a positive gate and those that also get a hi gate.
 
-    ``--inputs`` are the ingested (or normalised) flow h5ad files; mapped files (QC-passed
-    events only) give the same gates. Writes the cohort's reference gates (``--out``,
-    ``THRESHOLD_COLUMNS``) and every sample's own gates (``--gates``,
-    ``gating.GATE_COLUMNS``), which ``annotate`` applies.
+    Positive: the lineage markers, every marker a subset rule uses at ``neg``/``pos`` and the
+    lymphocyte gate's markers; hi: every marker a rule uses at ``hi``/``lo``.
     """
-    from ..config import load_config
-    from ..io._atomic import write_tsv
-    from ..io.samplesheet import read_sample_sheet
-    from .annotate import load_subset_rules
-    from .gating import GatingSettings, learn_gates
-
-    config = load_config(args.config)
-    settings = _settings(config)
-    sheet = read_sample_sheet(args.samples, check_files=False)
-    rules = load_subset_rules(config)
     pos_markers = list(dict.fromkeys(
         [*LINEAGE_MARKERS, *(m for rule in rules for m, lv in rule.levels.items()
                              if lv in ("neg", "pos"))]))
     hi_markers = list(dict.fromkeys(m for rule in rules for m, lv in rule.levels.items()
                                     if lv in ("hi", "lo")))
-    # The lymphocyte gate uses these where the panel has them (see annotate).
-    pos_markers += [m for m in ("CD45", "CD14", "CD56", "CD16") if m not in pos_markers]
+    pos_markers += [m for m in _LYMPHOCYTE_GATE_MARKERS if m not in pos_markers]
     if "CD3" not in pos_markers:
         pos_markers.insert(0, "CD3")
+    return pos_markers, hi_markers
 
-    paths: dict[str, Path] = {}
-    for path in map(Path, args.inputs):
-        sample_id = path.name.removesuffix(".h5ad")
-        if sample_id not in sheet.index:
-            raise InputError("input file is not named after a sample of the sheet",
-                             path=path, sample_id=sample_id)
-        paths[sample_id] = path
 
-    def _reader(path: Path, sample_id: str) -> Any:
-        return lambda: read_qc_passed(path, sample_id=sample_id)
+def _day(row: Mapping[str, Any]) -> int | None:
+    day = row.get("day")
+    return None if day is None or pd.isna(day) or day == "" else int(day)
 
+
+def learn_cohort_gates(
+    samples: Mapping[str, Callable[[], Any]],
+    *,
+    rows: Mapping[str, Mapping[str, Any]],
+    kinds: Mapping[str, str],
+    config: Mapping[str, Any],
+    sheet_path: str | os.PathLike | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """Learn the cohort's hierarchical gates: the ``thresholds`` step.
+
+    The one home of gate learning: ``bcellmap thresholds`` (on files) and
+    :func:`bcellmap.tl.gate` (on AnnData objects) both call it. Samples are grouped by panel
+    (and batch under ``annotate.thresholds.method: batch``; mass and fluorescence cytometry
+    apart), the markers come from the lineage rules and the subset rule table, and
+    :func:`bcellmap.flow.gating.learn_gates` learns every gate in its parent population.
+
+    Parameters
+    ----------
+    samples
+        ``{sample_id: reader}``: each reader returns the sample's QC-passed events (``X`` and
+        ``var["canonical"]``, e.g. :func:`read_qc_passed`); called once per stage, so the
+        cohort need not fit in memory.
+    rows
+        Per sample: ``panel``, ``batch`` and ``day`` (its sample-sheet row).
+    kinds
+        Per sample: ``mass_cytometry`` or ``fluorescence`` (:func:`instrument_kind`).
+    config
+        The merged config (``annotate``, ``seed``).
+    sheet_path
+        The sample sheet, for messages.
+
+    Returns
+    -------
+    cohort
+        The reference gates of every group (``THRESHOLD_COLUMNS``; ``thresholds.tsv``).
+    gates
+        Every sample's own gates (``GATE_COLUMNS``; ``gates.tsv``).
+    groups
+        ``{sample_id: gating group}``.
+
+    Raises
+    ------
+    InputError
+        No sample to learn on (``baseline`` without day <= 0 samples), missing markers.
+    """
+    from .gating import GatingSettings, learn_gates
+    from .subsets import load_subset_rules
+
+    settings = _settings(config)
+    pos_markers, hi_markers = gate_markers(load_subset_rules(config))
     groups = split_instrument_mix(
-        {s: threshold_group(sheet.loc[s], settings["method"]) for s in paths},
-        {s: _instrument_kind(p) for s, p in paths.items()})
-    learners = set(paths)
+        {s: threshold_group(rows[s], settings["method"]) for s in samples},
+        {s: kinds[s] for s in samples})
+    learners = set(samples)
     if settings["method"] == "baseline":
-        learners = {s for s in paths if int(sheet.loc[s, "day"]) <= 0}
+        learners = {s for s in samples if (day := _day(rows[s])) is not None and day <= 0}
     if not learners:
         raise InputError("no sample to learn thresholds on (method "
                          f"{settings['method']!r}: baseline needs samples with day <= 0)",
-                         path=args.samples)
-    cohort, gates = learn_gates({s: _reader(p, s) for s, p in paths.items()},
-                                pos_markers=pos_markers, hi_markers=hi_markers,
+                         path=sheet_path)
+    cohort, gates = learn_gates(dict(samples), pos_markers=pos_markers, hi_markers=hi_markers,
                                 settings=GatingSettings.from_config(config),
                                 seed=int(config.get("seed", 0)), groups=groups,
                                 learners=learners)
     for row in gates[gates["flag"].astype(str) != ""].itertuples(index=False):
         log.warning("%s: gate %s %s (%s) flagged %s: %s on %d parent events", row.sample_id,
                     row.marker, row.level, row.parent, row.flag, row.method, row.n_events)
-    write_tsv(cohort, args.out)
-    try:
-        write_tsv(gates, args.gates)
-    except BaseException:
-        Path(args.out).unlink(missing_ok=True)  # the two outputs are all-or-nothing
-        raise
+    return cohort, gates, groups
 
 
 def read_qc_passed(path: str | os.PathLike, *, sample_id: str | None = None) -> Any:

@@ -1,24 +1,25 @@
 """Cohort clustering of scRNA samples: train PCA + exact kNN + Leiden, then map every cell.
 
-Train (``bcellmap train-scrna``, cohort-wide, bounded): a seeded subsample of at most
-``scrna.cluster.cells_per_sample`` QC-passed cells per sample (read lazily from the ingested
-h5ad files), the ``scrna.cluster.n_genes`` genes most often highly variable across samples
-(present in every sample; ties broken by mean normalised dispersion), each gene scaled to unit
-variance over the pooled subsample (scanpy's ``pp.scale`` without clipping, so the matrix stays
-sparse and memory stays bounded), PCA (:mod:`bcellmap.kernels.pca`), exact kNN and Leiden
-(:mod:`bcellmap.kernels.knn`, :mod:`bcellmap.kernels.leiden`) through
-:mod:`bcellmap.kernels.backend` (GPU when available). The model NPZ holds what mapping needs:
-``genes``, ``gene_mean``, ``gene_scale``
-(the HVG means and scales), ``components`` (PCA loadings), ``pca_mean``, ``embedding`` (training
-PCA scores), ``labels`` (training Leiden clusters), ``explained_variance_ratio``, ``train_sample``
+Train (:func:`train_scrna_cohort`, the ``bcellmap train-scrna`` step; cohort-wide,
+bounded): a seeded subsample of at most ``scrna.cluster.cells_per_sample`` QC-passed cells per
+sample (read lazily from the ingested h5ad files), the ``scrna.cluster.n_genes`` genes most
+often highly variable across samples (present in every sample; ties broken by mean normalised
+dispersion), each gene scaled to unit variance over the pooled subsample (scanpy's
+``pp.scale`` without clipping, so the matrix stays sparse and memory stays bounded), PCA
+(:mod:`bcellmap.kernels.pca`), exact kNN and Leiden (:mod:`bcellmap.kernels.knn`,
+:mod:`bcellmap.kernels.leiden`) through :mod:`bcellmap.kernels.backend` (GPU when available).
+The model NPZ holds what mapping needs: ``genes``, ``gene_mean``, ``gene_scale`` (the HVG
+means and scales), ``components`` (PCA loadings), ``pca_mean``, ``embedding`` (training PCA
+scores), ``labels`` (training Leiden clusters), ``explained_variance_ratio``, ``train_sample``
 and ``train_event_index``.
 
-Map (``bcellmap map-scrna``, per sample): every QC-passed cell is scaled with the model's means
-and scales (model genes missing from the sample count as zero expression, logged), projected on
-the loadings, and labelled by majority vote of its ``scrna.cluster.transfer_k`` nearest training
-cells in PCA space (ties to the nearer neighbours). Output: the QC-passed cells of the ingested
-AnnData with ``obs["leiden"]`` (int), ``obs["leiden_confidence"]`` (share of votes) and
-``obsm["X_pca"]``. A sample with no QC-passed cell gives a valid, empty AnnData.
+Map (:func:`map_scrna`, the ``bcellmap map-scrna`` step; per sample): every QC-passed cell
+is scaled with the model's means and scales (model genes missing from the sample count as zero
+expression, logged), projected on the loadings, and labelled by majority vote of its
+``scrna.cluster.transfer_k`` nearest training cells in PCA space (ties to the nearer
+neighbours). Output: the QC-passed cells of the ingested AnnData with ``obs["leiden"]`` (int),
+``obs["leiden_confidence"]`` (share of votes) and ``obsm["X_pca"]``. A sample with no
+QC-passed cell gives a valid, empty AnnData.
 
 CITE-seq protein gates (``train-scrna --protein-thresholds``, cohort-wide like the model):
 :func:`learn_scrna_protein_thresholds` pools a seeded subsample of at most
@@ -30,8 +31,6 @@ or both CD19 and CD20, gets its per-cell RNA call on the subsample for that pare
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -344,54 +343,59 @@ def _json_number(value: Any) -> float | None:
     return round(value, 6) if np.isfinite(value) else None
 
 
-def cli_train_scrna(args: argparse.Namespace) -> None:
-    """``bcellmap train-scrna``: ingested h5ad files -> model NPZ, info JSON and (with
-    ``--protein-thresholds``) the cohort's CITE-seq protein gates."""
-    from ..config import load_config
-    from ..io._atomic import atomic_path, write_tsv
-    from ..kernels.backend import get_backend
+def train_scrna_cohort(paths: Sequence[str | Path], *, config: Mapping[str, Any], backend,
+                       protein_thresholds: bool = False
+                       ) -> tuple[dict[str, np.ndarray], dict[str, Any], Any]:
+    """The ``train-scrna`` step: the cohort model and (optionally) the CITE-seq protein gates.
 
-    config = load_config(args.config)
-    backend = get_backend(config)
-    model, info = train_scrna(sorted(args.inputs), config=config, backend=backend)
-    if getattr(args, "protein_thresholds", None):
-        gates = learn_scrna_protein_thresholds(sorted(args.inputs), config=config)
-        write_tsv(gates, args.protein_thresholds)
+    Parameters
+    ----------
+    paths
+        Ingested sample h5ad files (``ingest-scrna`` output); used in sorted order, so the
+        model does not depend on the order they are given in.
+    config
+        Merged config (``scrna``, ``seed``).
+    backend
+        Array backend.
+    protein_thresholds
+        Also learn the cohort's protein gates (:func:`learn_scrna_protein_thresholds`) and
+        summarise them in the info.
+
+    Returns
+    -------
+    (model arrays for the NPZ, info for the JSON, protein gates table or None)
+    """
+    paths = sorted(str(p) for p in paths)
+    model, info = train_scrna(paths, config=config, backend=backend)
+    gates = None
+    if protein_thresholds:
+        gates = learn_scrna_protein_thresholds(paths, config=config)
         info["protein_gates"] = {str(r["marker"]): {"parent": r["parent"],
                                                     "threshold": _json_number(r["threshold"]),
                                                     "method": r["method"],
                                                     "n_events": int(r["n_events"])}
                                  for r in gates.to_dict("records")}
         info["protein_gate_flags"] = [f for f in gates["flag"] if f]
-    with atomic_path(args.model) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **model)
-    with atomic_path(args.info) as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
     log.info("scRNA model: %d cells, %d genes, %d clusters on %s", info["cells"], info["genes"],
              info["clusters"], info["device"])
+    return model, info, gates
 
 
-def cli_map_scrna(args: argparse.Namespace) -> None:
-    """``bcellmap map-scrna``: one ingested h5ad + model -> mapped h5ad."""
-    import anndata as ad
+def load_scrna_model(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a scRNA model NPZ written by ``train-scrna``.
 
-    from ..config import load_config
-    from ..io._atomic import write_h5ad
-    from ..kernels.backend import get_backend
-
-    config = load_config(args.config)
+    Raises
+    ------
+    InputError
+        The file is missing or cannot be read.
+    """
     try:
-        with np.load(args.model, allow_pickle=False) as handle:
-            model = {key: handle[key] for key in handle.files}
+        with np.load(path, allow_pickle=False) as handle:
+            return {key: handle[key] for key in handle.files}
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the scRNA model ({exc})", path=args.model) from exc
-    try:
-        adata = ad.read_h5ad(args.input)
-    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
-        raise InputError(f"cannot be read as h5ad ({exc})", path=args.input) from exc
-    sample_id = _sample_id(adata, args.input)
-    mapped = map_scrna(adata, model, config=config, backend=get_backend(config),
-                       sample_id=sample_id)
-    write_h5ad(mapped, args.out)
-    log.info("sample %s: %d cells mapped to %d clusters", sample_id, mapped.n_obs,
-             len(np.unique(mapped.obs["leiden"])))
+        raise InputError(f"cannot read the scRNA model ({exc})", path=path) from exc
+
+
+def scrna_sample_id(adata, path: str | Path) -> str:
+    """The sample id in ``uns["sample"]``, else the file name's stem."""
+    return _sample_id(adata, path)

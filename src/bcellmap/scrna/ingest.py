@@ -50,7 +50,6 @@ separators. A sample whose ADTs match none of the markers is logged as a warning
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from pathlib import Path
@@ -645,26 +644,3 @@ def ingest_scrna(path: str | Path, *, config: dict[str, Any], sample: dict[str, 
     adata.uns["source"] = {"path": str(path), "cells": int(n_source),
                            "features": int(adata.n_vars)}
     return adata, qc_table
-
-
-def cli_ingest_scrna(args: argparse.Namespace) -> None:
-    """``bcellmap ingest-scrna``: one sample of the sheet -> h5ad and QC table."""
-    from ..config import load_config
-    from ..io._atomic import write_h5ad, write_tsv
-    from ..io.samplesheet import read_sample_sheet, sample_row
-
-    config = load_config(args.config)
-    sheet = read_sample_sheet(args.samples)
-    row = sample_row(sheet, args.sample_id, path=args.samples)
-    if row["modality"] != "scrna":
-        raise InputError(f"modality is {row['modality']!r}, not 'scrna'", path=args.samples,
-                         sample_id=args.sample_id)
-    sample = {"sample_id": args.sample_id, "patient_id": str(row["patient_id"]),
-              "day": int(row["day"]), "modality": "scrna", "panel": str(row.get("panel", ""))}
-    adata, qc_table = ingest_scrna(row["path"], config=config, sample=sample)
-    n_pass = int(adata.obs["qc_pass"].sum())
-    if n_pass == 0:
-        log.warning("sample %s: no cell passed QC", args.sample_id)
-    write_tsv(qc_table, args.qc)
-    write_h5ad(adata, args.out)
-    log.info("sample %s: %d cells, %d passed QC", args.sample_id, adata.n_obs, n_pass)

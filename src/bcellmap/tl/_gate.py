@@ -1,9 +1,9 @@
 """``gate`` and ``annotate``: the workflow's ``thresholds`` and ``annotate`` steps on AnnData
-objects in memory (``bcellmap.flow.gating``, ``bcellmap.flow.annotate``)."""
+objects in memory (``bcellmap.flow.thresholds.learn_cohort_gates``,
+``bcellmap.flow.annotate.annotate_with_gates``: the functions the commands call)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,27 +23,10 @@ if TYPE_CHECKING:
     import pandas as pd
     from anndata import AnnData
 
-log = logging.getLogger(__name__)
-
 #: obs columns ``annotate`` writes (events that failed QC get "" or False).
 ANNOTATION_COLUMNS = ("cell_type", "lymphocyte", "b_subset", "cd19_pos", "cd20_pos",
                       "metacluster_cell_type")
 _TEXT_COLUMNS = ("sample_id", "group", "marker", "level", "parent", "method", "flag")
-
-
-def _gate_markers(rules: Sequence[Any]) -> tuple[list[str], list[str]]:
-    """Markers needing a positive and a hi gate, as ``bcellmap thresholds`` lists them."""
-    from ..flow.thresholds import LINEAGE_MARKERS
-
-    pos_markers = list(dict.fromkeys(
-        [*LINEAGE_MARKERS, *(m for rule in rules for m, lv in rule.levels.items()
-                             if lv in ("neg", "pos"))]))
-    hi_markers = list(dict.fromkeys(m for rule in rules for m, lv in rule.levels.items()
-                                    if lv in ("hi", "lo")))
-    pos_markers += [m for m in ("CD45", "CD14", "CD56", "CD16") if m not in pos_markers]
-    if "CD3" not in pos_markers:
-        pos_markers.insert(0, "CD3")
-    return pos_markers, hi_markers
 
 
 def _text_columns(table: pd.DataFrame) -> pd.DataFrame:
@@ -90,7 +73,7 @@ def gate(
     Each gate is learned inside its parent population (lymphocytes -> CD3- -> B cells ->
     naive B cells) on a seeded equal-per-sample pool of the QC-passed events, after every
     visit is registered onto the cohort's landmarks, and mapped back onto every sample's own
-    scale (``bcellmap.flow.gating.learn_gates``).
+    scale: the workflow's own gate learning (``bcellmap.flow.thresholds.learn_cohort_gates``).
 
     Parameters
     ----------
@@ -106,7 +89,9 @@ def gate(
     events_per_sample
         Events per sample in the pool. Default: ``annotate.thresholds.events_per_sample``.
     subsets
-        The B-cell subset rule table (YAML). Default: ``annotate.subsets``.
+        Your B-cell subset rule table (YAML; a relative path is resolved against the
+        working directory). Default: ``annotate.subsets`` (null: the built-in table,
+        ``bcellmap.flow.subsets``).
     sample_sheet
         Sample sheet (path or DataFrame) giving every sample's panel, batch and day; None:
         ``uns["sample"]`` of each AnnData.
@@ -129,9 +114,7 @@ def gate(
     bcellmap.errors.InputError
         No sample to learn on (``baseline`` without day <= 0 samples), missing markers.
     """
-    from ..flow.annotate import load_subset_rules
-    from ..flow.gating import GatingSettings, learn_gates
-    from ..flow.thresholds import _settings, split_instrument_mix, threshold_group
+    from ..flow.thresholds import _settings, learn_cohort_gates
 
     samples = as_mapping(adatas)
     cfg = resolve_config(config, {
@@ -143,8 +126,6 @@ def gate(
         "seed": seed,
     })
     settings = _settings(cfg)
-    rules = load_subset_rules(cfg)
-    pos_markers, hi_markers = _gate_markers(rules)
     rows = _sample_rows(samples, sample_sheet)
     if settings["method"] == "batch" and not any(str(r.get("batch") or "") for r in
                                                   rows.values()):
@@ -152,15 +133,6 @@ def gate(
                           "ingest with batch=")
     kinds = {s: "mass_cytometry" if bool((a.uns.get("source") or {}).get("mass_cytometry"))
              else "fluorescence" for s, a in samples.items()}
-    groups = split_instrument_mix(
-        {s: threshold_group(rows[s], settings["method"]) for s in samples}, kinds)
-    learners = set(samples)
-    if settings["method"] == "baseline":
-        learners = {s for s in samples
-                    if rows[s].get("day") is not None and int(rows[s]["day"]) <= 0}
-    if not learners:
-        raise InputError("no sample to learn gates on (method 'baseline' needs samples with "
-                         "day <= 0)")
 
     def _passed(adata: Any) -> Any:
         def _view() -> Any:
@@ -168,17 +140,12 @@ def gate(
             return adata if bool(mask.all()) else adata[mask]
         return _view
 
-    cohort, gates = learn_gates({s: _passed(a) for s, a in samples.items()},
-                                pos_markers=pos_markers, hi_markers=hi_markers,
-                                settings=GatingSettings.from_config(cfg),
-                                seed=int(cfg.get("seed", 0)), groups=groups, learners=learners)
-    for row in gates[gates["flag"].astype(str) != ""].itertuples(index=False):
-        log.warning("%s: gate %s %s (%s) flagged %s: %s on %d parent events", row.sample_id,
-                    row.marker, row.level, row.parent, row.flag, row.method, row.n_events)
+    cohort, gates, groups = learn_cohort_gates({s: _passed(a) for s, a in samples.items()},
+                                               rows=rows, kinds=kinds, config=cfg)
     params = {"method": settings["method"], "fixed": dict(settings["fixed"]),
               "fixed_hi": dict(settings["fixed_hi"]),
               "events_per_sample": int(settings["events_per_sample"]),
-              "subsets": str(cfg["annotate"]["subsets"]), "seed": int(cfg.get("seed", 0)),
+              "subsets": _subsets_label(cfg), "seed": int(cfg.get("seed", 0)),
               "gating": h5ad_safe(cfg["annotate"].get("gating") or {}),
               "sample_sheet": None if sample_sheet is None else
               str(sample_sheet) if isinstance(sample_sheet, (str, os.PathLike)) else "given"}
@@ -192,11 +159,9 @@ def gate(
 
 
 def _gates_of(adata: AnnData, sample_id: str, gates: Any
-              ) -> tuple[dict[str, dict[str, float]], pd.DataFrame, pd.DataFrame | None]:
-    """This sample's ``{marker: {level: threshold}}``, gate rows and reference table."""
+              ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The gates table (every sample's, or this sample's) and the reference gates, if any."""
     import pandas as pd
-
-    from ..flow.gating import gates_for_sample
 
     table = None
     if gates is None:
@@ -215,16 +180,12 @@ def _gates_of(adata: AnnData, sample_id: str, gates: Any
     else:
         raise ConfigError("gates must be what bcellmap.tl.gate returns ((thresholds, gates)), "
                           "a gates table, or None")
-    if "sample_id" not in all_gates.columns:
-        raise InputError("the gates table has no sample_id column", sample_id=sample_id)
-    thresholds, gate_rows = gates_for_sample(all_gates, sample_id)
-    if gate_rows.empty:
-        raise InputError("the gates table has no gates for this sample (was it learned "
-                         "without it?)", sample_id=sample_id)
-    if table is not None:
-        group = str(gate_rows["group"].iloc[0]) if "group" in gate_rows.columns else "all"
-        table = table[table["group"].astype(str) == group]
-    return thresholds, gate_rows, table
+    return all_gates, table
+
+
+def _subsets_label(config: Mapping[str, Any]) -> str:
+    """``annotate.subsets`` as recorded: the user's table, or ``built-in``."""
+    return str(config["annotate"].get("subsets") or "built-in")
 
 
 def annotate(
@@ -243,7 +204,7 @@ def annotate(
     B cells are CD3- lymphocytes that are CD19+ or CD20+; subsets follow the ordered rule
     table (transitional, naive, unswitched and switched memory, double negative,
     plasmablast); NK cells are lineage-negative events inside the T and B cells' scatter
-    core (``bcellmap.flow.annotate.annotate_sample``).
+    core: the workflow's own annotation (``bcellmap.flow.annotate.annotate_with_gates``).
 
     Parameters
     ----------
@@ -255,7 +216,9 @@ def annotate(
         ``gates.tsv``). None: ``uns["gates"]`` (and ``uns["thresholds"]``) written by
         :func:`gate`.
     subsets
-        The B-cell subset rule table (YAML). Default: ``annotate.subsets``.
+        Your B-cell subset rule table (YAML; a relative path is resolved against the
+        working directory). Default: ``annotate.subsets`` (null: the built-in table,
+        ``bcellmap.flow.subsets``).
     max_mahalanobis
         Radius of the lymphocyte scatter core. Default:
         ``annotate.gating.lymphocyte_max_mahalanobis`` (3.5).
@@ -286,28 +249,26 @@ def annotate(
     """
     import numpy as np
 
-    from ..flow.annotate import annotate_sample, lineage_qc_row, load_subset_rules
+    from ..flow.annotate import annotate_with_gates, lineage_qc_row
 
     adata = adata.copy() if copy else adata
     cfg = resolve_config(config, {
         "annotate.subsets": None if subsets is None else str(subsets),
         "annotate.gating.lymphocyte_max_mahalanobis": max_mahalanobis,
     })
-    rules = load_subset_rules(cfg)
     sample = sample_info(adata)
     sample_id = str(sample_id or sample.get("sample_id") or "")
     if not sample_id:
         raise ConfigError("annotate: the AnnData records no sample_id; pass sample_id=")
     if day is None and sample.get("day") is not None:
         day = int(sample["day"])
-    thresholds, gate_rows, table = _gates_of(adata, sample_id, gates)
+    all_gates, table = _gates_of(adata, sample_id, gates)
     mask = qc_mask(adata)
     passed = adata if bool(mask.all()) else adata[mask]
-    radius = float(cfg["annotate"].get("gating", {}).get("lymphocyte_max_mahalanobis", 3.5))
-    annotated, counts = annotate_sample(
-        passed, thresholds, rules, sample_id=sample_id,
-        modality=str(sample.get("modality") or "flow"), threshold_table=table,
-        gate_table=gate_rows, max_mahalanobis=radius, day=day)
+    annotated, counts = annotate_with_gates(
+        passed, config=cfg, gates=all_gates, thresholds=table,
+        row={"sample_id": sample_id, "modality": str(sample.get("modality") or "flow"),
+             "day": day})
     for column in (c for c in ANNOTATION_COLUMNS if c in annotated.obs.columns):
         values = annotated.obs[column].to_numpy()
         if bool(mask.all()):
@@ -321,8 +282,10 @@ def annotate(
         adata.uns[key] = annotated.uns[key]
     adata.uns["counts"] = h5ad_safe(counts.iloc[0].to_dict())
     adata.uns["lineage_qc"] = h5ad_safe(lineage_qc_row(counts).iloc[0].to_dict())
+    radius = float(cfg["annotate"].get("gating", {}).get("lymphocyte_max_mahalanobis", 3.5))
     record(adata, "annotate", {"sample_id": sample_id, "day": day,
-                               "subsets": str(cfg["annotate"]["subsets"]),
+                               "subsets": _subsets_label(cfg),
                                "max_mahalanobis": radius,
-                               "subset_precedence": [rule.name for rule in rules]})
+                               "subset_precedence": list(
+                                   annotated.uns["annotate"]["subset_precedence"])})
     return adata if copy else None

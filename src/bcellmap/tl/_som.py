@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -13,8 +12,6 @@ from ..errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-log = logging.getLogger(__name__)
 
 #: Arrays of a flow SOM model (the keys of ``results/models/flow_som.npz``).
 MODEL_KEYS = ("codes", "node_metacluster", "markers", "center", "scale", "xdim", "ydim")
@@ -26,9 +23,9 @@ def _options(config: ConfigLike, *, markers: Sequence[str] | None,
              n_metaclusters: int | None, consensus_resamples: int | None,
              events_per_sample: int | None, scale: bool | None,
              seed: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The config and the workflow's clustering options (``flow.cluster._cluster_options``),
+    """The config and the workflow's clustering options (``flow.cluster.cluster_options``),
     keyword arguments merged over ``config``."""
-    from ..flow.cluster import _cluster_options
+    from ..flow.cluster import cluster_options
 
     if grid is not None and len(grid) != 2:
         raise ConfigError(f"grid must be (xdim, ydim), got {grid!r}")
@@ -45,27 +42,7 @@ def _options(config: ConfigLike, *, markers: Sequence[str] | None,
         "cluster.scale": scale,
         "seed": seed,
     })
-    return cfg, _cluster_options(cfg)
-
-
-def _shared_markers(samples: Mapping[str, Any], markers: Sequence[str]) -> list[str]:
-    """The markers every sample has (as ``flow.cluster.shared_markers`` does for files)."""
-    lacking: dict[str, list[str]] = {}
-    for sample_id, adata in samples.items():
-        canonical = (set(adata.var["canonical"].astype(str))
-                     if "canonical" in adata.var.columns else set())
-        for marker in markers:
-            if marker not in canonical:
-                lacking.setdefault(marker, []).append(sample_id)
-    kept = [m for m in markers if m not in lacking]
-    if not kept:
-        detail = "; ".join(f"{m}: missing in {', '.join(s)}" for m, s in lacking.items())
-        raise InputError(f"cluster.markers: no marker is in every flow sample ({detail}); "
-                         "set markers to markers all panels share")
-    if lacking:
-        log.warning("cluster.markers: clustering on the markers every sample has (%s); "
-                    "dropped %s", ", ".join(kept), ", ".join(lacking))
-    return kept
+    return cfg, cluster_options(cfg)
 
 
 def train_som(
@@ -88,17 +65,19 @@ def train_som(
     """Fit the cohort self-organising map and its metaclusters (the ``train-flow`` step).
 
     A seeded subsample of at most ``events_per_sample`` QC-passed events of every sample
-    (drawn per sample id, as the workflow draws it) is pooled; a batch SOM
-    (``bcellmap.kernels.som``) is trained on the canonical ``markers`` of ``X`` on the GPU
-    (CuPy) or the CPU, and its nodes are grouped by consensus hierarchical clustering
-    (``bcellmap.kernels.metacluster``).
+    (drawn per sample id, as the workflow draws it; fewer each when ``cluster.train_events``
+    would be exceeded) is pooled; a batch SOM (``bcellmap.kernels.som``) is trained on the
+    canonical ``markers`` of ``X`` on the GPU (CuPy) or the CPU, and its nodes are grouped by
+    consensus hierarchical clustering (``bcellmap.kernels.metacluster``). The training is
+    the workflow's own (``bcellmap.flow.cluster.train_flow_model``).
 
     Parameters
     ----------
     adatas
-        Ingested flow samples (:func:`bcellmap.flow._ingest`): one AnnData, a sequence (named
-        by ``uns["sample"]["sample_id"]``) or a mapping ``{sample_id: AnnData}``. The order
-        is the pooling order (the workflow's: sample-sheet order).
+        Ingested flow samples (:func:`bcellmap.flow.ingest`, with ``obs["qc_pass"]``): one
+        AnnData, a sequence (named by ``uns["sample"]["sample_id"]``) or a mapping
+        ``{sample_id: AnnData}``. The order is the pooling order (the workflow's: sample-sheet
+        order).
     markers
         Canonical markers to cluster on. Default: ``cluster.markers``; markers a sample lacks
         are dropped for all (logged).
@@ -141,64 +120,22 @@ def train_som(
     bcellmap.errors.InputError
         Fewer training events than SOM nodes, a marker missing, NaN values.
     """
-    import numpy as np
-
-    from .. import __version__
-    from ..contracts import sample_rng, subsample_indices
-    from ..flow.cluster import marker_matrix
+    from ..flow.cluster import train_flow_model
     from ..kernels.backend import get_backend
-    from ..kernels.metacluster import consensus_metaclusters
-    from ..kernels.som import train_som as train_som_kernel
 
     samples = as_mapping(adatas)
     cfg, options = _options(config, markers=markers, grid=grid, rlen=rlen, alpha=alpha,
                             radius=radius, n_metaclusters=n_metaclusters,
                             consensus_resamples=consensus_resamples,
                             events_per_sample=events_per_sample, scale=scale, seed=seed)
-    options["markers"] = _shared_markers(samples, options["markers"])
     backend = get_backend(cfg, device=device)
-    blocks, provenance = [], []
-    for sample_id, adata in samples.items():
-        passed = np.flatnonzero(qc_mask(adata))
-        n_take = min(passed.size, options["events_per_sample"])
-        chosen = passed[subsample_indices(passed.size, n_take,
-                                          sample_rng(options["seed"], sample_id))]
-        blocks.append(marker_matrix(adata, options["markers"], rows=chosen, sample_id=sample_id))
-        provenance.append({"sample_id": sample_id, "events_total": int(adata.n_obs),
-                           "events_qc_pass": int(passed.size), "events_used": int(n_take)})
-    training = np.concatenate(blocks, axis=0)
-    n_nodes = options["xdim"] * options["ydim"]
-    if training.shape[0] < n_nodes:
-        raise InputError(f"only {training.shape[0]} QC-passed events across {len(blocks)} "
-                         f"sample(s), fewer than the {n_nodes} SOM nodes; use a smaller grid "
-                         "or more events")
-    if not 1 <= options["n_metaclusters"] <= n_nodes:
-        raise ConfigError(f"n_metaclusters={options['n_metaclusters']} must be between 1 and "
-                          f"the {n_nodes} SOM nodes")
-    if options["scale"]:
-        center = training.mean(axis=0, dtype=np.float64)
-        spread = training.std(axis=0, dtype=np.float64)
-        spread[spread == 0] = 1.0
-    else:
-        center, spread = np.zeros(training.shape[1]), np.ones(training.shape[1])
-    scaled = ((training - center) / spread).astype(np.float32)
-    codes = train_som_kernel(scaled, backend=backend, seed=options["seed"],
-                             xdim=options["xdim"], ydim=options["ydim"], rlen=options["rlen"],
-                             alpha=options["alpha"], radius=options["radius"])
-    node_metacluster = consensus_metaclusters(codes, n_clusters=options["n_metaclusters"],
-                                              seed=options["seed"],
-                                              n_resamples=options["consensus_resamples"])
-    model: dict[str, Any] = {
-        "codes": codes, "node_metacluster": node_metacluster,
-        "markers": list(options["markers"]), "center": center, "scale": spread,
-        "xdim": int(options["xdim"]), "ydim": int(options["ydim"]),
-        "info": h5ad_safe({
-            "bcellmap_version": __version__,
-            "parameters": {**options, "alpha": list(options["alpha"])},
-            "device": backend.device, "device_reason": backend.reason,
-            "training_events": int(training.shape[0]), "samples": provenance,
-        }),
-    }
+    canonical = {s: (set(a.var["canonical"].astype(str)) if "canonical" in a.var.columns
+                     else set()) for s, a in samples.items()}
+    fitted, info = train_flow_model(((s, a, None) for s, a in samples.items()),
+                                    n_samples=len(samples), canonical=canonical, config=cfg,
+                                    backend=backend)
+    model: dict[str, Any] = {**fitted, "info": h5ad_safe(info)}
+    options = {**options, "markers": list(fitted["markers"])}
     params = {"markers": list(options["markers"]), "grid": [options["xdim"], options["ydim"]],
               "rlen": options["rlen"], "alpha": list(options["alpha"]),
               "radius": options["radius"], "n_metaclusters": options["n_metaclusters"],
@@ -208,9 +145,6 @@ def train_som(
     for adata in samples.values():
         adata.uns[key_added] = model
         record(adata, "train_som", params)
-    log.info("trained a %dx%d SOM with %d metaclusters on %d events from %d samples (%s)",
-             options["xdim"], options["ydim"], options["n_metaclusters"], training.shape[0],
-             len(provenance), backend.device)
     return model
 
 
