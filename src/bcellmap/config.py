@@ -11,6 +11,7 @@ and frozen, so that no module can change a setting or re-apply a default of its 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -21,12 +22,22 @@ from typing import Any
 from .errors import ConfigError
 
 
-def default_config() -> dict[str, Any]:
-    """Return a fresh copy of the package defaults (``bcellmap/defaults.yaml``)."""
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with libyaml's C loader where PyYAML has it (ten times faster)."""
     import yaml
 
-    text = resources.files("bcellmap").joinpath("defaults.yaml").read_text()
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@functools.cache
+def _package_yaml(*parts: str) -> Any:
+    """A YAML file shipped in the package, parsed once per process (callers copy it)."""
+    return _load_yaml(resources.files("bcellmap").joinpath(*parts).read_text())
+
+
+def default_config() -> dict[str, Any]:
+    """Return a fresh copy of the package defaults (``bcellmap/defaults.yaml``)."""
+    return copy.deepcopy(_package_yaml("defaults.yaml"))
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,7 +84,7 @@ def load_config(path: str | os.PathLike | None = None, *,
 
         path = Path(path)
         try:
-            user = yaml.safe_load(path.read_text()) or {}
+            user = _load_yaml(path.read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from exc
         except yaml.YAMLError as exc:
@@ -93,10 +104,7 @@ def load_config(path: str | os.PathLike | None = None, *,
 
 
 def _schema() -> dict[str, Any]:
-    import yaml
-
-    text = resources.files("bcellmap").joinpath("schemas", "config.schema.yaml").read_text()
-    return yaml.safe_load(text)
+    return _package_yaml("schemas", "config.schema.yaml")
 
 
 def validate_config(config: Mapping[str, Any], *, source: object = "config") -> None:

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from ..contracts import FLOW_QC_STEPS as STEPS
-from ..contracts import QC_TABLE_COLUMNS
+from ..contracts import QC_TABLE_COLUMNS, subsample_indices
 from ..contracts import qc_reason as _qc_reason
 from ..errors import ConfigError
 from ..kernels.density import learn_marker_threshold
@@ -179,9 +179,9 @@ def scatter_gate_flags(fsc: np.ndarray, ssc: np.ndarray, *, fit_mask: np.ndarray
     if fit_index.size < 10 * n_components:
         return np.zeros(fsc.shape, dtype=bool), {
             "skipped": f"fewer than {10 * n_components} events to fit the scatter gate"}
-    rng = np.random.default_rng(seed)
-    if fit_index.size > _GMM_MAX_EVENTS:
-        fit_index = np.sort(rng.choice(fit_index, _GMM_MAX_EVENTS, replace=False))
+    # fit_index is sorted, so the subsample stays in event order.
+    fit_index = fit_index[subsample_indices(fit_index.size, _GMM_MAX_EVENTS,
+                                            np.random.default_rng(seed))]
     mixture = GaussianMixture(n_components=n_components, covariance_type="full",
                               random_state=seed, reg_covar=1e-4, n_init=5).fit(points[fit_index])
     means, covariances, weights = mixture.means_, mixture.covariances_, mixture.weights_

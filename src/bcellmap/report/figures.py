@@ -1015,7 +1015,7 @@ def pool_annotated(paths: Sequence[str | Path], *, markers: Sequence[str],
             canonical = adata.var["canonical"].astype(str).tolist()
             present = [m for m in markers if m in canonical]
             take = min(adata.n_obs, int(events_per_sample))
-            rows = np.sort(rng.choice(adata.n_obs, size=take, replace=False))
+            rows = subsample_indices(adata.n_obs, take, rng)
             values = np.asarray(adata.X[rows][:, [canonical.index(m) for m in present]],
                                 dtype=float) if present else np.empty((take, 0))
             obs = adata.obs.iloc[rows]
@@ -1096,16 +1096,27 @@ def plot_cluster_heatmap(pooled: pd.DataFrame) -> Figure:
 
 
 def embed_umap(values: np.ndarray, *, seed: int, n_neighbors: int = 15) -> np.ndarray:
-    """A seeded 2-D UMAP embedding (umap-learn) of the rows of ``values``."""
+    """A seeded 2-D UMAP embedding (umap-learn) of the rows of ``values``.
+
+    The neighbour graph is bcellmap's exact kNN (:func:`bcellmap.kernels.knn.nearest_neighbors`,
+    on the CPU), handed to UMAP as ``precomputed_knn``: exact neighbours, and no pynndescent
+    search, whose first call spends about a minute compiling.
+    """
     import umap
+
+    from ..kernels.backend import get_backend
+    from ..kernels.knn import nearest_neighbors
 
     n = values.shape[0]
     if n < 3:
         return np.zeros((n, 2))
+    k = min(n_neighbors, n - 1)
+    indices, distances = nearest_neighbors(np.ascontiguousarray(values, dtype=np.float64), k=k,
+                                           backend=get_backend(device="cpu"))
     # random_state makes UMAP deterministic (and single-threaded: n_jobs=1 says so).
-    reducer = umap.UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=0.3, random_state=seed,
-                        n_jobs=1,
-                        init="spectral" if n > n_neighbors + 1 else "random")
+    reducer = umap.UMAP(n_neighbors=k, min_dist=0.3, random_state=seed, n_jobs=1,
+                        precomputed_knn=(indices, distances),
+                        init="spectral" if n > k + 1 else "random")
     return np.asarray(reducer.fit_transform(values), dtype=float)
 
 
@@ -1125,9 +1136,8 @@ def plot_embedding(pooled: pd.DataFrame, *, max_events: int = 20_000, seed: int,
             for ax in axes:
                 _message_axes(ax, "No annotated flow events with clustering markers")
             return fig
-        rng = np.random.default_rng(seed)
         if len(pooled) > max_events:
-            chosen = np.sort(rng.choice(len(pooled), size=max_events, replace=False))
+            chosen = subsample_indices(len(pooled), max_events, np.random.default_rng(seed))
             pooled = pooled.iloc[chosen].reset_index(drop=True)
         coordinates = embed_umap(pooled[markers].to_numpy(float), seed=seed,
                                  n_neighbors=n_neighbors)
@@ -1855,6 +1865,9 @@ def save_figure(fig: Figure, outdir: str | Path, stem: str, *, dpi: int = 200) -
             with atomic_path(path) as tmp:
                 fig.savefig(tmp, format=extension, dpi=dpi)
             written.append(path)
+            # The first save laid the figure out; the second keeps that layout rather than
+            # solving it again (constrained layout was a third of the report's time).
+            fig.set_layout_engine("none")
     finally:
         plt.close(fig)
     return written
