@@ -20,7 +20,8 @@ import time
 
 #: subcommand -> what its function imports before it reads its input (see the functions).
 COMMANDS: dict[str, list[str]] = {
-    "ingest-flow": ["bcellmap.flow._ingest", "bcellmap.config", "bcellmap.io._atomic",
+    "ingest-flow": ["bcellmap.cli.flow", "bcellmap.flow._ingest", "sklearn.mixture",
+                    "bcellmap.config", "bcellmap.io._atomic",
                     "bcellmap.io.samplesheet", "anndata", "bcellmap.io.fcs",
                     "bcellmap.io.panel", "bcellmap.flow.compensation", "bcellmap.flow._qc",
                     "bcellmap.flow._transform"],
@@ -28,12 +29,13 @@ COMMANDS: dict[str, list[str]] = {
                           "bcellmap.flow.cluster", "bcellmap.io._atomic",
                           "bcellmap.kernels.backend", "bcellmap.io.readers",
                           "bcellmap.io.samplesheet", "anndata", "bcellmap.flow.gating",
-                          "bcellmap.flow.thresholds"],
-    "ingest-scrna": ["bcellmap.scrna.ingest", "bcellmap.config", "bcellmap.io._atomic",
+                          "bcellmap.flow.thresholds", "bcellmap.flow.subsets"],
+    "ingest-scrna": ["bcellmap.cli.scrna", "bcellmap.scrna.ingest", "bcellmap.config",
+                     "bcellmap.io._atomic",
                      "bcellmap.io.samplesheet", "anndata", "scanpy"],
     "map-annotate-scrna": ["bcellmap.cli.sample", "bcellmap.config", "bcellmap.contracts",
                            "bcellmap.io._atomic", "bcellmap.kernels.backend",
-                           "bcellmap.scrna.annotate", "bcellmap.scrna.cluster",
+                           "bcellmap.scrna.annotate", "bcellmap.scrna.cluster", "scanpy",
                            "bcellmap.io.readers", "bcellmap.io.samplesheet", "anndata"],
 }
 
