@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1117,7 +1118,10 @@ def embed_umap(values: np.ndarray, *, seed: int, n_neighbors: int = 15) -> np.nd
     reducer = umap.UMAP(n_neighbors=k, min_dist=0.3, random_state=seed, n_jobs=1,
                         precomputed_knn=(indices, distances),
                         init="spectral" if n > k + 1 else "random")
-    return np.asarray(reducer.fit_transform(values), dtype=float)
+    with warnings.catch_warnings():
+        # Without a search index UMAP cannot transform new data; the figure never asks it to.
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
+        return np.asarray(reducer.fit_transform(values), dtype=float)
 
 
 def plot_embedding(pooled: pd.DataFrame, *, max_events: int = 20_000, seed: int,
