@@ -20,7 +20,7 @@ import time
 
 #: subcommand -> what its function imports before it reads its input (see the functions).
 COMMANDS: dict[str, list[str]] = {
-    "ingest-flow": ["bcellmap.cli.flow", "bcellmap.flow._ingest", "sklearn.mixture",
+    "ingest-flow": ["bcellmap.cli.flow", "bcellmap.flow._ingest", "bcellmap.kernels.gmm",
                     "bcellmap.config", "bcellmap.io._atomic",
                     "bcellmap.io.samplesheet", "anndata", "bcellmap.io.fcs",
                     "bcellmap.io.panel", "bcellmap.flow.compensation", "bcellmap.flow._qc",

@@ -61,6 +61,7 @@ from ..contracts import QC_TABLE_COLUMNS, subsample_indices
 from ..contracts import qc_reason as _qc_reason
 from ..errors import ConfigError
 from ..kernels.density import learn_marker_threshold
+from ..kernels.gmm import gaussian_mixture
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,6 @@ def scatter_gate_flags(fsc: np.ndarray, ssc: np.ndarray, *, fit_mask: np.ndarray
                        n_components: int, max_mahalanobis: float, min_fsc_fraction: float,
                        seed: int) -> tuple[np.ndarray, dict]:
     """Flag events outside the learned lymphocyte gate on (FSC-A, SSC-A)."""
-    from sklearn.mixture import GaussianMixture
-
     points = np.column_stack([fsc, ssc]).astype(np.float64)
     fit_index = np.flatnonzero(fit_mask)
     if fit_index.size < 10 * n_components:
@@ -182,9 +181,9 @@ def scatter_gate_flags(fsc: np.ndarray, ssc: np.ndarray, *, fit_mask: np.ndarray
     # fit_index is sorted, so the subsample stays in event order.
     fit_index = fit_index[subsample_indices(fit_index.size, _GMM_MAX_EVENTS,
                                             np.random.default_rng(seed))]
-    mixture = GaussianMixture(n_components=n_components, covariance_type="full",
-                              random_state=seed, reg_covar=1e-4, n_init=5).fit(points[fit_index])
-    means, covariances, weights = mixture.means_, mixture.covariances_, mixture.weights_
+    mixture = gaussian_mixture(points[fit_index], n_components=n_components, seed=seed,
+                               reg_covar=1e-4, n_init=5)
+    means, covariances, weights = mixture.means, mixture.covariances, mixture.weights
     candidates = np.flatnonzero(weights >= 0.05)
     top_fsc = means[candidates, 0].max()
     candidates = candidates[means[candidates, 0] >= min_fsc_fraction * top_fsc]
