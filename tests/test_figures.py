@@ -890,6 +890,58 @@ def test_cli_report_writes_gate_figures(tmp_path, tables):
     assert "day -5 · P01_d-5" in svg and "day 112 · P01_d112" in svg
 
 
+def test_cli_report_figure_groups_write_only_their_figures(tmp_path, tables, capsys):
+    """The workflow's report jobs: tables, clusters, and one patient's gates from the sheet."""
+    from bcellmap.cli import main
+
+    samples, kinetics, qc = tables
+    paths = _write_inputs(tmp_path, samples, kinetics, qc)
+    annotated = tmp_path / "P01_d14.h5ad"
+    # No day in the file: the gate figure takes it from the sample sheet.
+    gated_h5ad(annotated, sample_id="P01_d14", patient_id="P01", day=None, seed=3)
+    sheet = tmp_path / "sheet.tsv"
+    pd.DataFrame({"sample_id": ["P01_d14", "P02_sc"], "patient_id": ["P01", "P02"],
+                  "day": [14, 28], "modality": ["flow", "scrna"],
+                  "path": ["a.fcs", "b.h5ad"]}).to_csv(sheet, sep="\t", index=False)
+    config = tmp_path / "config.yaml"
+    config.write_text("report:\n  embedding_events: 300\n")
+    common = ["--config", str(config)]
+
+    def written(outdir: Path) -> set[str]:
+        return {p.name for p in outdir.iterdir()} if outdir.exists() else set()
+
+    gates = tmp_path / "gates"
+    assert main(["report", "--figures", "gates", "--samples", str(sheet), "--patients", "P01",
+                 "--annotated", str(annotated), "--outdir", str(gates), *common]) == 0
+    assert written(gates) == {"gates_P01.png", "gates_P01.svg"}
+    assert "day 14 · P01_d14" in (gates / "gates_P01.svg").read_text()
+
+    clusters = tmp_path / "clusters"
+    assert main(["report", "--figures", "clusters", "--annotated", str(annotated),
+                 "--outdir", str(clusters), *common]) == 0
+    assert written(clusters) == {"cluster_heatmap.png", "cluster_heatmap.svg",
+                                 "embedding.png", "embedding.svg"}
+
+    table_dir = tmp_path / "tables"
+    assert main(["report", "--figures", "tables", "--samples-table", str(paths["samples"]),
+                 "--kinetics", str(paths["kinetics"]), "--qc", str(paths["qc"]),
+                 "--outdir", str(table_dir), *common]) == 0
+    assert written(table_dir) == {f"{stem}.{ext}" for ext in ("png", "svg") for stem in [
+        *(f"patient_{p}" for p in PATIENTS), "cohort_trajectories", "swimmer", "kaplan_meier",
+        "composition_visits", "composition_baseline_vs_reconstitution", "qc_removed", "flags"]}
+
+    # Missing inputs and a patient without flow samples: an error, and nothing written.
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert main(["report", "--figures", "tables", "--samples-table", str(paths["samples"]),
+                 "--outdir", str(refused)]) == 1
+    assert "--kinetics, --qc" in capsys.readouterr().err
+    assert main(["report", "--figures", "gates", "--samples", str(sheet), "--patients", "P02",
+                 "--annotated", str(annotated), "--outdir", str(refused)]) == 1
+    assert "no flow samples for patient(s) P02" in capsys.readouterr().err
+    assert written(refused) == set()
+
+
 def test_flags_figure_lists_every_flagged_sample_gate_and_patient():
     from bcellmap.report.figures import flag_rows, plot_flags
 

@@ -321,7 +321,7 @@ RERUN_CASES = {
                         {"thresholds", "map_annotate_flow"}),
     "cluster.som": ("cluster:\n  som:\n    rlen: 5\n", {"train_flow"}),
     "cluster.markers": ("cluster:\n  markers: [CD3, CD19, CD20, IgD, CD27, CD38]\n",
-                        {"train_flow", "report"}),
+                        {"train_flow", "report_clusters"}),
     "scrna.annotate.car": ("scrna:\n  annotate:\n    car_min_counts: 2\n",
                            {"map_annotate_scrna"}),
     "scrna.annotate.markers": ("scrna:\n  annotate:\n    markers:\n      B: [MS4A1, CD79A]\n",
@@ -329,7 +329,8 @@ RERUN_CASES = {
     "scrna.qc": ("scrna:\n  qc:\n    min_genes: 150\n", {"ingest_scrna"}),
     "kinetics.depletion": ("kinetics:\n  depletion:\n    per_ul: 2.0\n", {"kinetics"}),
     "kinetics.loq_events": ("kinetics:\n  loq_events: 40\n", {"quantify", "kinetics"}),
-    "report.dpi": ("report:\n  dpi: 100\n", {"report"}),
+    "report.dpi": ("report:\n  dpi: 100\n", {"report", "report_clusters", "report_gates"}),
+    "report.gate_events": ("report:\n  gate_events: 5000\n", {"report_gates"}),
     "ingest.qc": ("ingest:\n  qc:\n    doublets:\n      mad_cutoff: 5.0\n", {"ingest_flow"}),
 }
 
@@ -344,7 +345,8 @@ def test_editing_a_setting_changes_the_params_of_exactly_the_rules_that_read_it(
 def test_kinetics_and_report_settings_rerun_nothing_upstream(demo_run):
     assert _planned(demo_run, RERUN_CASES["kinetics.depletion"][0]) == {
         "write_config", "kinetics", "report", "all"}
-    assert _planned(demo_run, RERUN_CASES["report.dpi"][0]) == {"write_config", "report", "all"}
+    assert _planned(demo_run, RERUN_CASES["report.dpi"][0]) == {
+        "write_config", "report", "report_clusters", "report_gates", "all"}
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ rule map_annotate_flow:
     wildcard_constraints:
         sample_id=FLOW_SAMPLE,
     resources:
-        gpu=PER_SAMPLE_GPU,
+        gpu=GPU_JOBS,
     log:
         "logs/map_annotate_flow/{sample_id}.log",
     benchmark:

@@ -1,6 +1,7 @@
 # Flow clustering: one cohort-wide SOM fit on a bounded subsample (cluster.events_per_sample
 # per sample), then the per-sample job (annotate.smk) maps every event to it. Training asks
-# for a GPU (resources: gpu=1) so that a cluster profile sends it to GPU nodes.
+# for a GPU (resources: gpu, GPU_JOBS in common.smk) so that a cluster profile sends it to GPU
+# nodes; run here without a GPU it asks for none, and runs beside the scRNA training.
 
 
 rule train_flow:
@@ -14,7 +15,7 @@ rule train_flow:
         settings=settings("cluster", "device", "seed"),
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPU_JOBS,
     # A cohort step: every per-sample job after it waits for it, so it goes first.
     priority: 10
     log:

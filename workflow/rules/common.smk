@@ -111,12 +111,13 @@ CONDA_ENV_CLUSTER = (
 )
 
 
-def _per_sample_gpu() -> int:
-    """`resources: gpu` of the per-sample jobs: 1 only where they will use a GPU.
+def _gpu_jobs() -> int:
+    """`resources: gpu` of the jobs that can use a GPU: 1 only where they will use one.
 
-    The cohort training jobs always ask for one. A per-sample job maps one sample (seconds on
-    the CPU); asking for the GPU with device auto on a machine without one would run them
-    one at a time under the default profile's `gpu: 1`, for nothing.
+    Asking for the GPU with device auto on a machine without one would run those jobs one at
+    a time under the default profile's `gpu: 1` (the cohort trainings of flow and scRNA, and
+    every per-sample mapping), for nothing. Jobs sent to a cluster always ask (device auto
+    decides on the node), so that a cluster profile sends them to GPU nodes.
     """
     import os
 
@@ -130,7 +131,7 @@ def _per_sample_gpu() -> int:
     return int(gpu_status()[0])
 
 
-PER_SAMPLE_GPU = _per_sample_gpu()
+GPU_JOBS = _gpu_jobs()
 
 
 def config_overrides() -> str:
@@ -174,6 +175,9 @@ def _one_of(names) -> str:
 
 FLOW_SAMPLE = _one_of(FLOW_SAMPLES)
 SCRNA_SAMPLE = _one_of(SCRNA_SAMPLES)
+FLOW_PATIENT = _one_of(
+    sorted(samples.loc[samples["modality"] == "flow", "patient_id"].astype(str).unique())
+)
 
 
 def sample_path(wildcards) -> str:
@@ -219,26 +223,40 @@ def qc_tables(wildcards=None) -> list[str]:
     ]
 
 
+REPORT_DIR = "results/report"
+_TABLE_FIGURES = [
+    "cohort_trajectories",
+    "swimmer",
+    "kaplan_meier",
+    "composition_visits",
+    "composition_baseline_vs_reconstitution",
+    "qc_removed",
+    "flags",
+]
+_CLUSTER_FIGURES = ["cluster_heatmap", "embedding"]
+
+
 def report_figures() -> list[str]:
-    stems = [f"patient_{patient}" for patient in PATIENTS] + [
-        "cohort_trajectories",
-        "swimmer",
-        "kaplan_meier",
-        "composition_visits",
-        "composition_baseline_vs_reconstitution",
-        "qc_removed",
-        "flags",
-    ]
+    """Every report figure of the run, PNG and SVG."""
+    stems = [f"patient_{patient}" for patient in PATIENTS] + _TABLE_FIGURES
     if FLOW_SAMPLES:
-        stems += ["cluster_heatmap", "embedding"]
+        stems += _CLUSTER_FIGURES
         # Gates: one figure per patient with flow samples.
         stems += [f"gates_{patient}" for patient in _flow_patients()]
-    return [f"results/report/{stem}.{ext}" for stem in stems for ext in ("png", "svg")]
+    return [f"{REPORT_DIR}/{stem}.{ext}" for stem in stems for ext in ("png", "svg")]
 
 
 def _flow_patients() -> list[str]:
     """Patients with at least one flow sample (each gets results/report/gates_{patient})."""
     return sorted(samples.loc[samples["modality"] == "flow", "patient_id"].unique())
+
+
+def patient_flow_annotated(wildcards) -> list[str]:
+    """The annotated flow files of one patient (its gate figure's input)."""
+    rows = (samples["modality"] == "flow") & (
+        samples["patient_id"].astype(str) == wildcards.patient_id
+    )
+    return [f"results/annotated/{sample_id}.h5ad" for sample_id in samples.loc[rows, "sample_id"]]
 
 
 def all_targets() -> list[str]:
@@ -275,26 +293,39 @@ _FIGURES = {
 }
 
 
-def report_outputs() -> list:
-    """PNG figures registered in the report; SVG copies are plain outputs."""
+def _registered(stems: list[str]) -> list:
+    """PNG figures registered in the report, then their SVG copies as plain outputs."""
     # (`report` may not begin a line here: the parser would take it for the directive.)
     outputs = []
+    for stem in stems:
+        category, caption = _FIGURES[stem]
+        figure = report(f"{REPORT_DIR}/{stem}.png", caption=f"../report/{caption}",
+                        category=category, labels={"figure": stem.replace("_", " ")})
+        outputs.append(figure)
+    return outputs + [f"{REPORT_DIR}/{stem}.svg" for stem in stems]
+
+
+def report_table_outputs() -> list:
+    """Rule report: the patient figures and the figures of the cohort and QC tables."""
+    outputs = []
     for patient in PATIENTS:
-        figure = report(f"results/report/patient_{patient}.png", caption="../report/patient.rst",
+        figure = report(f"{REPORT_DIR}/patient_{patient}.png", caption="../report/patient.rst",
                         category="Patients", labels={"patient": patient})
         outputs.append(figure)
-    for patient in _flow_patients():
-        figure = report(f"results/report/gates_{patient}.png", caption="../report/gates.rst",
-                        category="Gates", labels={"patient": patient})
-        outputs.append(figure)
-    for stem, (category, caption) in _FIGURES.items():
-        path = f"results/report/{stem}.png"
-        if path in report_figures():
-            figure = report(path, caption=f"../report/{caption}", category=category,
-                            labels={"figure": stem.replace("_", " ")})
-            outputs.append(figure)
-    outputs += [path for path in report_figures() if path.endswith(".svg")]
-    return outputs
+    outputs += [f"{REPORT_DIR}/patient_{patient}.svg" for patient in PATIENTS]
+    return outputs + _registered(_TABLE_FIGURES)
+
+
+def report_cluster_outputs() -> list:
+    """Rule report_clusters: the heatmap and the embedding of the clustering markers."""
+    return _registered(_CLUSTER_FIGURES)
+
+
+def report_gate_outputs() -> list:
+    """Rule report_gates: one patient's gate figure (wildcard patient_id)."""
+    figure = report(f"{REPORT_DIR}/gates_{{patient_id}}.png", caption="../report/gates.rst",
+                    category="Gates", labels={"patient": "{patient_id}"})
+    return [figure, f"{REPORT_DIR}/gates_{{patient_id}}.svg"]
 
 
 # Reference-sample batch normalisation (normalise.smk): on for normalisation.method

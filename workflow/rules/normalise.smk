@@ -17,7 +17,7 @@ rule train_normalisation:
         references=reference_batches(),
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPU_JOBS,
     log:
         "logs/train_normalisation.log",
     benchmark:
@@ -43,7 +43,7 @@ rule normalise_flow:
     wildcard_constraints:
         sample_id=FLOW_SAMPLE,
     resources:
-        gpu=PER_SAMPLE_GPU,
+        gpu=GPU_JOBS,
     log:
         "logs/normalise_flow/{sample_id}.log",
     benchmark:

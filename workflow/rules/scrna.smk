@@ -70,7 +70,7 @@ rule train_scrna:
         ),
     threads: 2
     resources:
-        gpu=1,
+        gpu=GPU_JOBS,
     # A cohort step: every per-sample job after it waits for it, so it goes first.
     priority: 10
     log:
@@ -112,7 +112,7 @@ rule map_annotate_scrna:
     wildcard_constraints:
         sample_id=SCRNA_SAMPLE,
     resources:
-        gpu=PER_SAMPLE_GPU,
+        gpu=GPU_JOBS,
     log:
         "logs/map_annotate_scrna/{sample_id}.log",
     benchmark:

@@ -192,11 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = p["report"]
     _add_common(s)
-    s.add_argument("--samples-table", required=True, metavar="TSV")
-    s.add_argument("--kinetics", required=True, metavar="TSV")
-    s.add_argument("--cohort", required=True, metavar="TSV")
-    s.add_argument("--qc", required=True, metavar="TSV")
-    s.add_argument("--model", default=None, metavar="NPZ", help="flow SOM model (optional)")
+    s.add_argument("--figures", nargs="+", choices=["tables", "clusters", "gates"],
+                   default=["tables", "clusters", "gates"],
+                   help="figure groups to draw (default: all); the workflow runs one job per "
+                        "group (and per patient for gates)")
+    s.add_argument("--samples-table", default=None, metavar="TSV",
+                   help="results/tables/samples.tsv (tables; gates unless --samples)")
+    s.add_argument("--kinetics", default=None, metavar="TSV", help="tables: kinetics.tsv")
+    s.add_argument("--cohort", default=None, metavar="TSV", help="not read (accepted)")
+    s.add_argument("--qc", default=None, metavar="TSV", help="tables: qc.tsv")
+    s.add_argument("--samples", default=None, metavar="TSV",
+                   help="gates: the sample sheet, for patient and day (instead of "
+                        "--samples-table, so that gates need not wait for quantify)")
+    s.add_argument("--patients", nargs="+", default=None, metavar="ID",
+                   help="gates: only these patients (default: every patient with flow rows)")
+    s.add_argument("--model", default=None, metavar="NPZ", help="not read (accepted)")
     s.add_argument("--annotated", nargs="*", default=[], metavar="H5AD")
     s.add_argument("--outdir", required=True, metavar="DIR")
     s = p["ingest-scrna"]

@@ -1,20 +1,25 @@
-"""``bcellmap report``: read the workflow's tables, draw every figure, write PNG and SVG."""
+"""``bcellmap report``: read the workflow's tables, draw the figures, write PNG and SVG."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+from ..errors import BcellmapError
+
 log = logging.getLogger(__name__)
 
 
 def cli_report(args: argparse.Namespace) -> None:
-    """``bcellmap report``: write every report figure as PNG and SVG into ``args.outdir``.
+    """``bcellmap report``: write the report figures as PNG and SVG into ``args.outdir``.
 
-    Reads ``args.samples_table``, ``args.kinetics``, ``args.qc`` and the annotated h5ads
-    (``args.annotated``, may be empty); ``args.cohort`` and ``args.model`` are not needed.
-    Every patient with a flow row in the samples table gets ``gates_{patient_id}``.
-    All figures are drawn before any is written, so bad input leaves no figure behind.
+    ``args.figures`` names the groups (``bcellmap.report.figures.FIGURE_GROUPS``): ``tables``
+    reads ``args.samples_table``, ``args.kinetics`` and ``args.qc``; ``clusters`` the
+    annotated h5ads (``args.annotated``, may be empty); ``gates`` the annotated h5ads and the
+    samples table, or the sample sheet (``args.samples``), and draws ``gates_{patient_id}``
+    for ``args.patients`` (default: every patient with a flow row). ``args.cohort`` and
+    ``args.model`` are not needed. All figures are drawn before any is written, so bad input
+    leaves no figure behind.
     """
     import matplotlib
 
@@ -22,12 +27,53 @@ def cli_report(args: argparse.Namespace) -> None:
     # importing bcellmap.pl keeps its own backend).
     matplotlib.use("Agg")
     from ..config import load_config
-    from ..report.figures import close_figures, draw_report, read_report_tables, save_figure
+    from ..report.figures import (
+        close_figures,
+        draw_cluster_figures,
+        draw_gate_figures,
+        draw_table_figures,
+        read_report_tables,
+        read_samples_table,
+        save_figure,
+    )
+
+    groups = list(dict.fromkeys(args.figures))
+    needed = {"tables": ("samples_table", "kinetics", "qc")}
+    for group in groups:
+        missing = [f"--{name.replace('_', '-')}" for name in needed.get(group, ())
+                   if getattr(args, name) is None]
+        if missing:
+            raise BcellmapError(f"bcellmap report --figures {group} needs {', '.join(missing)}")
+    if "gates" in groups and args.samples is None and args.samples_table is None:
+        raise BcellmapError("bcellmap report --figures gates needs --samples (the sample "
+                            "sheet) or --samples-table")
+    if args.patients is not None and "gates" not in groups:
+        raise BcellmapError("--patients selects gate figures: add --figures gates")
 
     config = load_config(args.config)
-    samples, kinetics, qc = read_report_tables(args.samples_table, args.kinetics, args.qc)
-    figures = draw_report(samples, kinetics, qc, args.annotated, config=config,
-                          samples_path=args.samples_table)
+    figures = []
+    try:
+        if "tables" in groups:
+            samples, kinetics, qc = read_report_tables(args.samples_table, args.kinetics,
+                                                       args.qc)
+            figures += draw_table_figures(samples, kinetics, qc, config=config,
+                                          samples_path=args.samples_table)
+        if "clusters" in groups:
+            figures += draw_cluster_figures(args.annotated, config=config)
+        if "gates" in groups:
+            if args.samples is not None:
+                from ..io.samplesheet import read_sample_sheet
+
+                gate_samples = read_sample_sheet(args.samples, check_files=False)
+                samples_path = args.samples
+            else:
+                gate_samples = read_samples_table(args.samples_table)
+                samples_path = args.samples_table
+            figures += draw_gate_figures(args.annotated, gate_samples, config=config,
+                                         patients=args.patients, samples_path=samples_path)
+    except BaseException:
+        close_figures(figures)
+        raise
     dpi = int(config["report"]["dpi"])
     for index, (stem, fig) in enumerate(figures):
         try:

@@ -994,45 +994,12 @@ def pool_annotated(paths: Sequence[str | Path], *, markers: Sequence[str],
     ``label`` (``metacluster_cell_type`` when present, else ``cell_type``) and one column per
     marker kept.
     """
-    from ..io.readers import read_h5ad
-
     rng = np.random.default_rng(seed)
     parts = []
     for path in sorted(str(p) for p in paths):
-        adata = read_h5ad(path, backed=True, what="annotated sample")
-        try:
-            sample = dict(adata.uns.get("sample", {})) if "sample" in adata.uns else {}
-            sample_id = str(sample.get("sample_id", Path(path).stem))
-            if str(sample.get("modality", "flow")) == "scrna":
-                continue
-            for column in ("metacluster", "cell_type"):
-                if column not in adata.obs.columns:
-                    raise InputError(f"obs[{column!r}] is missing", path=path,
-                                     sample_id=sample_id)
-            if "canonical" not in adata.var.columns:
-                raise InputError("var['canonical'] is missing", path=path, sample_id=sample_id)
-            if adata.n_obs == 0:
-                continue
-            canonical = adata.var["canonical"].astype(str).tolist()
-            present = [m for m in markers if m in canonical]
-            take = min(adata.n_obs, int(events_per_sample))
-            rows = subsample_indices(adata.n_obs, take, rng)
-            values = np.asarray(adata.X[rows][:, [canonical.index(m) for m in present]],
-                                dtype=float) if present else np.empty((take, 0))
-            obs = adata.obs.iloc[rows]
-            part = pd.DataFrame(values, columns=present)
-            part.insert(0, "sample_id", sample_id)
-            part.insert(1, "metacluster", obs["metacluster"].to_numpy())
-            part.insert(2, "cell_type", obs["cell_type"].astype(str).to_numpy())
-            b_subset = (obs["b_subset"].astype(str).replace({"nan": ""}).to_numpy()
-                        if "b_subset" in obs.columns else np.full(take, ""))
-            part.insert(3, "b_subset", b_subset)
-            label_column = ("metacluster_cell_type" if "metacluster_cell_type" in obs.columns
-                            else "cell_type")
-            part.insert(4, "label", obs[label_column].astype(str).to_numpy())
+        part = _pool_one(path, markers=markers, events_per_sample=events_per_sample, rng=rng)
+        if part is not None:
             parts.append(part)
-        finally:
-            adata.file.close()
     if not parts:
         return pd.DataFrame(columns=["sample_id", "metacluster", "cell_type", "b_subset",
                                      "label", *markers])
@@ -1043,6 +1010,65 @@ def pool_annotated(paths: Sequence[str | Path], *, markers: Sequence[str],
         log.warning("markers missing from some annotated samples, left out of the clustering "
                     "figures: %s", ", ".join(dropped))
     return pooled[["sample_id", "metacluster", "cell_type", "b_subset", "label", *kept]]
+
+
+_POOL_OBS = ("metacluster", "cell_type", "b_subset", "metacluster_cell_type")
+
+
+def _pool_one(path: str, *, markers: Sequence[str], events_per_sample: int,
+              rng: np.random.Generator) -> pd.DataFrame | None:
+    """One annotated file's share of :func:`pool_annotated` (None: scRNA or no events).
+
+    Reads only ``uns["sample"]``, ``var``, the obs columns pooled and the X rows drawn (h5py,
+    as :func:`read_gate_visit`): reading the whole ``uns`` of every file was most of the
+    time of pooling.
+    """
+    import h5py
+    from anndata.io import read_elem, sparse_dataset
+
+    try:
+        handle = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise InputError("annotated sample not found", path=path) from None
+    except OSError as exc:
+        raise InputError(f"cannot be read as an h5ad file ({exc})", path=path) from None
+    with handle:
+        try:
+            uns = handle["uns"] if "uns" in handle else {}
+            sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
+            sample_id = str(sample.get("sample_id", Path(path).stem))
+            if str(sample.get("modality", "flow")) == "scrna":
+                return None
+            obs_group, var = handle["obs"], read_elem(handle["var"])
+            x_node = handle["X"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"cannot be read as an annotated sample ({type(exc).__name__}: "
+                             f"{exc})", path=path) from None
+        for column in ("metacluster", "cell_type"):
+            if column not in obs_group:
+                raise InputError(f"obs[{column!r}] is missing", path=path, sample_id=sample_id)
+        if "canonical" not in var.columns:
+            raise InputError("var['canonical'] is missing", path=path, sample_id=sample_id)
+        x = x_node if isinstance(x_node, h5py.Dataset) else sparse_dataset(x_node)
+        n_obs = int(x.shape[0])
+        if n_obs == 0:
+            return None
+        canonical = var["canonical"].astype(str).tolist()
+        present = [m for m in markers if m in canonical]
+        take = min(n_obs, int(events_per_sample))
+        rows = subsample_indices(n_obs, take, rng)
+        values = _read_rows(x, rows, [canonical.index(m) for m in present])
+        obs = {c: np.asarray(read_elem(obs_group[c]))[rows] for c in _POOL_OBS
+               if c in obs_group}
+    part = pd.DataFrame(values, columns=present)
+    part.insert(0, "sample_id", sample_id)
+    part.insert(1, "metacluster", obs["metacluster"])
+    part.insert(2, "cell_type", _text_array(obs["cell_type"]))
+    part.insert(3, "b_subset", _text_array(obs["b_subset"]) if "b_subset" in obs
+                else np.full(take, ""))
+    label = "metacluster_cell_type" if "metacluster_cell_type" in obs else "cell_type"
+    part.insert(4, "label", _text_array(obs[label]))
+    return part
 
 
 def _marker_columns(pooled: pd.DataFrame) -> list[str]:
@@ -1903,15 +1929,164 @@ def read_report_tables(samples_path: str | Path, kinetics_path: str | Path,
         A table is missing or lacks a column the figures need, a day is empty or not a
         number, or a patient id cannot be used in a file name.
     """
+    samples = read_samples_table(samples_path)
+    kinetics = _read_table(kinetics_path, _KINETICS_COLUMNS)
+    qc = _read_table(qc_path, _QC_COLUMNS)
+    return samples, kinetics, qc
+
+
+def read_samples_table(samples_path: str | Path) -> pd.DataFrame:
+    """Read ``samples.tsv`` as :func:`read_report_tables` does (ids as text, day numeric)."""
     samples = _read_table(samples_path, _SAMPLES_COLUMNS)
     samples["day"] = pd.to_numeric(samples["day"], errors="coerce")
     if samples["day"].isna().any():
         raise InputError("column 'day' has empty or non-numeric values", path=samples_path)
-    kinetics = _read_table(kinetics_path, _KINETICS_COLUMNS)
-    qc = _read_table(qc_path, _QC_COLUMNS)
     for patient in samples["patient_id"].unique():
         _check_patient_id(str(patient), path=samples_path)
-    return samples, kinetics, qc
+    return samples
+
+
+FIGURE_GROUPS = ("tables", "clusters", "gates")
+"""The report's figure groups, each drawn by one function and written by one workflow job:
+``tables`` (:func:`draw_table_figures`), ``clusters`` (:func:`draw_cluster_figures`) and
+``gates`` (:func:`draw_gate_figures`)."""
+
+
+def draw_table_figures(samples: pd.DataFrame, kinetics: pd.DataFrame, qc: pd.DataFrame, *,
+                       config: Mapping[str, Any], samples_path: str | Path | None = None
+                       ) -> list[tuple[str, Figure]]:
+    """Draw the figures of the tables: ``patient_{patient_id}`` per patient,
+    ``cohort_trajectories``, ``swimmer``, ``kaplan_meier``, ``composition_visits``,
+    ``composition_baseline_vs_reconstitution``, ``qc_removed`` and ``flags``.
+
+    Parameters
+    ----------
+    samples, kinetics, qc
+        The workflow's tables (:func:`read_report_tables`).
+    config
+        The bcellmap config; uses ``report.min_b_events_composition``.
+    samples_path
+        The samples table's file, for messages.
+
+    Returns
+    -------
+    list of (str, matplotlib.figure.Figure)
+        ``(file stem, figure)`` in writing order; the caller closes (or saves) them.
+    """
+    min_b = int(config["report"]["min_b_events_composition"])
+    for patient in samples["patient_id"].unique():
+        _check_patient_id(str(patient), path=samples_path)
+    figures: list[tuple[str, Figure]] = []
+    try:
+        for patient in sorted(samples["patient_id"].unique()):
+            figures.append((f"patient_{patient}", plot_patient(samples, kinetics, patient)))
+        figures += [
+            ("cohort_trajectories", plot_cohort_trajectories(samples, kinetics)),
+            ("swimmer", plot_swimmer(samples, kinetics)),
+            ("kaplan_meier", plot_kaplan_meier(samples, kinetics)),
+            ("composition_visits", plot_composition_visits(samples, min_b_events=min_b)),
+            ("composition_baseline_vs_reconstitution",
+             plot_composition_baseline_vs_reconstitution(samples, kinetics, min_b_events=min_b)),
+            ("qc_removed", plot_qc_removed(qc)),
+            ("flags", plot_flags(samples, kinetics)),
+        ]
+    except BaseException:
+        close_figures(figures)
+        raise
+    return figures
+
+
+def draw_cluster_figures(annotated_paths: Sequence[str | Path], *, config: Mapping[str, Any]
+                         ) -> list[tuple[str, Figure]]:
+    """Draw ``cluster_heatmap`` and ``embedding`` from the annotated flow files.
+
+    Parameters
+    ----------
+    annotated_paths
+        Annotated h5ad files (may be empty; scRNA ones are skipped), read a bounded number of
+        events at a time.
+    config
+        The bcellmap config; uses ``seed``, ``cluster.markers`` and ``report.*``.
+
+    Returns
+    -------
+    list of (str, matplotlib.figure.Figure)
+    """
+    settings = config["report"]
+    seed = int(config["seed"])
+    pooled = pool_annotated(annotated_paths, markers=config["cluster"]["markers"],
+                            events_per_sample=int(settings["heatmap_events_per_sample"]),
+                            seed=seed)
+    figures = [("cluster_heatmap", plot_cluster_heatmap(pooled))]
+    try:
+        figures.append(("embedding", plot_embedding(
+            pooled, max_events=int(settings["embedding_events"]), seed=seed,
+            n_neighbors=int(settings["embedding_neighbors"]))))
+    except BaseException:
+        close_figures(figures)
+        raise
+    return figures
+
+
+def draw_gate_figures(annotated_paths: Sequence[str | Path], samples: pd.DataFrame, *,
+                      config: Mapping[str, Any], patients: Sequence[str] | None = None,
+                      samples_path: str | Path | None = None) -> list[tuple[str, Figure]]:
+    """Draw ``gates_{patient_id}`` for every patient with a flow row in ``samples``.
+
+    Parameters
+    ----------
+    annotated_paths
+        Annotated h5ad files; each patient's are read one at a time.
+    samples
+        ``sample_id``, ``patient_id``, ``day`` and ``modality`` of every sample: the samples
+        table or the sample sheet.
+    config
+        The bcellmap config; uses ``seed``, ``report.gate_events`` and
+        ``report.min_b_events_composition``.
+    patients
+        Only these patients (each must have a flow row); None: all with one.
+    samples_path
+        The samples table's file, for messages.
+
+    Returns
+    -------
+    list of (str, matplotlib.figure.Figure)
+
+    Raises
+    ------
+    bcellmap.errors.InputError
+        A patient id that cannot be a file name, a requested patient without flow samples,
+        or an unreadable annotated file.
+    """
+    settings = config["report"]
+    seed = int(config["seed"])
+    min_b = int(settings["min_b_events_composition"])
+    flow_patients = set(samples.loc[samples["modality"] == "flow", "patient_id"].astype(str))
+    for patient in flow_patients:
+        _check_patient_id(patient, path=samples_path)
+    if patients is not None:
+        missing = sorted(set(map(str, patients)) - flow_patients)
+        if missing:
+            raise InputError(f"no flow samples for patient(s) {', '.join(missing)}",
+                             path=samples_path)
+        flow_patients = set(map(str, patients))
+    by_patient = gate_visits_by_patient(annotated_paths, samples)
+    figures: list[tuple[str, Figure]] = []
+    try:
+        for patient in sorted(flow_patients):
+            visits = [read_gate_visit(path, samples=samples, seed=seed,
+                                      max_events=int(settings["gate_events"]))
+                      for path in by_patient.get(patient, [])]
+            figures.append((f"gates_{patient}", plot_gates(visits, patient,
+                                                           min_b_events=min_b)))
+    except BaseException:
+        close_figures(figures)
+        raise
+    if patients is None:
+        for patient in sorted(set(by_patient) - flow_patients):
+            log.warning("annotated samples of patient %s have no flow row in %s: no gate "
+                        "figure", patient, samples_path or "the samples table")
+    return figures
 
 
 def draw_report(samples: pd.DataFrame, kinetics: pd.DataFrame, qc: pd.DataFrame,
@@ -1919,12 +2094,10 @@ def draw_report(samples: pd.DataFrame, kinetics: pd.DataFrame, qc: pd.DataFrame,
                 samples_path: str | Path | None = None) -> list[tuple[str, Figure]]:
     """Draw every report figure, each with the file stem it is written under.
 
-    The figures: ``patient_{patient_id}`` per patient, ``cohort_trajectories``, ``swimmer``,
-    ``kaplan_meier``, ``composition_visits``, ``composition_baseline_vs_reconstitution``,
-    ``qc_removed``, ``flags``, ``cluster_heatmap``, ``embedding`` and ``gates_{patient_id}``
-    for every patient with a flow row in ``samples``. All are drawn before any is written
-    (:func:`save_figure`), so bad input leaves no figure behind; on an error the figures
-    drawn so far are closed.
+    The figures of :func:`draw_table_figures`, then :func:`draw_cluster_figures`, then
+    :func:`draw_gate_figures` (every patient with a flow row in ``samples``). All are drawn
+    before any is written (:func:`save_figure`), so bad input leaves no figure behind; on an
+    error the figures drawn so far are closed.
 
     Parameters
     ----------
@@ -1948,45 +2121,11 @@ def draw_report(samples: pd.DataFrame, kinetics: pd.DataFrame, qc: pd.DataFrame,
     bcellmap.errors.InputError
         A patient id that cannot be a file name, or an unreadable annotated file.
     """
-    settings = config["report"]
-    seed = int(config["seed"])
-    min_b = int(settings["min_b_events_composition"])
-    for patient in samples["patient_id"].unique():
-        _check_patient_id(str(patient), path=samples_path)
-    figures: list[tuple[str, Figure]] = []
+    figures = draw_table_figures(samples, kinetics, qc, config=config, samples_path=samples_path)
     try:
-        for patient in sorted(samples["patient_id"].unique()):
-            figures.append((f"patient_{patient}", plot_patient(samples, kinetics, patient)))
-        figures += [
-            ("cohort_trajectories", plot_cohort_trajectories(samples, kinetics)),
-            ("swimmer", plot_swimmer(samples, kinetics)),
-            ("kaplan_meier", plot_kaplan_meier(samples, kinetics)),
-            ("composition_visits", plot_composition_visits(samples, min_b_events=min_b)),
-            ("composition_baseline_vs_reconstitution",
-             plot_composition_baseline_vs_reconstitution(samples, kinetics, min_b_events=min_b)),
-            ("qc_removed", plot_qc_removed(qc)),
-            ("flags", plot_flags(samples, kinetics)),
-        ]
-        pooled = pool_annotated(annotated_paths, markers=config["cluster"]["markers"],
-                                events_per_sample=int(settings["heatmap_events_per_sample"]),
-                                seed=seed)
-        figures.append(("cluster_heatmap", plot_cluster_heatmap(pooled)))
-        figures.append(("embedding", plot_embedding(
-            pooled, max_events=int(settings["embedding_events"]), seed=seed,
-            n_neighbors=int(settings["embedding_neighbors"]))))
-        del pooled
-        # Gates: one figure per patient with flow samples, its files read one at a time.
-        by_patient = gate_visits_by_patient(annotated_paths, samples)
-        flow_patients = samples.loc[samples["modality"] == "flow", "patient_id"].astype(str)
-        for patient in sorted(set(flow_patients)):
-            visits = [read_gate_visit(path, samples=samples, seed=seed,
-                                      max_events=int(settings["gate_events"]))
-                      for path in by_patient.get(patient, [])]
-            figures.append((f"gates_{patient}", plot_gates(visits, patient,
-                                                           min_b_events=min_b)))
-        for patient in sorted(set(by_patient) - set(flow_patients)):
-            log.warning("annotated samples of patient %s have no flow row in %s: no gate "
-                        "figure", patient, samples_path or "the samples table")
+        figures += draw_cluster_figures(annotated_paths, config=config)
+        figures += draw_gate_figures(annotated_paths, samples, config=config,
+                                     samples_path=samples_path)
     except BaseException:
         close_figures(figures)
         raise
