@@ -12,6 +12,8 @@ rule quantify:
         settings=settings("kinetics.lloq_events", "kinetics.loq_events"),
         # Patient, day, clinical counts and the other columns come from the sheet.
         sheet=sheet_records(),
+    # Seconds long, and the tables and the report of them wait for it: first when ready.
+    priority: 8
     log:
         "logs/quantify.log",
     benchmark:
@@ -32,6 +34,7 @@ rule kinetics:
     params:
         config=config_json,
         settings=settings("kinetics"),
+    priority: 8
     log:
         "logs/kinetics.log",
     benchmark:
