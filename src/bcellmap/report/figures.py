@@ -1012,6 +1012,18 @@ def pool_annotated(paths: Sequence[str | Path], *, markers: Sequence[str],
     return pooled[["sample_id", "metacluster", "cell_type", "b_subset", "label", *kept]]
 
 
+def _open_h5ad(path: str | Path):
+    """An h5ad file opened read-only with h5py; a missing or unreadable one is an InputError."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise InputError("file not found", path=path) from None
+    except OSError as exc:
+        raise InputError(f"cannot be read as an h5ad file ({exc})", path=path) from None
+
+
 _POOL_OBS = ("metacluster", "cell_type", "b_subset", "metacluster_cell_type")
 
 
@@ -1026,13 +1038,7 @@ def _pool_one(path: str, *, markers: Sequence[str], events_per_sample: int,
     import h5py
     from anndata.io import read_elem, sparse_dataset
 
-    try:
-        handle = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise InputError("annotated sample not found", path=path) from None
-    except OSError as exc:
-        raise InputError(f"cannot be read as an h5ad file ({exc})", path=path) from None
-    with handle:
+    with _open_h5ad(path) as handle:
         try:
             uns = handle["uns"] if "uns" in handle else {}
             sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
@@ -1349,13 +1355,7 @@ def read_gate_visit(source: str | Path | Any, *, samples: pd.DataFrame | None = 
         from anndata.io import read_elem, sparse_dataset
 
         path: object = source
-        try:
-            handle = h5py.File(source, "r")
-        except FileNotFoundError:
-            raise InputError("file not found", path=source) from None
-        except OSError as exc:
-            raise InputError(f"cannot be read as an h5ad file ({exc})", path=source) from None
-        with handle:
+        with _open_h5ad(source) as handle:
             uns = handle["uns"] if "uns" in handle else {}
             sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
             gates = read_elem(uns["gates"]) if "gates" in uns else None
@@ -1966,12 +1966,12 @@ def draw_table_figures(samples: pd.DataFrame, kinetics: pd.DataFrame, qc: pd.Dat
     config
         The bcellmap config; uses ``report.min_b_events_composition``.
     samples_path
-        The samples table's file, for messages.
+        Named in errors about a patient id.
 
     Returns
     -------
     list of (str, matplotlib.figure.Figure)
-        ``(file stem, figure)`` in writing order; the caller closes (or saves) them.
+        In writing order; the caller closes (or saves) them.
     """
     min_b = int(config["report"]["min_b_events_composition"])
     for patient in samples["patient_id"].unique():
