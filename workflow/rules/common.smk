@@ -175,9 +175,11 @@ def _one_of(names) -> str:
 
 FLOW_SAMPLE = _one_of(FLOW_SAMPLES)
 SCRNA_SAMPLE = _one_of(SCRNA_SAMPLES)
-FLOW_PATIENT = _one_of(
-    sorted(samples.loc[samples["modality"] == "flow", "patient_id"].astype(str).unique())
+# Patients with at least one flow sample: each gets results/report/gates_{patient_id}.
+FLOW_PATIENTS = sorted(
+    samples.loc[samples["modality"] == "flow", "patient_id"].astype(str).unique()
 )
+FLOW_PATIENT = _one_of(FLOW_PATIENTS)
 
 
 def sample_path(wildcards) -> str:
@@ -242,13 +244,8 @@ def report_figures() -> list[str]:
     if FLOW_SAMPLES:
         stems += _CLUSTER_FIGURES
         # Gates: one figure per patient with flow samples.
-        stems += [f"gates_{patient}" for patient in _flow_patients()]
+        stems += [f"gates_{patient}" for patient in FLOW_PATIENTS]
     return [f"{REPORT_DIR}/{stem}.{ext}" for stem in stems for ext in ("png", "svg")]
-
-
-def _flow_patients() -> list[str]:
-    """Patients with at least one flow sample (each gets results/report/gates_{patient})."""
-    return sorted(samples.loc[samples["modality"] == "flow", "patient_id"].unique())
 
 
 def patient_flow_annotated(wildcards) -> list[str]:

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 def cli_report(args: argparse.Namespace) -> None:
     """``bcellmap report``: write the report figures as PNG and SVG into ``args.outdir``.
 
-    ``args.figures`` names the groups (``bcellmap.report.figures.FIGURE_GROUPS``): ``tables``
+    ``args.figures`` names the groups, each drawn by one function of ``report.figures``: ``tables``
     reads ``args.samples_table``, ``args.kinetics`` and ``args.qc``; ``clusters`` the
     annotated h5ads (``args.annotated``, may be empty); ``gates`` the annotated h5ads and the
     samples table, or the sample sheet (``args.samples``), and draws ``gates_{patient_id}``
@@ -52,6 +52,7 @@ def cli_report(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)
     figures = []
+    samples = None
     try:
         if "tables" in groups:
             samples, kinetics, qc = read_report_tables(args.samples_table, args.kinetics,
@@ -67,7 +68,8 @@ def cli_report(args: argparse.Namespace) -> None:
                 gate_samples = read_sample_sheet(args.samples, check_files=False)
                 samples_path = args.samples
             else:
-                gate_samples = read_samples_table(args.samples_table)
+                gate_samples = (samples if samples is not None
+                                else read_samples_table(args.samples_table))
                 samples_path = args.samples_table
             figures += draw_gate_figures(args.annotated, gate_samples, config=config,
                                          patients=args.patients, samples_path=samples_path)

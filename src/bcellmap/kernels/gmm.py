@@ -119,12 +119,11 @@ def _m_step(data: np.ndarray, outer: np.ndarray, responsibilities: np.ndarray, r
     return totals / totals.sum(), means, covariances
 
 
-def _fit_once(data: np.ndarray, *, n_components: int, seed: int, reg_covar: float, tol: float,
-              max_iter: int) -> GaussianMixtureResult:
+def _fit_once(data: np.ndarray, outer: np.ndarray, *, n_components: int, seed: int,
+              reg_covar: float, tol: float, max_iter: int) -> GaussianMixtureResult:
     labels = kmeans(data, n_clusters=n_components, backend=_HOST, seed=seed).labels
     responsibilities = np.zeros((data.shape[0], n_components))
     responsibilities[np.arange(data.shape[0]), labels] = 1.0
-    outer = (data[:, :, None] * data[:, None, :]).reshape(data.shape[0], -1)
     weights, means, covariances = _m_step(data, outer, responsibilities, reg_covar)
     lower_bound = -np.inf
     converged = False
@@ -193,11 +192,13 @@ def gaussian_mixture(
     # Fitted on centred rows (see _m_step); the means are shifted back at the end.
     shift = data.mean(axis=0)
     centred = data - shift
+    # Every row's x x^T, flat: the M-step's second moments are one product with it.
+    outer = (centred[:, :, None] * centred[:, None, :]).reshape(centred.shape[0], -1)
     seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=n_init)
     best = None
     for init_seed in seeds:
         try:
-            fitted = _fit_once(centred, n_components=n_components, seed=int(init_seed),
+            fitted = _fit_once(centred, outer, n_components=n_components, seed=int(init_seed),
                                reg_covar=reg_covar, tol=tol, max_iter=max_iter)
         except np.linalg.LinAlgError as exc:
             raise ValueError("a mixture covariance is not positive definite; increase "

@@ -1946,12 +1946,6 @@ def read_samples_table(samples_path: str | Path) -> pd.DataFrame:
     return samples
 
 
-FIGURE_GROUPS = ("tables", "clusters", "gates")
-"""The report's figure groups, each drawn by one function and written by one workflow job:
-``tables`` (:func:`draw_table_figures`), ``clusters`` (:func:`draw_cluster_figures`) and
-``gates`` (:func:`draw_gate_figures`)."""
-
-
 def draw_table_figures(samples: pd.DataFrame, kinetics: pd.DataFrame, qc: pd.DataFrame, *,
                        config: Mapping[str, Any], samples_path: str | Path | None = None
                        ) -> list[tuple[str, Figure]]:
