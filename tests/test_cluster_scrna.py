@@ -134,3 +134,41 @@ def test_protein_gates_fall_back_to_the_rna_b_call_without_cd19_cd20_protein(ing
     # The parent is the RNA B call of the pooled cells: about the B share of 600 cells.
     share_b = truth["cell_type"].eq("B").to_numpy()[adata.obs["qc_pass"].to_numpy()].mean()
     assert abs(igd["n_events"] - share_b * 600) <= 0.1 * share_b * 600
+
+
+def test_alignment_and_scaling_of_sample_blocks_against_dense_truth():
+    import scipy.sparse as sp
+
+    from bcellmap.scrna.cluster import _align, _mean_scale, _scale_columns_inplace
+
+    rng = np.random.default_rng(3)
+    genes = np.array(["g0", "g1", "g2", "g3", "g4"], dtype=object)
+    # Sample A holds the genes in another order plus one the model lacks; sample B lacks g2.
+    a_genes = np.array(["g3", "x", "g0", "g4", "g2", "g1"], dtype=object)
+    b_genes = np.array(["g0", "g1", "g3", "g4"], dtype=object)
+    a_dense = rng.poisson(1.0, (7, 6)).astype(np.float32)
+    b_dense = rng.poisson(1.0, (4, 4)).astype(np.float32)
+    expected_a = np.zeros((7, 5), dtype=np.float32)
+    for j, g in enumerate(a_genes):
+        if g in genes:
+            expected_a[:, list(genes).index(g)] = a_dense[:, j]
+    expected_b = np.zeros((4, 5), dtype=np.float32)
+    for j, g in enumerate(b_genes):
+        expected_b[:, list(genes).index(g)] = b_dense[:, j]
+    aligned = [_align(sp.csr_matrix(a_dense), a_genes, genes),
+               _align(sp.csr_matrix(b_dense), b_genes, genes)]
+    np.testing.assert_array_equal(aligned[0].toarray(), expected_a)
+    np.testing.assert_array_equal(aligned[1].toarray(), expected_b)
+    assert aligned[0].has_sorted_indices
+    same = sp.csr_matrix(expected_a)
+    assert _align(same, genes, genes) is same
+
+    stacked = np.vstack([expected_a, expected_b]).astype(np.float64)
+    mean, scale = _mean_scale(aligned)
+    np.testing.assert_allclose(mean, stacked.mean(axis=0), rtol=1e-12)
+    truth_scale = stacked.std(axis=0, ddof=1)
+    truth_scale[truth_scale == 0] = 1.0
+    np.testing.assert_allclose(scale, truth_scale, rtol=1e-12)
+    for block in aligned:
+        _scale_columns_inplace(block, 1.0 / scale)
+    np.testing.assert_allclose(sp.vstack(aligned).toarray(), stacked / truth_scale, rtol=1e-6)

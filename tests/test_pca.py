@@ -52,3 +52,21 @@ def test_bad_input(device):
     data[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         pca(data, n_components=2, backend=backend)
+
+
+def test_row_blocks_equal_the_stacked_matrix_against_sklearn(device):
+    # One block per sample (CSR and dense mixed, uneven sizes) must fit the PCA of the stack.
+    counts = _counts(n=900)
+    blocks = [counts[:250], counts[250:260].toarray(), counts[260:]]
+    backend = get_backend(device=device, budget_mb=0.05)  # several chunks within each block
+    ours = pca(blocks, n_components=6, backend=backend)
+    dense = counts.toarray()
+    reference = PCA(n_components=6, svd_solver="full").fit(dense)
+    np.testing.assert_allclose(ours.explained_variance, reference.explained_variance_, rtol=1e-8)
+    np.testing.assert_allclose(ours.mean, dense.mean(axis=0), atol=1e-12)
+    np.testing.assert_allclose(ours.scores, reference.transform(dense), atol=1e-8)
+    np.testing.assert_allclose(ours.transform(blocks, backend=backend), ours.scores, atol=1e-10)
+    with pytest.raises(ValueError, match="differ in width"):
+        pca([dense[:, :5], dense[:, :6]], n_components=2, backend=backend)
+    with pytest.raises(ValueError, match="empty list"):
+        pca([], n_components=2, backend=backend)

@@ -2,14 +2,18 @@
 
 Every step reads its inputs through :func:`read_h5ad` and :func:`read_table`, so a missing,
 truncated or foreign file fails the same way everywhere: an :class:`~bcellmap.errors.InputError`
-that names the file (and the sample, when known) and says what was expected.
+that names the file (and the sample, when known) and says what was expected. Steps that need
+only parts of a file open it with :func:`open_h5ad` (h5py) and read rows of its ``X`` with
+:func:`iter_h5ad_rows`: anndata's backed mode would load every layer and ``obsm`` entry.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from ..errors import InputError
 
@@ -53,6 +57,63 @@ def read_h5ad(path: str | os.PathLike, *, backed: bool = False, what: str = "h5a
     except Exception as exc:  # noqa: BLE001 - h5py and anndata raise many types
         raise InputError(f"cannot be read as an {what} ({type(exc).__name__}: {exc})",
                          path=path, sample_id=sample_id) from None
+
+
+def open_h5ad(path: str | os.PathLike, *, sample_id: str | None = None) -> Any:
+    """An h5ad file opened read-only with h5py (use as a context manager).
+
+    Raises
+    ------
+    InputError
+        The file is missing or is not an HDF5 file.
+    """
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise InputError("file not found", path=path, sample_id=sample_id) from None
+    except OSError as exc:
+        raise InputError(f"cannot be read as an h5ad file ({exc})", path=path,
+                         sample_id=sample_id) from None
+
+
+def h5ad_matrix(node: Any) -> Any:
+    """An on-disk ``X`` (or layer) node as something that slices by rows: the h5py dataset
+    itself when dense, anndata's sparse dataset when CSR/CSC."""
+    import h5py
+    from anndata.io import sparse_dataset
+
+    return node if isinstance(node, h5py.Dataset) else sparse_dataset(node)
+
+
+def iter_h5ad_rows(matrix: Any, rows: np.ndarray, *, block: int = 65_536) -> Iterator[Any]:
+    """The given rows of an on-disk matrix, one slab of ``block`` consecutive rows at a time.
+
+    Each slab is read with one contiguous slice (row-by-row reads of a sparse dataset cost a
+    disk request per row) and cut to the rows asked for in it, so memory stays within a slab.
+
+    Parameters
+    ----------
+    matrix
+        From :func:`h5ad_matrix` (or any array that slices by rows).
+    rows
+        Row indices, sorted ascending.
+    block
+        Rows per slab.
+
+    Yields
+    ------
+    The requested rows falling in each slab, in order: a SciPy sparse matrix or an array.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    n_rows = int(matrix.shape[0])
+    for start in range(0, n_rows, block):
+        stop = min(start + block, n_rows)
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if lo == hi:
+            continue
+        yield matrix[start:stop][rows[lo:hi] - start]
 
 
 def read_table(path: str | os.PathLike, *, required: Sequence[str] = (),

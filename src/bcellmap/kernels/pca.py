@@ -2,14 +2,17 @@
 
 Method: covariance eigendecomposition. The ``d x d`` scatter matrix ``X^T X`` and the column
 sums are accumulated over row chunks (a CSR chunk is densified one chunk at a time, never the
-whole matrix), centred as ``(X^T X - n mu mu^T) / (n - 1)``, and decomposed with ``eigh`` in
-float64. This is exact (not randomized) and suits the gene counts of the single-cell path
-(a few thousand highly variable genes: the covariance is a few tens of MB). Signs follow
-scikit-learn (>= 1.5): in each component the loading of largest magnitude is positive.
+whole matrix; the input may also be a list of row blocks, e.g. one per sample, so that the
+stacked matrix never has to exist), centred as ``(X^T X - n mu mu^T) / (n - 1)``, and
+decomposed with ``eigh`` in float64. This is exact (not randomized) and suits the gene counts
+of the single-cell path (a few thousand highly variable genes: the covariance is a few tens of
+MB). Signs follow scikit-learn (>= 1.5): in each component the loading of largest magnitude
+is positive.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,25 +50,53 @@ class PCAResult:
         return _project(data, self.mean, self.components, backend=backend)
 
 
+# On the host a chunk of a few thousand rows already runs BLAS at full speed; larger ones
+# only cost memory (and fresh pages are slow to come by on some virtual machines).
+_HOST_CHUNK_ROWS = 4096
+
+
 def _is_sparse(data: Any) -> bool:
     return hasattr(data, "tocsr") and hasattr(data, "nnz")
 
 
-def _dense_chunk(data: Any, rows: slice, backend: Backend) -> Any:
-    chunk = data[rows]
-    if _is_sparse(chunk):
-        chunk = chunk.toarray()  # one chunk only; the budget bounds its size
-    return backend.asarray(chunk, dtype=np.float64)
+def _as_blocks(data: Any) -> list[Any]:
+    """The input as a list of row blocks (a single matrix is one block)."""
+    if isinstance(data, Sequence) and not isinstance(data, np.ndarray):
+        blocks = list(data)
+        if not blocks:
+            raise ValueError("PCA got an empty list of row blocks")
+        widths = {block.shape[1] for block in blocks}
+        if len(widths) != 1:
+            raise ValueError(f"PCA row blocks differ in width: {sorted(widths)}")
+        return blocks
+    return [data]
+
+
+def _dense_chunks(blocks: list[Any], backend: Backend, *, bytes_per_row: float
+                  ) -> Iterator[tuple[slice, Any]]:
+    """Row slices of the stacked blocks with each slice densified on the backend (float64)."""
+    offset = 0
+    for block in blocks:
+        n_rows = block.shape[0]
+        max_rows = None if backend.is_gpu else _HOST_CHUNK_ROWS
+        for rows in backend.chunks(n_rows, bytes_per_row=bytes_per_row, max_rows=max_rows):
+            chunk = block[rows]
+            if _is_sparse(chunk):
+                chunk = chunk.toarray()  # one chunk only; the budget bounds its size
+            yield (slice(offset + rows.start, offset + rows.stop),
+                   backend.asarray(chunk, dtype=np.float64))
+        offset += n_rows
 
 
 def _project(data: Any, mean: np.ndarray, components: np.ndarray, *,
              backend: Backend) -> np.ndarray:
-    n, d = data.shape
+    blocks = _as_blocks(data)
+    n = sum(block.shape[0] for block in blocks)
+    d = blocks[0].shape[1]
     mean_dev = backend.asarray(mean)
     axes = backend.asarray(components)
     out = np.empty((n, components.shape[0]), dtype=np.float64)
-    for rows in backend.chunks(n, bytes_per_row=3 * d * 8):
-        chunk = _dense_chunk(data, rows, backend)
+    for rows, chunk in _dense_chunks(blocks, backend, bytes_per_row=3 * d * 8):
         out[rows] = backend.to_host((chunk - mean_dev[None, :]) @ axes.T)
     return out
 
@@ -76,7 +107,8 @@ def pca(data: Any, *, n_components: int, backend: Backend) -> PCAResult:
     Parameters
     ----------
     data
-        ``(n, d)`` dense array or SciPy CSR matrix (host), or a device array.
+        ``(n, d)`` dense array or SciPy CSR matrix (host), or a device array; or a list of
+        such row blocks of equal width, taken as stacked in order.
     n_components
         Axes to keep, ``1..min(n - 1, d)``.
     backend
@@ -91,20 +123,22 @@ def pca(data: Any, *, n_components: int, backend: Backend) -> PCAResult:
     ValueError
         Too few rows, ``n_components`` out of range, or NaN/infinite values.
     """
-    n, d = data.shape
+    blocks = _as_blocks(data)
+    n = sum(block.shape[0] for block in blocks)
+    d = blocks[0].shape[1]
     if n < 2:
         raise ValueError(f"PCA needs at least 2 rows, got {n}")
     if not 1 <= n_components <= min(n - 1, d):
         raise ValueError(f"n_components={n_components} must be in 1..{min(n - 1, d)}")
-    values = data.data if _is_sparse(data) else data
-    mod = backend.xp if not isinstance(values, np.ndarray) else np
-    if not bool(mod.isfinite(values).all()):
-        raise ValueError("PCA input holds NaN or infinite values")
+    for block in blocks:
+        values = block.data if _is_sparse(block) else block
+        mod = backend.xp if not isinstance(values, np.ndarray) else np
+        if not bool(mod.isfinite(values).all()):
+            raise ValueError("PCA input holds NaN or infinite values")
     xp = backend.xp
     scatter = xp.zeros((d, d), dtype=np.float64)
     column_sums = xp.zeros(d, dtype=np.float64)
-    for rows in backend.chunks(n, bytes_per_row=2 * d * 8):
-        chunk = _dense_chunk(data, rows, backend)
+    for _, chunk in _dense_chunks(blocks, backend, bytes_per_row=2 * d * 8):
         scatter += chunk.T @ chunk
         column_sums += chunk.sum(axis=0)
     mean = column_sums / n
@@ -121,7 +155,7 @@ def pca(data: Any, *, n_components: int, backend: Backend) -> PCAResult:
     mean_host, components_host = backend.to_host(mean), backend.to_host(components)
     explained_host = backend.to_host(explained)
     return PCAResult(
-        scores=_project(data, mean_host, components_host, backend=backend),
+        scores=_project(blocks, mean_host, components_host, backend=backend),
         components=components_host,
         explained_variance=explained_host,
         explained_variance_ratio=explained_host / total if total > 0 else explained_host * 0,

@@ -37,6 +37,7 @@ from matplotlib.patches import Patch
 from ..contracts import SUBSETS, sample_rng, subsample_indices
 from ..errors import InputError
 from ..io._atomic import atomic_path
+from ..io.readers import h5ad_matrix, iter_h5ad_rows, open_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -1012,18 +1013,6 @@ def pool_annotated(paths: Sequence[str | Path], *, markers: Sequence[str],
     return pooled[["sample_id", "metacluster", "cell_type", "b_subset", "label", *kept]]
 
 
-def _open_h5ad(path: str | Path):
-    """An h5ad file opened read-only with h5py; a missing or unreadable one is an InputError."""
-    import h5py
-
-    try:
-        return h5py.File(path, "r")
-    except FileNotFoundError:
-        raise InputError("file not found", path=path) from None
-    except OSError as exc:
-        raise InputError(f"cannot be read as an h5ad file ({exc})", path=path) from None
-
-
 _POOL_OBS = ("metacluster", "cell_type", "b_subset", "metacluster_cell_type")
 
 
@@ -1035,10 +1024,9 @@ def _pool_one(path: str, *, markers: Sequence[str], events_per_sample: int,
     as :func:`read_gate_visit`): reading the whole ``uns`` of every file was most of the
     time of pooling.
     """
-    import h5py
-    from anndata.io import read_elem, sparse_dataset
+    from anndata.io import read_elem
 
-    with _open_h5ad(path) as handle:
+    with open_h5ad(path) as handle:
         try:
             uns = handle["uns"] if "uns" in handle else {}
             sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
@@ -1055,7 +1043,7 @@ def _pool_one(path: str, *, markers: Sequence[str], events_per_sample: int,
                 raise InputError(f"obs[{column!r}] is missing", path=path, sample_id=sample_id)
         if "canonical" not in var.columns:
             raise InputError("var['canonical'] is missing", path=path, sample_id=sample_id)
-        x = x_node if isinstance(x_node, h5py.Dataset) else sparse_dataset(x_node)
+        x = h5ad_matrix(x_node)
         n_obs = int(x.shape[0])
         if n_obs == 0:
             return None
@@ -1307,25 +1295,19 @@ def _gate_table(value: Any, *, path: object, sample_id: str) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def _read_rows(x: Any, rows: np.ndarray, columns: list[int], *,
-               block: int = 65_536) -> np.ndarray:
-    """Rows (sorted) and columns of a dense or sparse X, read one block of rows at a time."""
+def _read_rows(x: Any, rows: np.ndarray, columns: list[int]) -> np.ndarray:
+    """Rows (sorted) and columns of a dense or sparse X as floats, one slab at a time."""
     out = np.empty((rows.size, len(columns)), dtype=float)
     if rows.size == 0 or not columns:
         return out
-    n_rows = int(x.shape[0])
     done = 0
-    for start in range(0, n_rows, block):
-        stop = min(start + block, n_rows)
-        chosen = rows[(rows >= start) & (rows < stop)]
-        if chosen.size == 0:
-            continue
-        part = x[start:stop]
-        part = part[chosen - start]
+    for part in iter_h5ad_rows(x, rows):
         if hasattr(part, "toarray"):
-            part = part.toarray()
-        out[done:done + chosen.size] = np.asarray(part, dtype=float)[:, columns]
-        done += chosen.size
+            part = part[:, columns].toarray()
+        else:
+            part = np.asarray(part)[:, columns]
+        out[done:done + part.shape[0]] = part
+        done += part.shape[0]
     return out
 
 
@@ -1351,19 +1333,17 @@ def read_gate_visit(source: str | Path | Any, *, samples: pd.DataFrame | None = 
         Config ``seed``; the subsample of a sample depends on it and on the sample id only.
     """
     if isinstance(source, (str, Path)):
-        import h5py
-        from anndata.io import read_elem, sparse_dataset
+        from anndata.io import read_elem
 
         path: object = source
-        with _open_h5ad(source) as handle:
+        with open_h5ad(source) as handle:
             uns = handle["uns"] if "uns" in handle else {}
             sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
             gates = read_elem(uns["gates"]) if "gates" in uns else None
             var = read_elem(handle["var"])
             obs_group = handle["obs"]
             obs = {c: read_elem(obs_group[c]) for c in _GATE_OBS if c in obs_group}
-            x_node = handle["X"]
-            x = x_node if isinstance(x_node, h5py.Dataset) else sparse_dataset(x_node)
+            x = h5ad_matrix(handle["X"])
             rows, columns, finish = _gate_visit_parts(
                 path, sample, gates, var, obs, int(x.shape[0]), samples=samples,
                 max_events=max_events, seed=seed)
@@ -1744,19 +1724,13 @@ def gate_visits_by_patient(paths: Sequence[str | Path],
 
     Reads only ``uns["sample"]`` of each file; scRNA samples are left out.
     """
-    import h5py
     from anndata.io import read_elem
 
     grouped: dict[str, list[Path]] = {}
     for path in sorted(Path(p) for p in paths):
-        try:
-            with h5py.File(path, "r") as handle:
-                uns = handle["uns"] if "uns" in handle else {}
-                sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
-        except FileNotFoundError:
-            raise InputError("file not found", path=path) from None
-        except OSError as exc:
-            raise InputError(f"cannot be read as an h5ad file ({exc})", path=path) from None
+        with open_h5ad(path) as handle:
+            uns = handle["uns"] if "uns" in handle else {}
+            sample = dict(read_elem(uns["sample"])) if "sample" in uns else {}
         sample_id = str(sample.get("sample_id", path.stem))
         patient = str(sample.get("patient_id") or "").strip() or None
         modality = sample.get("modality")

@@ -5,7 +5,8 @@ bounded): a seeded subsample of at most ``scrna.cluster.cells_per_sample`` QC-pa
 sample (read lazily from the ingested h5ad files), the ``scrna.cluster.n_genes`` genes most
 often highly variable across samples (present in every sample; ties broken by mean normalised
 dispersion), each gene scaled to unit variance over the pooled subsample (scanpy's
-``pp.scale`` without clipping, so the matrix stays sparse and memory stays bounded), PCA
+``pp.scale`` without clipping, so the matrix stays sparse and memory stays bounded; the samples'
+blocks are scaled in place and never stacked), PCA
 (:mod:`bcellmap.kernels.pca`), exact kNN and Leiden (:mod:`bcellmap.kernels.knn`,
 :mod:`bcellmap.kernels.leiden`) through :mod:`bcellmap.kernels.backend` (GPU when available).
 The model NPZ holds what mapping needs: ``genes``, ``gene_mean``, ``gene_scale`` (the HVG
@@ -53,7 +54,8 @@ def cluster_scaled(data: Any, *, n_pcs: int, k: int, resolution: float, seed: in
     Parameters
     ----------
     data
-        ``(n, genes)`` dense array or CSR matrix (scaled log-expression).
+        ``(n, genes)`` dense array or CSR matrix (scaled log-expression), or a list of such
+        row blocks (one per sample), taken as stacked in order.
     n_pcs, k, resolution, seed
         PCA axes, neighbours (self included, as scanpy's ``n_neighbors``), Leiden resolution
         and seed.
@@ -67,20 +69,79 @@ def cluster_scaled(data: Any, *, n_pcs: int, k: int, resolution: float, seed: in
     from ..kernels.leiden import cluster_leiden
     from ..kernels.pca import pca
 
-    n_pcs = min(n_pcs, data.shape[0] - 1, data.shape[1])
+    blocks = data if isinstance(data, list) else [data]
+    n_rows = sum(block.shape[0] for block in blocks)
+    n_pcs = min(n_pcs, n_rows - 1, blocks[0].shape[1])
     fitted = pca(data, n_components=n_pcs, backend=backend)
-    labels = cluster_leiden(fitted.scores, k=min(k, data.shape[0]), resolution=resolution,
+    labels = cluster_leiden(fitted.scores, k=min(k, n_rows), resolution=resolution,
                             seed=seed, backend=backend)
     return fitted, labels
 
 
-def _read_backed(path: str | Path):
-    import anndata as ad
+class _IngestedSample:
+    """One ingested sample h5ad, read in parts (h5py): obs, var and ``uns`` entries at once,
+    rows of ``X`` and the protein only when asked.
 
-    try:
-        return ad.read_h5ad(path, backed="r")
-    except Exception as exc:  # noqa: BLE001 - h5py/anndata raise many types
-        raise InputError(f"cannot be read as h5ad ({exc})", path=path) from exc
+    anndata's backed mode would load every layer (the raw counts) and ``obsm`` entry of every
+    sample, which cohort training never reads.
+    """
+
+    def __init__(self, path: str | Path):
+        from anndata.io import read_elem
+
+        from ..io.readers import h5ad_matrix, open_h5ad
+
+        self.path = path
+        self._handle = open_h5ad(path)
+        try:
+            handle = self._handle
+            uns = handle["uns"] if "uns" in handle else {}
+            sample = read_elem(uns["sample"]) if "sample" in uns else {}
+            self.sample_id = str(sample.get("sample_id", Path(path).stem)) \
+                if isinstance(sample, Mapping) else Path(path).stem
+            self.obs = read_elem(handle["obs"])
+            self.var = read_elem(handle["var"])
+            self.protein_names = [str(n) for n in read_elem(uns["protein_names"])] \
+                if "protein_names" in uns else []
+            self._obsm = handle["obsm"] if "obsm" in handle else {}
+            self._x = h5ad_matrix(handle["X"])
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            self.close()
+            raise InputError(f"cannot be read as an ingested scRNA sample "
+                             f"({type(exc).__name__}: {exc})", path=path) from None
+        if "qc_pass" not in self.obs:
+            self.close()
+            raise InputError("no obs['qc_pass']: not an ingest-scrna output", path=path,
+                             sample_id=self.sample_id)
+
+    def __enter__(self) -> _IngestedSample:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    @property
+    def has_protein(self) -> bool:
+        return "protein" in self._obsm and bool(self.protein_names)
+
+    def protein(self) -> np.ndarray:
+        """``obsm["protein"]`` of every cell, float64."""
+        from anndata.io import read_elem
+
+        return np.asarray(read_elem(self._obsm["protein"]), dtype=np.float64)
+
+    def rows(self, chosen: np.ndarray) -> sp.csr_matrix:
+        """Rows ``chosen`` (sorted) of ``X`` as float32 CSR, read one slab at a time."""
+        from ..io.readers import iter_h5ad_rows
+
+        parts = [sp.csr_matrix(part, dtype=np.float32)
+                 for part in iter_h5ad_rows(self._x, chosen)]
+        if not parts:
+            return sp.csr_matrix((0, self._x.shape[1]), dtype=np.float32)
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 
 
 def _sample_id(adata, path: str | Path) -> str:
@@ -89,9 +150,9 @@ def _sample_id(adata, path: str | Path) -> str:
         else Path(path).stem
 
 
-def _rows(matrix: Any) -> sp.csr_matrix:
+def _rows(matrix: Any, *, copy: bool = False) -> sp.csr_matrix:
     return sp.csr_matrix(matrix.to_memory() if hasattr(matrix, "to_memory") else matrix,
-                         dtype=np.float32)
+                         dtype=np.float32, copy=copy)
 
 
 def train_scrna(paths: Sequence[str | Path], *, config: Mapping[str, Any], backend
@@ -119,29 +180,25 @@ def train_scrna(paths: Sequence[str | Path], *, config: Mapping[str, Any], backe
     event_index: list[np.ndarray] = []
     per_sample: dict[str, int] = {}
     for path in paths:
-        adata = _read_backed(path)
-        sample_id = _sample_id(adata, path)
-        if "qc_pass" not in adata.obs:
-            raise InputError("no obs['qc_pass']: not an ingest-scrna output", path=path,
-                             sample_id=sample_id)
-        passed = np.flatnonzero(adata.obs["qc_pass"].to_numpy())
-        take = int(ccfg["cells_per_sample"])
-        chosen = passed[subsample_indices(passed.size, take, sample_rng(seed, sample_id))]
-        per_sample[sample_id] = int(chosen.size)
-        genes = np.asarray(adata.var_names, dtype=object)
-        gene_lists.append(genes)
-        hvg = adata.var["highly_variable"].to_numpy(dtype=bool) if "highly_variable" in \
-            adata.var else np.zeros(len(genes), dtype=bool)
-        hvg_votes.append(dict(zip(genes, hvg, strict=True)))
-        disp = adata.var["dispersions_norm"].to_numpy(dtype=float) if "dispersions_norm" in \
-            adata.var else np.zeros(len(genes))
-        dispersions.append(dict(zip(genes, np.nan_to_num(disp), strict=True)))
-        if chosen.size:
-            blocks.append((_rows(adata.X[chosen]), genes))
-            sample_ids.extend([sample_id] * chosen.size)
-            event_index.append(adata.obs["event_index"].to_numpy()[chosen]
-                               if "event_index" in adata.obs else chosen)
-        adata.file.close()
+        with _IngestedSample(path) as sample:
+            sample_id, obs, var = sample.sample_id, sample.obs, sample.var
+            passed = np.flatnonzero(obs["qc_pass"].to_numpy())
+            take = int(ccfg["cells_per_sample"])
+            chosen = passed[subsample_indices(passed.size, take, sample_rng(seed, sample_id))]
+            per_sample[sample_id] = int(chosen.size)
+            genes = np.asarray(var.index, dtype=object)
+            gene_lists.append(genes)
+            hvg = var["highly_variable"].to_numpy(dtype=bool) if "highly_variable" in var \
+                else np.zeros(len(genes), dtype=bool)
+            hvg_votes.append(dict(zip(genes, hvg, strict=True)))
+            disp = var["dispersions_norm"].to_numpy(dtype=float) if "dispersions_norm" in \
+                var else np.zeros(len(genes))
+            dispersions.append(dict(zip(genes, np.nan_to_num(disp), strict=True)))
+            if chosen.size:
+                blocks.append((sample.rows(chosen), genes))
+                sample_ids.extend([sample_id] * chosen.size)
+                event_index.append(obs["event_index"].to_numpy()[chosen]
+                                   if "event_index" in obs else chosen)
     n_cells = sum(block.shape[0] for block, _ in blocks)
     if n_cells < 3:
         raise InputError(f"only {n_cells} QC-passed cells across {len(paths)} samples; "
@@ -154,11 +211,16 @@ def train_scrna(paths: Sequence[str | Path], *, config: Mapping[str, Any], backe
     order = np.lexsort((-mean_disp, -votes))[: int(ccfg["n_genes"])]
     genes = np.asarray(ordered, dtype=object)[np.sort(order)]
 
-    matrix = sp.vstack([_align(block, block_genes, genes) for block, block_genes in blocks],
-                       format="csr")
-    mean, scale = _mean_scale(matrix)
-    scaled = matrix @ sp.diags(1.0 / scale)
-    fitted, labels = cluster_scaled(sp.csr_matrix(scaled), n_pcs=int(ccfg["n_pcs"]),
+    # Aligned, scaled and reduced block by block (one per sample): the stacked matrix and
+    # its scaled copy are never made, which keeps the job's memory to the blocks themselves.
+    aligned = []
+    while blocks:
+        block, block_genes = blocks.pop(0)
+        aligned.append(_align(block, block_genes, genes))
+    mean, scale = _mean_scale(aligned)
+    for block in aligned:
+        _scale_columns_inplace(block, 1.0 / scale)
+    fitted, labels = cluster_scaled(aligned, n_pcs=int(ccfg["n_pcs"]),
                                     k=int(ccfg["k"]), resolution=float(ccfg["resolution"]),
                                     seed=seed, backend=backend)
     model = {
@@ -184,25 +246,49 @@ def train_scrna(paths: Sequence[str | Path], *, config: Mapping[str, Any], backe
 
 
 def _align(block: sp.csr_matrix, block_genes: np.ndarray, genes: np.ndarray) -> sp.csr_matrix:
-    """Columns of ``block`` in the order of ``genes``; genes it lacks are zero columns."""
-    position = {g: i for i, g in enumerate(block_genes)}
-    source = np.array([position.get(g, -1) for g in genes])
-    present = source >= 0
-    picked = block[:, source[present]].tocoo()
-    target = np.flatnonzero(present)[picked.col]
-    return sp.csr_matrix((picked.data, (picked.row, target)), shape=(block.shape[0], len(genes)),
-                         dtype=np.float32)
+    """Columns of ``block`` in the order of ``genes``; genes it lacks are zero columns.
+
+    ``block`` itself comes back when its genes are already ``genes`` in order.
+    """
+    if len(block_genes) == len(genes) and np.array_equal(block_genes, genes):
+        return block
+    position = {g: i for i, g in enumerate(genes)}
+    target = np.array([position.get(g, -1) for g in block_genes], dtype=np.int64)
+    column = target[block.indices]
+    keep = column >= 0
+    row = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[keep]
+    indptr = np.zeros(block.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=block.shape[0]), out=indptr[1:])
+    out = sp.csr_matrix((block.data[keep].astype(np.float32, copy=False),
+                         column[keep].astype(np.int32), indptr),
+                        shape=(block.shape[0], len(genes)))
+    out.sort_indices()
+    return out
 
 
-def _mean_scale(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and standard deviations (ddof=1, as scanpy); zero deviations become 1."""
-    n = matrix.shape[0]
-    mean = np.asarray(matrix.mean(axis=0), dtype=np.float64).ravel()
-    mean_sq = np.asarray(matrix.multiply(matrix).mean(axis=0), dtype=np.float64).ravel()
-    var = np.maximum(mean_sq - mean**2, 0.0) * n / max(n - 1, 1)
+def _mean_scale(blocks: Sequence[sp.csr_matrix]) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations (ddof=1, as scanpy) of the stacked row blocks.
+
+    Sums in float64; zero deviations become 1.
+    """
+    n = sum(block.shape[0] for block in blocks)
+    width = blocks[0].shape[1]
+    sums = np.zeros(width)
+    sums_sq = np.zeros(width)
+    for block in blocks:
+        values = block.data.astype(np.float64)
+        sums += np.bincount(block.indices, weights=values, minlength=width)
+        sums_sq += np.bincount(block.indices, weights=values * values, minlength=width)
+    mean = sums / n
+    var = np.maximum(sums_sq / n - mean**2, 0.0) * n / max(n - 1, 1)
     scale = np.sqrt(var)
     scale[scale == 0] = 1.0
     return mean, scale
+
+
+def _scale_columns_inplace(block: sp.csr_matrix, factor: np.ndarray) -> None:
+    """Multiply each column of ``block`` by ``factor`` in place (sparsity unchanged)."""
+    block.data *= factor[block.indices].astype(block.data.dtype, copy=False)
 
 
 def transfer_labels(query: np.ndarray, embedding: np.ndarray, labels: np.ndarray, *, k: int,
@@ -260,8 +346,10 @@ def map_scrna(adata, model: Mapping[str, np.ndarray], *, config: Mapping[str, An
     if missing:
         log.warning("sample %s: %d of %d model genes are absent; counted as zero expression",
                     sample_id, missing, len(genes))
-    matrix = _align(_rows(mapped.X), np.asarray(mapped.var_names, dtype=object), genes)
-    scaled = sp.csr_matrix(matrix @ sp.diags(1.0 / model["gene_scale"]))
+    # A copy: the scaling below is in place and mapped.X keeps the cells' expression.
+    scaled = _align(_rows(mapped.X, copy=True), np.asarray(mapped.var_names, dtype=object),
+                    genes)
+    _scale_columns_inplace(scaled, 1.0 / model["gene_scale"])
     if mapped.n_obs:
         from ..kernels.pca import PCAResult
 
@@ -308,27 +396,20 @@ def learn_scrna_protein_thresholds(paths: Sequence[str | Path], *, config: Mappi
     take = int(_protein_settings(config)["cells_per_sample"])
     samples = []
     for path in paths:
-        adata = _read_backed(path)
-        sample_id = _sample_id(adata, path)
-        names = [str(n) for n in adata.uns.get("protein_names", [])]
-        if "protein" not in adata.obsm or not names:
-            adata.file.close()
-            continue
-        if "qc_pass" not in adata.obs:
-            raise InputError("no obs['qc_pass']: not an ingest-scrna output", path=path,
-                             sample_id=sample_id)
-        passed = np.flatnonzero(adata.obs["qc_pass"].to_numpy())
-        # A stream of its own (not the clustering subsample's): the two sizes are independent.
-        chosen = passed[subsample_indices(passed.size, take,
-                                          sample_rng(seed, sample_id, stream=1))]
-        protein = np.asarray(adata.obsm["protein"], dtype=np.float64)[chosen]
-        columns = {name: protein[:, j] for j, name in enumerate(names)}
-        rna = None
-        if chosen.size and ("CD3" not in names or not {"CD19", "CD20"} & set(names)):
-            subsample = ad.AnnData(X=_rows(adata.X[chosen]),
-                                   var=adata.var[[]].copy())
-            rna = rna_cell_calls(subsample, config=config, sample_id=sample_id)
-        adata.file.close()
+        with _IngestedSample(path) as sample:
+            sample_id, names = sample.sample_id, sample.protein_names
+            if not sample.has_protein:
+                continue
+            passed = np.flatnonzero(sample.obs["qc_pass"].to_numpy())
+            # A stream of its own (not the clustering subsample's): the sizes are independent.
+            chosen = passed[subsample_indices(passed.size, take,
+                                              sample_rng(seed, sample_id, stream=1))]
+            protein = sample.protein()[chosen]
+            columns = {name: protein[:, j] for j, name in enumerate(names)}
+            rna = None
+            if chosen.size and ("CD3" not in names or not {"CD19", "CD20"} & set(names)):
+                subsample = ad.AnnData(X=sample.rows(chosen), var=sample.var[[]].copy())
+                rna = rna_cell_calls(subsample, config=config, sample_id=sample_id)
         if chosen.size:
             samples.append((sample_id, columns, rna))
             log.info("sample %s: %d of %d QC-passed cells pooled for the protein gates",
