@@ -519,6 +519,20 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     assert all(first[name] != third[name] for name in fcs)
 
 
+def test_parallel_scrna_patients_write_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setitem(simulate.PRESET_SCRNA_CELLS, "fixture", 300)
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    simulate.simulate_cohort(tmp_path / "serial", seed=11, events_per_file=1000, workers=1)
+    simulate.simulate_cohort(tmp_path / "parallel", seed=11, events_per_file=1000, workers=2)
+    serial, parallel = digests(tmp_path / "serial"), digests(tmp_path / "parallel")
+    assert serial == parallel
+    assert sum(name.startswith("scrna/") for name in serial) >= 2 * 4
+
+
 def test_anomaly_window_arrives_faster(cohort, truth):
     with_anomaly = truth[truth["anomaly_events"] > 0]
     assert 0 < len(with_anomaly) < len(truth)

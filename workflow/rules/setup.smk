@@ -37,6 +37,7 @@ if DEMO:
             outdir=lambda wildcards, output: str(Path(output.sheet).parent),
             preset=config["demo"]["preset"],
             seed=config["demo"]["seed"],
+        threads: 2
         log:
             "logs/simulate_demo.log",
         benchmark:
@@ -45,4 +46,4 @@ if DEMO:
             CONDA_ENV
         shell:
             "bcellmap simulate --out {params.outdir} --preset {params.preset}"
-            " --seed {params.seed} > {log} 2>&1"
+            " --seed {params.seed} --threads {threads} > {log} 2>&1"

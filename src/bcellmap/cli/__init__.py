@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=int, default=None,
                    help="events per FCS file (overrides the preset)")
     s.add_argument("--no-scrna", action="store_true", help="flow cytometry files only")
+    s.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="processes for the scRNA patients (the files are the same for any N)")
     s.add_argument("--no-drift", action="store_true",
                    help="no per-visit staining and detector-gain drift")
     s.add_argument("--no-lymphopenic", action="store_true",

@@ -959,44 +959,76 @@ SCRNA_PATIENTS = ("P01", "P03")
 PRESET_SCRNA_CELLS: dict[str, int] = {"fixture": 4_000, "full": 10_000}
 
 
-def _write_scrna_visits(folder: Path, truth: pd.DataFrame, *, seed: int,
-                        cells: int) -> list[dict[str, object]]:
-    """Simulate scRNA count files for some flow visits; return their sample-sheet rows."""
+def _write_scrna_patient(folder: Path, visits: pd.DataFrame, *, patient: str, number: int,
+                         seed: int, cells: int, returned: int, disease: str
+                         ) -> tuple[list[dict[str, object]], pd.DataFrame]:
+    """One patient's scRNA count files (its own seed); its sheet rows and truth summary."""
     from .simulate_scrna import simulate_scrna_visits
 
-    patients = _truth_patients(truth).set_index("patient_id")
+    after = visits.loc[visits["day"] >= returned, "day"].tolist()[:2]
+    days = [int(visits["day"].iloc[0]), 28, *after]
+    subfolder = folder / "scrna" / patient
     rows: list[dict[str, object]] = []
-    summaries = []
-    for number, patient in enumerate(SCRNA_PATIENTS):
-        visits = truth[truth["patient_id"] == patient].sort_values("day")
-        returned = int(patients.loc[patient, "reconstitution_day"])
-        after = visits.loc[visits["day"] >= returned, "day"].tolist()[:2]
-        days = [int(visits["day"].iloc[0]), 28, *after]
-        subfolder = folder / "scrna" / patient
-        for row in simulate_scrna_visits(
-            subfolder, patients=(patient,), seed=seed + 7919 * (number + 1),
-            cells_per_sample=cells, days=days, reconstitution_days={patient: returned},
-            write_10x_h5=number == 0,
-            # Real CITE-seq panels carry more antibodies than the B-cell ones ingest keeps;
-            # they matter for the per-cell CLR that the cohort protein gates work on.
-            extended_adt_panel=True,
-            b_share_of_lymphocytes={
-                (patient, int(day)): share / 100 for day, share
-                in zip(visits["day"], visits["b_pct_lymphocytes"], strict=True)},
-        ):
-            flow_visit = visits[visits["day"] == row["day"]].iloc[0]
-            row["path"] = f"scrna/{patient}/{row['path']}"
-            # The clinical count is one per visit, shared by both modalities.
-            row["lymphocytes_per_ul"] = flow_visit["lymphocytes_per_ul"]
-            row.update(disease=patients.loc[patient, "disease"], batch="", panel="")
-            rows.append(row)
-        summaries.append(pd.read_csv(subfolder / "truth_scrna_samples.tsv", sep="\t"))
-    pd.concat(summaries).to_csv(folder / "truth_scrna_samples.tsv", sep="\t", index=False)
+    for row in simulate_scrna_visits(
+        subfolder, patients=(patient,), seed=seed + 7919 * (number + 1),
+        cells_per_sample=cells, days=days, reconstitution_days={patient: returned},
+        write_10x_h5=number == 0,
+        # Real CITE-seq panels carry more antibodies than the B-cell ones ingest keeps;
+        # they matter for the per-cell CLR that the cohort protein gates work on.
+        extended_adt_panel=True,
+        b_share_of_lymphocytes={
+            (patient, int(day)): share / 100 for day, share
+            in zip(visits["day"], visits["b_pct_lymphocytes"], strict=True)},
+    ):
+        flow_visit = visits[visits["day"] == row["day"]].iloc[0]
+        row["path"] = f"scrna/{patient}/{row['path']}"
+        # The clinical count is one per visit, shared by both modalities.
+        row["lymphocytes_per_ul"] = flow_visit["lymphocytes_per_ul"]
+        row.update(disease=disease, batch="", panel="")
+        rows.append(row)
+    return rows, pd.read_csv(subfolder / "truth_scrna_samples.tsv", sep="\t")
+
+
+def _write_scrna_visits(folder: Path, truth: pd.DataFrame, *, seed: int, cells: int,
+                        workers: int = 1) -> list[dict[str, object]]:
+    """Simulate scRNA count files for some flow visits; return their sample-sheet rows.
+
+    Each patient has a seed of its own, so with ``workers > 1`` the patients are simulated
+    in parallel processes and the files are the same.
+    """
+    patients = _truth_patients(truth).set_index("patient_id")
+    tasks = [dict(visits=truth[truth["patient_id"] == patient].sort_values("day"),
+                  patient=patient, number=number, seed=seed, cells=cells,
+                  returned=int(patients.loc[patient, "reconstitution_day"]),
+                  disease=str(patients.loc[patient, "disease"]))
+             for number, patient in enumerate(SCRNA_PATIENTS)]
+    if workers > 1:
+        import multiprocessing
+        import sys
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork on Linux: the workers start with the simulator already imported (spawn, the
+        # default elsewhere, imports it again).
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
+                                 mp_context=context) as pool:
+            results = list(pool.map(_scrna_task, [(folder, task) for task in tasks]))
+    else:
+        results = [_write_scrna_patient(folder, **task) for task in tasks]
+    rows = [row for patient_rows, _ in results for row in patient_rows]
+    pd.concat([summary for _, summary in results]).to_csv(
+        folder / "truth_scrna_samples.tsv", sep="\t", index=False)
     return rows
 
 
+def _scrna_task(args: tuple[Path, dict]) -> tuple[list[dict[str, object]], pd.DataFrame]:
+    folder, task = args
+    return _write_scrna_patient(folder, **task)
+
+
 def _write_cohort(folder: Path, *, seed: int, events_per_file: int,
-                  scrna_cells: int = 0, drift: bool = True, lymphopenic: bool = True) -> None:
+                  scrna_cells: int = 0, drift: bool = True, lymphopenic: bool = True,
+                  workers: int = 1) -> None:
     visits = _design(seed, lymphopenic=lymphopenic)
     (folder / "truth_events").mkdir()
     sheet_rows, truth_rows, drift_rows = [], [], []
@@ -1021,7 +1053,8 @@ def _write_cohort(folder: Path, *, seed: int, events_per_file: int,
         })
     truth = pd.DataFrame(truth_rows)
     if scrna_cells:
-        sheet_rows += _write_scrna_visits(folder, truth, seed=seed, cells=scrna_cells)
+        sheet_rows += _write_scrna_visits(folder, truth, seed=seed, cells=scrna_cells,
+                                          workers=workers)
     codes_table().to_csv(folder / "truth_codes.tsv", sep="\t", index=False)
     truth.to_csv(folder / "truth_samples.tsv", sep="\t", index=False)
     pd.DataFrame(drift_rows).to_csv(folder / "truth_drift.tsv", sep="\t", index=False)
@@ -1033,7 +1066,7 @@ def _write_cohort(folder: Path, *, seed: int, events_per_file: int,
 def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
                     seed: int = DEFAULT_SEED, events_per_file: int | None = None,
                     scrna: bool = True, drift: bool = True,
-                    lymphopenic: bool = True) -> Path:
+                    lymphopenic: bool = True, workers: int = 1) -> Path:
     """Write the simulated demo cohort into ``outdir``.
 
     The cohort is written into a temporary folder beside ``outdir`` first. When ``outdir``
@@ -1063,6 +1096,9 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
         Post-infusion visits on days ``LYMPHOPENIC_DAYS`` are lysed whole blood after
         lymphodepletion (few lymphocytes, granulocytes dominating, 200-500 lymphocytes/µL);
         without it they have the composition of every other visit.
+    workers
+        Processes for the scRNA patients (each has its own seed: the files are the same for
+        any number).
 
     Returns
     -------
@@ -1087,7 +1123,7 @@ def simulate_cohort(outdir: str | os.PathLike, *, preset: str = "fixture",
     try:
         _write_cohort(staging, seed=seed, events_per_file=n_events,
                       scrna_cells=PRESET_SCRNA_CELLS[preset] if scrna else 0,
-                      drift=drift, lymphopenic=lymphopenic)
+                      drift=drift, lymphopenic=lymphopenic, workers=workers)
         if outdir.is_dir() and not any(outdir.iterdir()):
             outdir.rmdir()
         if not outdir.exists():
