@@ -16,8 +16,10 @@ rule train_flow:
     threads: 2
     resources:
         gpu=GPU_JOBS,
-    # A cohort step: every per-sample job after it waits for it, so it goes first.
-    priority: 10
+    # A cohort step: every per-sample job after it waits for it, so it goes first. Above the
+    # other cohort steps: a job asking for every core must be picked while all are free, or
+    # the greedy scheduler fills the cores with one-core jobs and starves it.
+    priority: 12
     log:
         "logs/train_flow.log",
     benchmark:

@@ -71,8 +71,9 @@ rule train_scrna:
     threads: 2
     resources:
         gpu=GPU_JOBS,
-    # A cohort step: every per-sample job after it waits for it, so it goes first.
-    priority: 10
+    # A cohort step: every per-sample job after it waits for it, so it goes first (above the
+    # one-core thresholds job, for the reason given at train_flow).
+    priority: 11
     log:
         "logs/train_scrna.log",
     benchmark:
