@@ -537,3 +537,51 @@ def test_protein_calls_effector_t_cells_t_and_ambient_car_is_not_counted(cytotox
     assert annotated.obs["car_t"].to_numpy()[true_car].mean() >= 0.9
     assert abs(row["car_t_count"] - true_car.sum()) <= 0.1 * true_car.sum()
 
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_marker_scores_equal_scanpys_score_genes(pipeline, sparse):
+    # bcellmap scores without importing scanpy (2.7 s per job); the control genes and the
+    # scores must be scanpy's own, for the same seed, on the same cells.
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    from bcellmap.scrna.annotate import _score_genes
+
+    _, rows, config, mapped, _, _ = pipeline
+    adata = mapped[rows[0]["sample_id"]].copy()
+    adata.X = sp.csr_matrix(adata.X) if sparse else np.asarray(adata.X.todense())
+    var_names = np.asarray(adata.var_names, dtype=object)
+    markers = config["scrna"]["annotate"]["markers"]
+    sets = {name: [g for g in genes if g in adata.var_names] for name, genes in markers.items()}
+    sets = {name: genes for name, genes in sets.items() if genes}
+    assert len(sets) >= 4
+    # ctrl_size 10 < the ~28 genes of a bin: control genes are drawn; 50: every gene of a bin.
+    for ctrl_size, n_bins, seed in ((10, 25, 0), (10, 25, 7), (50, 25, 0), (5, 10, 3)):
+        for name, genes in sets.items():
+            ours = _score_genes(adata.X, var_names, genes, ctrl_size=ctrl_size, n_bins=n_bins,
+                                random_state=seed, name=name)
+            reference = adata.copy()
+            sc.tl.score_genes(reference, genes, score_name="s", ctrl_size=ctrl_size,
+                              n_bins=n_bins, random_state=seed)
+            # scanpy sums sparse rows in float32; the dense path is float64 in both.
+            np.testing.assert_allclose(ours, reference.obs["s"].to_numpy(), rtol=0,
+                                       atol=1e-6 if sparse else 1e-12,
+                                       err_msg=f"{name}, ctrl_size {ctrl_size}, seed {seed}")
+    # Another seed draws other control genes: the score is seeded, not fixed.
+    name, genes = next(iter(sets.items()))
+    first, other = (_score_genes(adata.X, var_names, genes, ctrl_size=10, n_bins=25,
+                                 random_state=seed, name=name) for seed in (0, 1))
+    assert np.abs(first - other).max() > 1e-3
+
+
+def test_poisson_quantile_equals_scipy_stats():
+    from scipy.stats import poisson
+
+    from bcellmap.scrna.annotate import _poisson_quantile
+
+    means = np.concatenate([[0.0, 1e-9, 1e-3, 0.5, 1.0, 7.5, 120.0, 1e4],
+                            np.random.default_rng(0).exponential(3.0, 2000)])
+    for quantile in (0.5, 0.9, 0.99, 0.999, 0.9999):
+        np.testing.assert_array_equal(_poisson_quantile(quantile, means),
+                                      poisson.ppf(quantile, means))
