@@ -35,8 +35,9 @@ COMMANDS: dict[str, list[str]] = {
                      "bcellmap.io.samplesheet", "anndata", "scanpy"],
     "map-annotate-scrna": ["bcellmap.cli.sample", "bcellmap.config", "bcellmap.contracts",
                            "bcellmap.io._atomic", "bcellmap.kernels.backend",
-                           "bcellmap.scrna.annotate", "bcellmap.scrna.cluster", "scanpy",
-                           "bcellmap.io.readers", "bcellmap.io.samplesheet", "anndata"],
+                           "bcellmap.scrna.annotate", "bcellmap.scrna.cluster",
+                           "scipy.optimize", "scipy.special", "bcellmap.io.readers",
+                           "bcellmap.io.samplesheet", "anndata"],
 }
 
 

@@ -172,3 +172,33 @@ def test_alignment_and_scaling_of_sample_blocks_against_dense_truth():
     for block in aligned:
         _scale_columns_inplace(block, 1.0 / scale)
     np.testing.assert_allclose(sp.vstack(aligned).toarray(), stacked / truth_scale, rtol=1e-6)
+
+
+def test_training_refuses_files_that_are_not_ingested_samples(ingested, tmp_path):
+    from bcellmap.errors import InputError
+    from bcellmap.scrna.cluster import train_scrna
+
+    _, _, paths = ingested
+    config = load_config()
+    backend = get_backend(device="cpu")
+    raw = ad.read_h5ad(paths[0])
+    del raw.obs["qc_pass"]
+    no_qc = tmp_path / "no_qc.h5ad"
+    raw.write_h5ad(no_qc)
+    with pytest.raises(InputError, match="qc_pass") as refused:
+        train_scrna([paths[1], no_qc], config=config, backend=backend)
+    assert "no_qc.h5ad" in str(refused.value)
+    not_h5 = tmp_path / "notes.h5ad"
+    not_h5.write_text("not an HDF5 file")
+    with pytest.raises(InputError, match="cannot be read") as unreadable:
+        train_scrna([not_h5], config=config, backend=backend)
+    assert "notes.h5ad" in str(unreadable.value)
+    missing_x = tmp_path / "no_x.h5ad"
+    import h5py
+    raw.obs["qc_pass"] = True
+    raw.write_h5ad(missing_x)
+    with h5py.File(missing_x, "a") as handle:
+        del handle["X"]
+    with pytest.raises(InputError, match="ingested scRNA sample") as broken:
+        train_scrna([missing_x], config=config, backend=backend)
+    assert "no_x.h5ad" in str(broken.value)
