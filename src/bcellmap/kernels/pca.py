@@ -59,6 +59,12 @@ def _is_sparse(data: Any) -> bool:
     return hasattr(data, "tocsr") and hasattr(data, "nnz")
 
 
+def stacked_shape(data: Any) -> tuple[int, int]:
+    """``(rows, columns)`` of a matrix, or of a list of row blocks taken as stacked."""
+    blocks = _as_blocks(data)
+    return sum(block.shape[0] for block in blocks), blocks[0].shape[1]
+
+
 def _as_blocks(data: Any) -> list[Any]:
     """The input as a list of row blocks (a single matrix is one block)."""
     if isinstance(data, Sequence) and not isinstance(data, np.ndarray):
@@ -76,9 +82,9 @@ def _dense_chunks(blocks: list[Any], backend: Backend, *, bytes_per_row: float
                   ) -> Iterator[tuple[slice, Any]]:
     """Row slices of the stacked blocks with each slice densified on the backend (float64)."""
     offset = 0
+    max_rows = None if backend.is_gpu else _HOST_CHUNK_ROWS
     for block in blocks:
         n_rows = block.shape[0]
-        max_rows = None if backend.is_gpu else _HOST_CHUNK_ROWS
         for rows in backend.chunks(n_rows, bytes_per_row=bytes_per_row, max_rows=max_rows):
             chunk = block[rows]
             if _is_sparse(chunk):
@@ -91,8 +97,7 @@ def _dense_chunks(blocks: list[Any], backend: Backend, *, bytes_per_row: float
 def _project(data: Any, mean: np.ndarray, components: np.ndarray, *,
              backend: Backend) -> np.ndarray:
     blocks = _as_blocks(data)
-    n = sum(block.shape[0] for block in blocks)
-    d = blocks[0].shape[1]
+    n, d = stacked_shape(blocks)
     mean_dev = backend.asarray(mean)
     axes = backend.asarray(components)
     out = np.empty((n, components.shape[0]), dtype=np.float64)
@@ -124,8 +129,7 @@ def pca(data: Any, *, n_components: int, backend: Backend) -> PCAResult:
         Too few rows, ``n_components`` out of range, or NaN/infinite values.
     """
     blocks = _as_blocks(data)
-    n = sum(block.shape[0] for block in blocks)
-    d = blocks[0].shape[1]
+    n, d = stacked_shape(blocks)
     if n < 2:
         raise ValueError(f"PCA needs at least 2 rows, got {n}")
     if not 1 <= n_components <= min(n - 1, d):

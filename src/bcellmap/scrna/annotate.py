@@ -161,9 +161,7 @@ def _score_genes(matrix: Any, var_names: np.ndarray, genes: Sequence[str], *, ct
     pool = var_names[finite]
     # pandas' rank(method="min") of the finite gene means, floor-divided into bins.
     pool_averages = averages[finite]
-    order = np.argsort(pool_averages, kind="mergesort")
-    sorted_values = pool_averages[order]
-    first = np.searchsorted(sorted_values, pool_averages, side="left")
+    first = np.searchsorted(np.sort(pool_averages), pool_averages, side="left")
     n_items = int(np.round(len(pool_averages) / (n_bins - 1)))
     cut = (first + 1).astype(np.float64) // n_items
     cut_of = dict(zip(pool, cut, strict=True))

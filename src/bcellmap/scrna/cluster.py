@@ -67,11 +67,10 @@ def cluster_scaled(data: Any, *, n_pcs: int, k: int, resolution: float, seed: in
     (:class:`bcellmap.kernels.pca.PCAResult`, int64 Leiden cluster per row)
     """
     from ..kernels.leiden import cluster_leiden
-    from ..kernels.pca import pca
+    from ..kernels.pca import pca, stacked_shape
 
-    blocks = data if isinstance(data, list) else [data]
-    n_rows = sum(block.shape[0] for block in blocks)
-    n_pcs = min(n_pcs, n_rows - 1, blocks[0].shape[1])
+    n_rows, n_genes = stacked_shape(data)
+    n_pcs = min(n_pcs, n_rows - 1, n_genes)
     fitted = pca(data, n_components=n_pcs, backend=backend)
     labels = cluster_leiden(fitted.scores, k=min(k, n_rows), resolution=resolution,
                             seed=seed, backend=backend)
@@ -96,9 +95,8 @@ class _IngestedSample:
         try:
             handle = self._handle
             uns = handle["uns"] if "uns" in handle else {}
-            sample = read_elem(uns["sample"]) if "sample" in uns else {}
-            self.sample_id = str(sample.get("sample_id", Path(path).stem)) \
-                if isinstance(sample, Mapping) else Path(path).stem
+            self.sample_id = _sample_id_of(read_elem(uns["sample"]) if "sample" in uns
+                                           else {}, path)
             self.obs = read_elem(handle["obs"])
             self.var = read_elem(handle["var"])
             self.protein_names = [str(n) for n in read_elem(uns["protein_names"])] \
@@ -144,15 +142,10 @@ class _IngestedSample:
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 
 
-def _sample_id(adata, path: str | Path) -> str:
-    sample = adata.uns.get("sample", {})
+def _sample_id_of(sample: Any, path: str | Path) -> str:
+    """The ``sample_id`` of an ``uns["sample"]`` mapping, else the file name's stem."""
     return str(sample.get("sample_id", Path(path).stem)) if isinstance(sample, Mapping) \
         else Path(path).stem
-
-
-def _rows(matrix: Any, *, copy: bool = False) -> sp.csr_matrix:
-    return sp.csr_matrix(matrix.to_memory() if hasattr(matrix, "to_memory") else matrix,
-                         dtype=np.float32, copy=copy)
 
 
 def train_scrna(paths: Sequence[str | Path], *, config: Mapping[str, Any], backend
@@ -347,8 +340,8 @@ def map_scrna(adata, model: Mapping[str, np.ndarray], *, config: Mapping[str, An
         log.warning("sample %s: %d of %d model genes are absent; counted as zero expression",
                     sample_id, missing, len(genes))
     # A copy: the scaling below is in place and mapped.X keeps the cells' expression.
-    scaled = _align(_rows(mapped.X, copy=True), np.asarray(mapped.var_names, dtype=object),
-                    genes)
+    scaled = _align(sp.csr_matrix(mapped.X, dtype=np.float32, copy=True),
+                    np.asarray(mapped.var_names, dtype=object), genes)
     _scale_columns_inplace(scaled, 1.0 / model["gene_scale"])
     if mapped.n_obs:
         from ..kernels.pca import PCAResult
@@ -479,4 +472,4 @@ def load_scrna_model(path: str | Path) -> dict[str, np.ndarray]:
 
 def scrna_sample_id(adata, path: str | Path) -> str:
     """The sample id in ``uns["sample"]``, else the file name's stem."""
-    return _sample_id(adata, path)
+    return _sample_id_of(adata.uns.get("sample", {}), path)
