@@ -806,6 +806,26 @@ def test_gates_lines_at_thresholds_flagged_dashed(tmp_path):
     assert min(cd24.get_ydata()) == pytest.approx(GATES[("CD38", "hi")][0])
 
 
+def test_gate_density_image_counts_every_event_in_its_bin():
+    """The density of a gate panel: events counted per square bin, hand-placed."""
+    x = np.r_[np.full(150, 1.02), np.full(60, 3.01), [4.99], [np.nan, 2.0], [7.0]]
+    y = np.r_[np.full(150, 1.02), np.full(60, 4.03), [0.01], [2.0, np.nan], [1.0]]
+    fig, ax = matplotlib.pyplot.subplots()
+    figures._density(ax, x, y, (0.0, 5.0, 0.0, 5.0), gid="density:test")
+    image = _by_gid(fig, "density:test")
+    assert tuple(image.get_extent()) == (0.0, 5.0, 0.0, 5.0)
+    counts = np.ma.filled(image.get_array(), 0)
+    width = 5.0 / figures._DENSITY_BINS
+    # Rows are y, columns x, row 0 at the bottom; NaN and out-of-range events are dropped.
+    assert counts.sum() == 150 + 60 + 1
+    assert counts[int(1.02 / width), int(1.02 / width)] == 150
+    assert counts[int(4.03 / width), int(3.01 / width)] == 60
+    assert counts[0, figures._DENSITY_BINS - 1] == 1
+    assert np.ma.count_masked(image.get_array()) == counts.size - 3  # empty bins blank
+    assert image.norm.vmin == 1 and image.norm.vmax == 150
+    matplotlib.pyplot.close(fig)
+
+
 def test_gates_too_few_b_events_and_missing_marker(tmp_path):
     few = gated_h5ad(None, sample_id="G3_d30", patient_id="G3", day=30,
                      b_mix={"naive": 12, "transitional": 3})

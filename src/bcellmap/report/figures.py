@@ -1216,6 +1216,7 @@ _IGD_CD27_QUADRANTS = (  # (subset, IgD positive, CD27 positive)
     ("naive", True, False), ("unswitched_memory", True, True),
     ("switched_memory", False, True), ("double_negative", False, False))
 _DENSITY_MIN_EVENTS = 200  # fewer events: single dots instead of a density
+_DENSITY_BINS = 60  # bins a side of the density image of a gate panel (as the hexbin grid was)
 
 
 @dataclass
@@ -1468,12 +1469,27 @@ def _panel_limits(values: np.ndarray, thresholds: Sequence[float]) -> tuple[floa
 
 def _density(ax, x: np.ndarray, y: np.ndarray, extent: tuple[float, float, float, float],
              gid: str) -> None:
-    """Density-coloured events (log hexbin, rasterised); few events as single dots."""
+    """Density-coloured events; few events as single dots.
+
+    The density is a 2-D histogram over the panel (``_DENSITY_BINS`` square bins a side,
+    empty bins blank, counts on a log colour scale) drawn as one image, which an SVG embeds
+    at its own 60 x 60 pixels. A rasterised hexbin made the SVG backend render and crop a
+    whole-figure buffer per panel: a patient's gate figures took 7.6 s, now 6.0 s, and the
+    SVG 1.4 MB, now 0.66 MB (demo patient P02, 11 visits).
+    """
+    from matplotlib.colors import LogNorm
+
     finite = np.isfinite(x) & np.isfinite(y)
     x, y = x[finite], y[finite]
     if x.size >= _DENSITY_MIN_EVENTS:
-        ax.hexbin(x, y, gridsize=60, bins="log", mincnt=1, cmap="viridis", linewidths=0,
-                  extent=extent, rasterized=True, gid=gid)
+        x0, x1, y0, y1 = extent
+        counts, _, _ = np.histogram2d(x, y, bins=_DENSITY_BINS, range=[[x0, x1], [y0, y1]])
+        # histogram2d is indexed [x, y]; an image is [row (y), column (x)].
+        counts = np.ma.masked_less(counts.T, 1)
+        if counts.count():
+            ax.imshow(counts, origin="lower", extent=extent, aspect="auto", cmap="viridis",
+                      norm=LogNorm(vmin=1, vmax=max(float(counts.max()), 2.0)),
+                      interpolation="none", gid=gid)
     elif x.size:
         ax.scatter(x, y, s=4, color="#444444", lw=0, rasterized=True, gid=gid)
 
