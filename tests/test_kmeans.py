@@ -141,3 +141,94 @@ def test_bad_input(device):
     data[0, 0] = np.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
         kmeans(data, n_clusters=3, backend=backend, seed=0)
+
+
+# The CPU pass has NumPy steps and compiled (numba) steps that must give identical answers;
+# which runs depends on the size of the work, so each is forced here.
+
+def _force_steps(monkeypatch, compiled: bool) -> None:
+    from bcellmap.kernels import kmeans as kmeans_module
+    from bcellmap.kernels import som as som_module
+
+    def choose(backend, row_passes, n_centres):
+        return compiled and not backend.is_gpu
+
+    monkeypatch.setattr(kmeans_module, "_use_compiled", choose)
+    monkeypatch.setattr(som_module, "_use_compiled", choose)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_centres", [1, 7, 30, 100])
+def test_cpu_steps_are_brute_force(monkeypatch, compiled, dtype, n_centres):
+    _force_steps(monkeypatch, compiled)
+    rng = np.random.default_rng(n_centres)
+    # More rows than one CPU chunk (32,768), so that chunk sums are added together.
+    data = rng.normal(0, 3, size=(40_000, 9)).astype(dtype)
+    centres = rng.normal(0, 3, size=(n_centres, 9))
+    result = assign_nearest(data, centres, backend=get_backend(device="cpu"), with_sums=True)
+    brute = _brute(data, centres)
+    assert (result.labels == brute.argmin(axis=1)).mean() > 0.999  # float32 near-ties aside
+    np.testing.assert_allclose(result.sqdist, brute[np.arange(len(data)), result.labels],
+                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(result.counts, np.bincount(result.labels,
+                                                             minlength=n_centres))
+    by_hand = np.array([data[result.labels == j].sum(axis=0, dtype=np.float64)
+                        for j in range(n_centres)])
+    np.testing.assert_allclose(result.sums, by_hand, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cpu_steps_break_ties_as_argmin(monkeypatch, compiled):
+    # Small integers and centres whose mean is an integer: every score is exact in float32,
+    # so equidistant centres tie exactly and the first one must win, as np.argmin decides.
+    _force_steps(monkeypatch, compiled)
+    centres = np.array([[2, 0], [0, 0], [4, 6], [2, 6]], dtype=np.float64)
+    data = np.array([[1, 0], [3, 6], [1, 1], [3, 5], [2, 3]] * 50, dtype=np.float32)
+    backend = get_backend(device="cpu")
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
+        result = assign_nearest(data, centres[order], backend=backend)
+        expected = _brute(data, centres[order]).argmin(axis=1)  # first of the tied centres
+        np.testing.assert_array_equal(result.labels, expected)
+        assert result.labels[0] == 0 and result.labels[1] == 2
+
+
+def test_compiled_and_numpy_steps_agree_exactly(monkeypatch):
+    # The same k-means and SOM, once with each CPU step: bit-identical answers, so that the
+    # size-based choice of the steps never changes a result.
+    from bcellmap.kernels.som import train_som
+
+    data = _data(n=70_000, d=6, k=12, seed=5).astype(np.float32)
+    backend = get_backend(device="cpu")
+    runs = {}
+    for compiled in (False, True):
+        _force_steps(monkeypatch, compiled)
+        runs[compiled] = (kmeans(data, n_clusters=12, backend=backend, seed=2, tol=0),
+                          train_som(data, backend=backend, seed=2, xdim=5, ydim=5, rlen=4))
+    (numpy_kmeans, numpy_som), (compiled_kmeans, compiled_som) = runs[False], runs[True]
+    assert numpy_kmeans.n_iter == compiled_kmeans.n_iter
+    np.testing.assert_array_equal(numpy_kmeans.labels, compiled_kmeans.labels)
+    np.testing.assert_array_equal(numpy_kmeans.centres, compiled_kmeans.centres)
+    assert numpy_kmeans.inertia == compiled_kmeans.inertia
+    np.testing.assert_array_equal(numpy_som, compiled_som)
+
+
+def test_lloyd_switches_to_compiled_steps_after_paying_their_load(monkeypatch):
+    # Lloyd iterations run NumPy until the rows passed would have paid for loading the
+    # compiled steps, then the compiled steps: iterations 1-3 NumPy here, the rest compiled.
+    from bcellmap.kernels import kmeans as kmeans_module
+
+    data = _data(n=5000, seed=6).astype(np.float32)
+    calls = []
+    original = kmeans_module._assign
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs["compiled"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "_COMPILED_MIN_WORK", 3 * 5000 * 8)
+    monkeypatch.setattr(kmeans_module, "_assign", recording)
+    monkeypatch.setattr("bcellmap.kernels._nearest_cpu.is_loaded", lambda: False)
+    result = kmeans(data, n_clusters=8, backend=get_backend(device="cpu"), seed=0, tol=0)
+    assert result.n_iter >= 5
+    assert calls == [False] * 3 + [True] * (len(calls) - 3)

@@ -11,10 +11,13 @@ float64 in the same pass.
 Blocks: on the GPU a chunk is as large as the memory budget allows (one product per chunk;
 float64). On the CPU (float32 for float32 input), chunks are spread over threads
 (:meth:`Backend.parallel`, BLAS one thread per chunk) and each chunk is cut into blocks whose
-score matrix stays in cache (about 1 MB), so the argmin reads it from cache; the score matrix
-is padded to a width NumPy's vectorised argmin handles (:func:`_padded_width`). Per-centre
-sums on the CPU are one sparse one-hot product per chunk (SciPy, one scatter-add pass); on
-the GPU one ``bincount`` per column.
+score matrix stays in cache (about 1 MB), laid out centres x rows so that the minimum over
+centres runs along contiguous rows. The argmin and the per-centre sums run either as NumPy
+steps (a minimum, then the first centre reaching it; a sparse one-hot product for the sums)
+or as compiled numba steps (:mod:`._nearest_cpu`) that give identical results several times
+faster but cost about 0.45 s to load per process: they run once a call's work is large
+enough to repay that (:func:`_use_compiled`). On the GPU the sums are one ``bincount`` per
+column.
 
 k-means++ follows scikit-learn's greedy variant (``2 + log(k)`` candidates per centre, drawn
 with probability proportional to the squared distance, the one lowering the potential most is
@@ -40,6 +43,23 @@ _CPU_BLOCK_BYTES = 1 << 20
 # Rows per chunk (one thread's task) on the CPU, whatever the number of threads, so that
 # float64 sums are added in the same order and results do not depend on the machine.
 _CPU_TASK_ROWS = 32_768
+# Rows x centres x passes from which the compiled CPU steps repay their load (about 0.45 s):
+# they save about 2.5 ns of CPU time per row, centre and pass (measured at k = 30 and 100).
+_COMPILED_MIN_WORK = 200_000_000
+
+
+def _use_compiled(backend: Backend, row_passes: int, n_centres: int) -> bool:
+    """Whether a CPU pass should run the compiled steps: the process has loaded them already,
+    or the work they would speed up (``row_passes`` times ``n_centres``; for an open-ended
+    loop, the work done so far without them) repays loading them. False on the GPU, or where
+    numba is missing."""
+    if backend.is_gpu:
+        return False
+    try:
+        from . import _nearest_cpu
+    except ImportError:  # numba missing or broken: the NumPy steps give the same answers
+        return False
+    return _nearest_cpu.is_loaded() or row_passes * n_centres >= _COMPILED_MIN_WORK
 
 
 @dataclass(frozen=True)
@@ -86,27 +106,16 @@ class _Centres:
     chunk), so that the error scales with the spread.
     """
 
-    weights: Any  # (d, width), compute dtype: -2 (c - s) as columns
-    bias: Any  # (width,), compute dtype: (c~ - s~).(c~ + s~), c~ and s~ less the row shift
+    weights: Any  # (d, k), compute dtype: -2 (c - s) as columns
+    bias: Any  # (k,), compute dtype: (c~ - s~).(c~ + s~), c~ and s~ less the row shift
     centre: Any  # s less the rows' shift, (d,), compute dtype
     row_shift: Any  # subtracted from the rows before the product, or None
-    count: int  # real centres; columns from count on are padding that never wins an argmin
-    width: int
+    count: int  # k
 
 
-def _padded_width(n_centres: int, dtype: Any, backend: Backend) -> int:
-    # NumPy's argmin over a row is vectorised only for rows of at least 32 float32 (16
-    # float64) values, and runs fastest on whole vectors: k = 30 takes twice as long as 32.
-    if backend.is_gpu:
-        return n_centres
-    if np.dtype(dtype) == np.float32:
-        return max(32, -(-n_centres // 8) * 8)
-    return max(16, -(-n_centres // 4) * 4)
-
-
-def _prepare_centres(centres: Any, *, backend: Backend, dtype: Any, shift: Any = None,
-                     pad: bool = True) -> _Centres:
-    """``shift`` (``s``) None: the centres' mean. ``pad``: widen to :func:`_padded_width`."""
+def _prepare_centres(centres: Any, *, backend: Backend, dtype: Any, shift: Any = None
+                     ) -> _Centres:
+    """``shift`` (``s``) None: the centres' mean."""
     xp = backend.xp
     centres64 = backend.asarray(centres, dtype=np.float64)
     n_centres, n_features = centres64.shape
@@ -120,18 +129,11 @@ def _prepare_centres(centres: Any, *, backend: Backend, dtype: Any, shift: Any =
     subtract = (np.dtype(dtype) == np.float32
                 and float(xp.sqrt((shift64**2).sum())) > 64.0 * spread)
     row_shift = shift64 if subtract else xp.zeros_like(shift64)
-    width = _padded_width(n_centres, dtype, backend) if pad else n_centres
-    weights = xp.zeros((n_features, width), dtype=np.float64)
-    weights[:, :n_centres] = -2.0 * offset.T
-    bias = xp.empty(width, dtype=np.float64)
-    bias[:n_centres] = (offset * (centres64 + shift64[None, :] - 2.0 * row_shift[None, :])
-                        ).sum(axis=1)
-    # A padding column scores 0 . x + big: exactly big, above any real score.
-    bias[n_centres:] = float(np.finfo(dtype).max) / 16
+    weights = -2.0 * offset.T
+    bias = (offset * (centres64 + shift64[None, :] - 2.0 * row_shift[None, :])).sum(axis=1)
     return _Centres(weights=weights.astype(dtype), bias=bias.astype(dtype),
                     centre=(shift64 - row_shift).astype(dtype),
-                    row_shift=row_shift.astype(dtype) if subtract else None, count=n_centres,
-                    width=width)
+                    row_shift=row_shift.astype(dtype) if subtract else None, count=n_centres)
 
 
 def _rows(chunk: Any, centres: _Centres, *, backend: Backend, dtype: Any) -> Any:
@@ -161,30 +163,52 @@ def _task_slices(backend: Backend, n_rows: int, *, bytes_per_row: float,
 
 
 def _nearest_rows(rows: Any, centres: _Centres, *, backend: Backend, labels: Any,
-                  sqdist: Any) -> None:
+                  sqdist: Any, compiled: bool) -> None:
     """Nearest centre (and squared distance) of each row of one chunk, block by block,
-    written into ``labels`` (and ``sqdist`` unless None): views of the chunk's rows."""
+    written into ``labels`` (and ``sqdist`` unless None): views of the chunk's rows.
+
+    On the CPU the scores are laid out centres x rows: the minimum over centres then runs
+    along contiguous rows (NumPy's row-wise argmin pays per row). ``compiled``: the numba
+    steps of :mod:`._nearest_cpu` instead of NumPy's, with identical results.
+    """
     xp = backend.xp
-    step = _block_rows(backend, centres.width, rows.dtype.itemsize, rows.shape[0])
+    step = _block_rows(backend, centres.count, rows.dtype.itemsize, rows.shape[0])
+    weights_t = centres.weights.T
+    if compiled:
+        from . import _nearest_cpu
     for start in range(0, rows.shape[0], step):
         block = rows[start:start + step]
-        scores = block @ centres.weights
-        scores += centres.bias[None, :]  # in cache on the CPU: cheaper than augmenting rows
         nearest = labels[start:start + step]
-        xp.argmin(scores, axis=1, out=nearest)
+        if backend.is_gpu:
+            scores = block @ centres.weights
+            scores += centres.bias[None, :]
+            xp.argmin(scores, axis=1, out=nearest)
+            if sqdist is not None:  # flat indexing: faster than take_along_axis
+                best = scores.ravel()[xp.arange(block.shape[0]) * centres.count + nearest]
+        elif compiled:
+            best = _nearest_cpu.nearest_columns(weights_t @ block.T, centres.bias, nearest)
+        else:
+            scores = weights_t @ block.T  # BLAS reads both transposes in place
+            scores += centres.bias[:, None]
+            best = scores.min(axis=0)
+            np.argmax(scores == best[None, :], axis=0, out=nearest)  # first lowest, as argmin
         if sqdist is not None:
-            # Flat indexing and einsum: several times faster than take_along_axis, min or a
-            # sum over short rows. The score is the squared distance less ||x - s||^2.
-            best = scores.ravel()[xp.arange(block.shape[0]) * centres.width + nearest]
+            # The score is the squared distance less ||x - s||^2; einsum is several times
+            # faster than a sum over short rows.
             offset = block - centres.centre[None, :]
             rows_sq = xp.einsum("ij,ij->i", offset, offset).astype(np.float64)
             sqdist[start:start + step] = xp.maximum(best.astype(np.float64) + rows_sq, 0.0)
 
 
-def _centre_sums(rows: Any, labels: Any, n_centres: int, *, backend: Backend
+def _centre_sums(rows: Any, labels: Any, n_centres: int, *, backend: Backend, compiled: bool
                  ) -> tuple[Any, Any]:
-    """float64 per-centre sums and counts of one chunk's rows."""
+    """float64 per-centre sums and counts of one chunk's rows (added in row order on the
+    CPU, whichever step runs)."""
     xp = backend.xp
+    if compiled:
+        from . import _nearest_cpu
+
+        return _nearest_cpu.centre_sums(np.ascontiguousarray(rows), labels, n_centres)
     counts = xp.bincount(labels, minlength=n_centres).astype(np.float64)
     if backend.is_gpu:
         sums = xp.stack([xp.bincount(labels, weights=rows[:, j].astype(np.float64),
@@ -194,15 +218,17 @@ def _centre_sums(rows: Any, labels: Any, n_centres: int, *, backend: Backend
     from scipy.sparse import csc_matrix
 
     # One-hot (centres x rows), one entry per column: the product is one scatter-add pass in
-    # compiled code (a bincount per feature re-reads the rows d times).
+    # compiled code, row by row (a bincount per feature re-reads the rows d times).
     m = rows.shape[0]
     onehot = csc_matrix((np.ones(m), labels, np.arange(m + 1)), shape=(n_centres, m))
     return onehot @ rows.astype(np.float64), counts
 
 
 def _assign(data: Any, centres: _Centres, *, backend: Backend, runner: ChunkRunner, dtype: Any,
-            with_sums: bool, with_distances: bool) -> Assignment:
+            with_sums: bool, with_distances: bool, compiled: bool = False) -> Assignment:
+    """One pass over ``data``; ``compiled`` (CPU only): the numba steps, same results."""
     xp = backend.xp
+    compiled = compiled and not backend.is_gpu
     n, n_features = data.shape
     itemsize = np.dtype(dtype).itemsize
     labels = xp.empty(n, dtype=np.int64)
@@ -211,16 +237,17 @@ def _assign(data: Any, centres: _Centres, *, backend: Backend, runner: ChunkRunn
     # GPU also the distance block and its temporaries, on the CPU cache-sized and fixed.
     bytes_per_row = n_features * (itemsize + 8) + 24
     if backend.is_gpu:
-        bytes_per_row += 3 * centres.width * itemsize
+        bytes_per_row += 3 * centres.count * itemsize
 
     def task(rows: slice) -> tuple[Any, Any] | None:
         chunk = _rows(data[rows], centres, backend=backend, dtype=dtype)
         _nearest_rows(chunk, centres, backend=backend, labels=labels[rows],
-                      sqdist=sqdist[rows] if with_distances else None)
+                      sqdist=sqdist[rows] if with_distances else None, compiled=compiled)
         if with_sums:
             if centres.row_shift is not None:  # sum the rows as given, not as shifted
                 chunk = backend.asarray(data[rows], dtype=dtype)
-            return _centre_sums(chunk, labels[rows], centres.count, backend=backend)
+            return _centre_sums(chunk, labels[rows], centres.count, backend=backend,
+                                compiled=compiled)
         return None
 
     parts = runner.map(task, _task_slices(backend, n, bytes_per_row=bytes_per_row,
@@ -265,9 +292,10 @@ def assign_nearest(
     """
     dtype = _compute_dtype(data, backend)
     prepared = _prepare_centres(centres, backend=backend, dtype=dtype)
+    compiled = _use_compiled(backend, data.shape[0], prepared.count)
     with backend.parallel() as runner:
         return _assign(data, prepared, backend=backend, runner=runner, dtype=dtype,
-                       with_sums=with_sums, with_distances=with_distances)
+                       with_sums=with_sums, with_distances=with_distances, compiled=compiled)
 
 
 def _feature_means(data: Any, *, backend: Backend, runner: ChunkRunner) -> Any:
@@ -342,7 +370,7 @@ def kmeans_plusplus(
                               + 3 * n_local_trials * itemsize, threads=runner.threads)
         common = {"backend": backend, "dtype": dtype}
         closest = xp.empty((1, n), dtype=dtype)
-        first = _prepare_centres(centres[:1], shift=shift, pad=False, **common)
+        first = _prepare_centres(centres[:1], shift=shift, **common)
         runner.map(partial(_trial_potentials, data_dev, candidates=first, closest=None,
                            trial=closest, **common), slices)
         # Candidates x rows (contiguous rows: fast minimum and sums). The winner's row is kept
@@ -355,7 +383,7 @@ def kmeans_plusplus(
             draws = backend.asarray(rng.random(n_local_trials) * float(cumulative[-1]))
             candidates = xp.minimum(xp.searchsorted(cumulative, draws), n - 1)
             candidate_rows = backend.to_host(data_dev[candidates]).astype(np.float64)
-            prepared = _prepare_centres(candidate_rows, shift=shift, pad=False, **common)
+            prepared = _prepare_centres(candidate_rows, shift=shift, **common)
             potentials = sum(runner.map(  # in chunk order: deterministic
                 partial(_trial_potentials, data_dev, candidates=prepared, closest=closest,
                         trial=trial, **common), slices))
@@ -364,7 +392,7 @@ def kmeans_plusplus(
                 closest = trial[best:best + 1].copy()
             else:
                 winner = _prepare_centres(candidate_rows[best:best + 1], shift=shift,
-                                          pad=False, **common)
+                                          **common)
                 updated = xp.empty_like(closest)
                 runner.map(partial(_trial_potentials, data_dev, candidates=winner,
                                    closest=closest, trial=updated, **common), slices)
@@ -380,9 +408,9 @@ def _trial_potentials(data: Any, rows: slice, *, candidates: _Centres, closest: 
     ``trial``; returns their float64 sums over the chunk's rows."""
     xp = backend.xp
     chunk = _rows(data[rows], candidates, backend=backend, dtype=dtype)
-    step = _block_rows(backend, candidates.width, np.dtype(dtype).itemsize, chunk.shape[0])
+    step = _block_rows(backend, candidates.count, np.dtype(dtype).itemsize, chunk.shape[0])
     weights, bias = candidates.weights.T, candidates.bias[:, None]
-    totals = xp.zeros(candidates.width, dtype=np.float64)
+    totals = xp.zeros(candidates.count, dtype=np.float64)
     for start in range(0, chunk.shape[0], step):  # cache-sized blocks on the CPU
         stop = min(start + step, chunk.shape[0])
         block = weights @ chunk[start:stop].T  # BLAS reads the transpose in place
@@ -460,7 +488,8 @@ def kmeans(
         variance (scikit-learn's definition); also stop when no label changes.
     use_sklearn
         Run the Lloyd iterations with scikit-learn's compiled loop on the CPU. None: no (our
-        kernel, which is as fast; see ``benchmarks/clustering.py``). Ignored on the GPU.
+        kernel, faster on 500k x 12 events, k = 30; see ``benchmarks/clustering.py``).
+        Ignored on the GPU.
 
     Returns
     -------
@@ -520,9 +549,12 @@ def _kmeans_lloyd(data: Any, init: np.ndarray, *, backend: Backend, max_iter: in
         tol_abs = (tol * _mean_feature_variance(data_dev, backend=backend, runner=runner)
                    if tol > 0 else 0.0)
         for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is reported)
+            # How many iterations are left is unknown: run NumPy until it has cost about as
+            # much as loading the compiled steps (at most twice the best cost), then those.
+            compiled = _use_compiled(backend, (n_iter - 1) * data.shape[0], init.shape[0])
             step = _assign(data_dev, _prepare_centres(centres, backend=backend, dtype=dtype),
                            backend=backend, runner=runner, dtype=dtype, with_sums=True,
-                           with_distances=False)
+                           with_distances=False, compiled=compiled)
             if previous is not None and bool(xp.array_equal(step.labels, previous)):
                 break  # strict convergence: the centres are already the means of their rows
             previous = step.labels
@@ -536,6 +568,8 @@ def _kmeans_lloyd(data: Any, init: np.ndarray, *, backend: Backend, max_iter: in
                 break
         final = _assign(data_dev, _prepare_centres(centres, backend=backend, dtype=dtype),
                         backend=backend, runner=runner, dtype=dtype, with_sums=False,
-                        with_distances=True)
+                        with_distances=True,
+                        compiled=_use_compiled(backend, n_iter * data.shape[0],
+                                               init.shape[0]))
     return KMeansResult(centres=backend.to_host(centres), labels=backend.to_host(final.labels),
                         inertia=float(final.sqdist.sum()), n_iter=n_iter)

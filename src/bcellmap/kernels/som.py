@@ -13,17 +13,17 @@ by the nodes in its neighbourhood (the same Chebyshev "bubble" as FlowSOM)::
     code_j  <- code_j + alpha_t (target_j - code_j)
 
 with the radius shrinking linearly from ``radius`` to 0 and the batch learning rate ``alpha_t``
-from ``alpha[0]`` to ``alpha[1]`` over the passes. The sums per node are bincounts (no one-hot
-matrix), and ``h`` acts on the ``n_nodes x d`` sums, so a pass costs one distance matrix
-product plus O(n d). A batch pass replaces ``n`` online steps, which is why the batch learning
-rate is of order 1 where FlowSOM's online rate is 0.05. The last passes run at radius 0, which
-are Lloyd k-means steps on the codes: mapping quality at the end is that of k-means.
+from ``alpha[0]`` to ``alpha[1]`` over the passes. The sums per node come out of the
+nearest-node pass, and ``h`` acts on the ``n_nodes x d`` sums, so a pass costs one distance
+matrix product plus O(n d). A batch pass replaces ``n`` online steps, which is why the batch
+learning rate is of order 1 where FlowSOM's online rate is 0.05. The last passes run at radius
+0, which are Lloyd k-means steps on the codes: mapping quality at the end is that of k-means.
 
 A pass is the nearest-centre kernel of :mod:`bcellmap.kernels.kmeans` (on the CPU one matrix
-product per cache-sized block, in float32 for float32 events, chunks spread over threads; on
-the GPU float64 chunks sized by the memory budget) plus per-node sums in the same pass, so a
-pass costs about as much as mapping the events once. On the CPU the events are never copied
-whole: each chunk is copied once per pass, with a column of ones appended.
+product per cache-sized block, in float32 for float32 events, chunks spread over threads, the
+compiled argmin and sums when the training is large enough to repay loading them; on the GPU
+float64 chunks sized by the memory budget) plus per-node sums in the same pass, so a pass
+costs about as much as mapping the events once. The events are never copied whole.
 
 Events are mapped to nodes by the nearest code (:func:`map_to_nodes`).
 """
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, check_finite
-from .kmeans import _assign, _compute_dtype, _prepare_centres, assign_nearest
+from .kmeans import _assign, _compute_dtype, _prepare_centres, _use_compiled, assign_nearest
 
 
 def grid_distances(xdim: int, ydim: int) -> np.ndarray:
@@ -113,6 +113,7 @@ def train_som(
                             dtype=np.float64)
     grid = backend.asarray(grid_distances(xdim, ydim))
     start_radius = default_radius(xdim, ydim) if radius is None else float(radius)
+    compiled = _use_compiled(backend, data.shape[0] * rlen, n_nodes)
     with backend.parallel() as runner:  # one thread pool for all passes
         for t in range(rlen):
             progress = t / (rlen - 1) if rlen > 1 else 1.0
@@ -120,7 +121,7 @@ def train_som(
             rate = alpha[0] + (alpha[1] - alpha[0]) * progress
             step = _assign(data_dev, _prepare_centres(codes, backend=backend, dtype=dtype),
                            backend=backend, runner=runner, dtype=dtype, with_sums=True,
-                           with_distances=False)
+                           with_distances=False, compiled=compiled)
             # Bubble neighbourhood; +1e-9 keeps integer radii inclusive against rounding.
             neighbourhood = (grid <= current_radius + 1e-9).astype(np.float64)
             weight = neighbourhood @ step.counts
