@@ -232,3 +232,24 @@ def test_lloyd_switches_to_compiled_steps_after_paying_their_load(monkeypatch):
     result = kmeans(data, n_clusters=8, backend=get_backend(device="cpu"), seed=0, tol=0)
     assert result.n_iter >= 5
     assert calls == [False] * 3 + [True] * (len(calls) - 3)
+
+
+def test_small_passes_do_not_load_numba():
+    # A workflow job maps about 20,000 events: importing numba and loading the compiled steps
+    # (about 0.45 s) would cost more than the pass, so a small pass must not even import it.
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from bcellmap.kernels.backend import get_backend\n"
+            "from bcellmap.kernels.kmeans import kmeans\n"
+            "from bcellmap.kernels.som import map_to_nodes, train_som\n"
+            "backend = get_backend(device='cpu')\n"
+            "data = np.random.default_rng(0).normal(size=(20000, 12)).astype(np.float32)\n"
+            "codes = train_som(data, backend=backend, seed=0, rlen=2)\n"
+            "map_to_nodes(data, codes, backend=backend)\n"
+            "kmeans(data[:5000], n_clusters=5, backend=backend, seed=0)\n"
+            "print('numba' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False", result.stderr

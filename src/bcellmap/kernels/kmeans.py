@@ -30,6 +30,7 @@ of convergence); ``use_sklearn=True`` runs scikit-learn's Lloyd loop from our ce
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -55,11 +56,16 @@ def _use_compiled(backend: Backend, row_passes: int, n_centres: int) -> bool:
     numba is missing."""
     if backend.is_gpu:
         return False
+    loaded = sys.modules.get(f"{__package__}._nearest_cpu")  # not imported for small work
+    if loaded is not None and loaded.is_loaded():
+        return True
+    if row_passes * n_centres < _COMPILED_MIN_WORK:
+        return False
     try:
-        from . import _nearest_cpu
+        from . import _nearest_cpu  # noqa: F401
     except ImportError:  # numba missing or broken: the NumPy steps give the same answers
         return False
-    return _nearest_cpu.is_loaded() or row_passes * n_centres >= _COMPILED_MIN_WORK
+    return True
 
 
 @dataclass(frozen=True)
