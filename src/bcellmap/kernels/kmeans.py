@@ -211,30 +211,31 @@ def _centre_sums(rows: Any, labels: Any, n_centres: int, *, backend: Backend, co
     """float64 per-centre sums and counts of one chunk's rows (added in row order on the
     CPU, whichever step runs)."""
     xp = backend.xp
-    if compiled:
-        from . import _nearest_cpu
-
-        return _nearest_cpu.centre_sums(np.ascontiguousarray(rows), labels, n_centres)
-    counts = xp.bincount(labels, minlength=n_centres).astype(np.float64)
     if backend.is_gpu:
+        counts = xp.bincount(labels, minlength=n_centres).astype(np.float64)
         sums = xp.stack([xp.bincount(labels, weights=rows[:, j].astype(np.float64),
                                      minlength=n_centres) for j in range(rows.shape[1])],
                         axis=1)
         return sums, counts
+    if compiled:
+        from . import _nearest_cpu
+
+        return _nearest_cpu.centre_sums(np.ascontiguousarray(rows), labels, n_centres)
     from scipy.sparse import csc_matrix
 
     # One-hot (centres x rows), one entry per column: the product is one scatter-add pass in
     # compiled code, row by row (a bincount per feature re-reads the rows d times).
     m = rows.shape[0]
     onehot = csc_matrix((np.ones(m), labels, np.arange(m + 1)), shape=(n_centres, m))
+    counts = np.bincount(labels, minlength=n_centres).astype(np.float64)
     return onehot @ rows.astype(np.float64), counts
 
 
 def _assign(data: Any, centres: _Centres, *, backend: Backend, runner: ChunkRunner, dtype: Any,
             with_sums: bool, with_distances: bool, compiled: bool = False) -> Assignment:
-    """One pass over ``data``; ``compiled`` (CPU only): the numba steps, same results."""
+    """One pass over ``data``; ``compiled`` (ignored on the GPU): the numba steps, same
+    results."""
     xp = backend.xp
-    compiled = compiled and not backend.is_gpu
     n, n_features = data.shape
     itemsize = np.dtype(dtype).itemsize
     labels = xp.empty(n, dtype=np.int64)
