@@ -628,6 +628,45 @@ def test_edge_cases_do_not_crash(tmp_path):
     assert math.isnan(float("nan"))
 
 
+def _labelled_figure():
+    """Long titles and labels, so that constrained layout moves every axes."""
+    fig, axes = matplotlib.pyplot.subplots(2, 2, figsize=(4, 3), layout="constrained")
+    for i, ax in enumerate(axes.flat):
+        ax.plot([0, 1000], [0, 10 ** i])
+        ax.set_title(f"panel {i}\nover two lines")
+        ax.set_ylabel("a long axis label")
+    return fig
+
+
+def _svg_without_date(path: Path) -> str:
+    text = path.read_text()
+    start, end = text.find("<dc:date>"), text.find("</dc:date>")
+    return text[:start] + text[end:] if start >= 0 else text
+
+
+@pytest.mark.parametrize("constrained_rc", [False, True])
+def test_save_figure_svg_keeps_the_png_layout(tmp_path, constrained_rc):
+    # The SVG must carry the layout the PNG was drawn with: the reference freezes it with
+    # matplotlib's documented set_layout_engine("none") after the PNG. A user's matplotlibrc
+    # asking for constrained layout by default must not lay the figure out again.
+    rc = {"svg.hashsalt": "bcellmap-test", "figure.constrained_layout.use": constrained_rc}
+    with matplotlib.pyplot.rc_context(rc):
+        saved = _labelled_figure()
+        written = figures.save_figure(saved, tmp_path, "saved", dpi=50)
+        reference = _labelled_figure()
+        reference.savefig(tmp_path / "reference.png", format="png", dpi=50)
+        default_position = matplotlib.figure.SubplotParams().left
+        assert reference.axes[0].get_position().x0 > default_position + 0.02  # it moved
+        reference.set_layout_engine("none")
+        reference.savefig(tmp_path / "reference.svg", format="svg", dpi=50)
+        matplotlib.pyplot.close(reference)
+    assert [p.name for p in written] == ["saved.png", "saved.svg"]
+    assert (imread(tmp_path / "saved.png") == imread(tmp_path / "reference.png")).all()
+    assert _svg_without_date(tmp_path / "saved.svg") == _svg_without_date(
+        tmp_path / "reference.svg")
+    assert not matplotlib.pyplot.fignum_exists(saved.number)  # closed
+
+
 def test_bad_input_raises_and_writes_nothing(tmp_path, tables, capsys):
     samples, kinetics, qc = tables
     paths = _write_inputs(tmp_path, samples.drop(columns=["lloq_pct_lymphocytes"]), kinetics,

@@ -1884,8 +1884,13 @@ def save_figure(fig: Figure, outdir: str | Path, stem: str, *, dpi: int = 200) -
                 fig.savefig(tmp, format=extension, dpi=dpi)
             written.append(path)
             # The first save laid the figure out; the second keeps that layout rather than
-            # solving it again (constrained layout was a third of the report's time).
-            fig.set_layout_engine("none")
+            # solving it again (constrained layout was a third of the report's time). No
+            # engine at all, not "none" (a placeholder engine): with any engine, savefig
+            # draws the whole figure once more before the real draw. The rc values make
+            # None mean no engine whatever the user's matplotlibrc says.
+            with plt.rc_context({"figure.autolayout": False,
+                                 "figure.constrained_layout.use": False}):
+                fig.set_layout_engine(None)
     finally:
         plt.close(fig)
     return written
