@@ -45,3 +45,22 @@ def test_umap_weights_by_hand():
     w20 = np.exp(-0.5 / sigma2)
     assert graph[0, 2] == pytest.approx(w02 + w20 - w02 * w20, rel=1e-6)
     assert np.allclose(graph, graph.T) and np.all(np.diag(graph) == 0)
+
+
+def test_umap_weights_equal_umap_learn():
+    # The peer: umap-learn's fuzzy_simplicial_set on the same neighbour lists (self included,
+    # as it expects), on clustered data with duplicated points (distance-0 neighbours).
+    umap_ = pytest.importorskip("umap.umap_")
+    from bcellmap.kernels.knn import nearest_neighbors
+
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.normal(3.0 * i, 1.0, (300, 6)) for i in range(5)])
+    values = np.vstack([values, values[:15]])
+    indices, distances = nearest_neighbors(values, k=15, backend=get_backend(device="cpu"))
+    theirs, _, _ = umap_.fuzzy_simplicial_set(values, 15, np.random.RandomState(0), "euclidean",
+                                              knn_indices=indices, knn_dists=distances)
+    ours = knn_graph(indices, distances, weighting="umap")
+    theirs = sp.csr_matrix(theirs)
+    assert ((theirs != 0) != (ours != 0)).nnz == 0  # the same edges
+    # umap-learn stops its sigma bisection at a tolerance of 1e-5; ours runs 64 steps.
+    assert abs(theirs - ours).max() < 1e-5

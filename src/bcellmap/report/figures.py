@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1118,31 +1117,39 @@ def plot_cluster_heatmap(pooled: pd.DataFrame) -> Figure:
 
 
 def embed_umap(values: np.ndarray, *, seed: int, n_neighbors: int = 15) -> np.ndarray:
-    """A seeded 2-D UMAP embedding (umap-learn) of the rows of ``values``.
+    """A seeded 2-D UMAP embedding of the rows of ``values``, made as scanpy's ``tl.umap`` makes
+    it: bcellmap's graph, umap-learn's layout.
 
-    The neighbour graph is bcellmap's exact kNN (:func:`bcellmap.kernels.knn.nearest_neighbors`,
-    on the CPU), handed to UMAP as ``precomputed_knn``: exact neighbours, and no pynndescent
-    search, whose first call spends about a minute compiling.
+    The graph is bcellmap's exact kNN (:func:`bcellmap.kernels.knn.nearest_neighbors`, on the
+    CPU) weighted as UMAP's fuzzy simplicial set (:func:`bcellmap.kernels.leiden.knn_graph`,
+    equal to umap-learn's to about 1e-6); umap-learn's ``simplicial_set_embedding`` lays it out
+    (spectral initialisation, min_dist 0.3, its default epochs). Building the graph here skips
+    umap-learn's neighbour search (pynndescent: about a minute of compiling on its first call)
+    and its ``fuzzy_simplicial_set``, whose numba functions (not cached) compile for about
+    3.5 s in every new process.
     """
-    import umap
+    from umap.umap_ import find_ab_params, simplicial_set_embedding
 
     from ..kernels.backend import get_backend
     from ..kernels.knn import nearest_neighbors
+    from ..kernels.leiden import knn_graph
 
     n = values.shape[0]
     if n < 3:
         return np.zeros((n, 2))
+    values = np.ascontiguousarray(values, dtype=np.float64)
     k = min(n_neighbors, n - 1)
-    indices, distances = nearest_neighbors(np.ascontiguousarray(values, dtype=np.float64), k=k,
-                                           backend=get_backend(device="cpu"))
-    # random_state makes UMAP deterministic (and single-threaded: n_jobs=1 says so).
-    reducer = umap.UMAP(n_neighbors=k, min_dist=0.3, random_state=seed, n_jobs=1,
-                        precomputed_knn=(indices, distances),
-                        init="spectral" if n > k + 1 else "random")
-    with warnings.catch_warnings():
-        # Without a search index UMAP cannot transform new data; the figure never asks it to.
-        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
-        return np.asarray(reducer.fit_transform(values), dtype=float)
+    indices, distances = nearest_neighbors(values, k=k, backend=get_backend(device="cpu"))
+    graph = knn_graph(indices, distances, weighting="umap")
+    a, b = find_ab_params(1.0, 0.3)  # spread, min_dist
+    # A seeded RandomState makes the layout deterministic; parallel=False keeps it so.
+    embedding, _ = simplicial_set_embedding(
+        data=values, graph=graph.tocoo(), n_components=2, initial_alpha=1.0, a=a, b=b,
+        gamma=1.0, negative_sample_rate=5, n_epochs=None,
+        init="spectral" if n > k + 1 else "random", random_state=np.random.RandomState(seed),
+        metric="euclidean", metric_kwds={}, densmap=False, densmap_kwds={}, output_dens=False,
+        parallel=False)
+    return np.asarray(embedding, dtype=float)
 
 
 def plot_embedding(pooled: pd.DataFrame, *, max_events: int = 20_000, seed: int,
