@@ -116,7 +116,11 @@ class _Centres:
     bias: Any  # (k,), compute dtype: (c~ - s~).(c~ + s~), c~ and s~ less the row shift
     centre: Any  # s less the rows' shift, (d,), compute dtype
     row_shift: Any  # subtracted from the rows before the product, or None
-    count: int  # k
+
+    @property
+    def count(self) -> int:
+        """The number of centres, k."""
+        return int(self.weights.shape[1])
 
 
 def _prepare_centres(centres: Any, *, backend: Backend, dtype: Any, shift: Any = None
@@ -124,7 +128,6 @@ def _prepare_centres(centres: Any, *, backend: Backend, dtype: Any, shift: Any =
     """``shift`` (``s``) None: the centres' mean."""
     xp = backend.xp
     centres64 = backend.asarray(centres, dtype=np.float64)
-    n_centres, n_features = centres64.shape
     shift64 = (centres64.mean(axis=0) if shift is None
                else backend.asarray(shift, dtype=np.float64))
     offset = centres64 - shift64[None, :]
@@ -139,7 +142,7 @@ def _prepare_centres(centres: Any, *, backend: Backend, dtype: Any, shift: Any =
     bias = (offset * (centres64 + shift64[None, :] - 2.0 * row_shift[None, :])).sum(axis=1)
     return _Centres(weights=weights.astype(dtype), bias=bias.astype(dtype),
                     centre=(shift64 - row_shift).astype(dtype),
-                    row_shift=row_shift.astype(dtype) if subtract else None, count=n_centres)
+                    row_shift=row_shift.astype(dtype) if subtract else None)
 
 
 def _rows(chunk: Any, centres: _Centres, *, backend: Backend, dtype: Any) -> Any:
