@@ -32,7 +32,7 @@ MARKERS = ["CD3", "CD19", "CD20", "IgD", "CD27", "CD38", "CD24"]
 LEVEL_MEAN = {"-": 0.5, "+": 3.5, "h": 6.0}   # negative, positive, bright (transformed)
 # Known phenotypes (CD3 CD19 CD20 IgD CD27 CD38 CD24) and event counts per population.
 POPULATIONS = {
-    "T": ("+------", 2000),
+    "T": ("+---+--", 2000),   # most blood T cells are CD27+
     "other": ("-------", 1000),
     "naive": ("-+++-++", 1500),
     "transitional": ("-+++-hh", 300),

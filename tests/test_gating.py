@@ -230,34 +230,49 @@ def test_hi_gates_of_a_visit_do_not_depend_on_the_other_visits():
                - (truth == "transitional").sum() / b_true) < 0.02
 
 
-def test_fallback_and_few_event_gates_are_flagged_where_the_user_reads_them():
+def test_single_populations_are_gated_from_their_references_and_few_events_are_flagged():
     rng = np.random.default_rng(7)
-    # No memory B cell anywhere: CD27 has no valley on B cells -> upper-tail fallback.
+    # Every B cell is naive (a first return after CAR-T): IgD and CD27 each show one
+    # population on B cells, the positive one for IgD, the negative one for CD27.
     cohort = {f"v{i}": _b_panel(rng, n_b=1200, transitional=0.05, cd27_unimodal=True)
               for i in range(3)}
     cohort["few"] = _b_panel(rng, n_b=60, transitional=0.05, cd27_unimodal=True)
     gates = _gates(cohort, hi=["CD24", "CD38"])
-    cd27 = gates[(gates["marker"] == "CD27") & (gates["level"] == "pos")]
-    assert (cd27["flag"] == "CD27:upper_tail").all()
-    assert cd27["method"].str.startswith("upper_tail").all()
-    # Every B cell is IgD+ (naive): one population, but the positive one. The T cells'
-    # IgD (negative) gives the gate, flagged, and the naive cells stay IgD+.
-    igd = gates[(gates["marker"] == "IgD")]
-    assert (igd["flag"] == "IgD:negative_reference").all()
+    for marker in ("IgD", "CD27"):
+        rows = gates[(gates["marker"] == marker) & (gates["level"] == "pos")]
+        big = rows[rows["sample_id"] != "few"]
+        # Placed where the reference population ends (T cells' IgD: negative; naive B cells'
+        # CD27), not on the upper tail of the single mode; a sound method: no flag.
+        assert big["method"].str.startswith("reference_tail").all(), marker
+        assert (big["flag"] == "").all() and (big["reliability"] == "ok").all(), marker
+        assert (big["negative_above_pct"] <= 2.0).all(), marker
     for sample_id, adata in cohort.items():
-        b_cells = adata.obs["truth"].isin(["naive", "transitional"]).to_numpy()
-        values = adata[:, "IgD"].X.ravel()[b_cells]
-        assert (values >= _cut(gates, sample_id)["IgD"]["pos"]).mean() > 0.99
+        truth = adata.obs["truth"].to_numpy()
+        b_cells = np.isin(truth, ["naive", "transitional"])
+        igd = adata[:, "IgD"].X.ravel()
+        cd27 = adata[:, "CD27"].X.ravel()
+        cut = _cut(gates, sample_id)
+        assert (igd[b_cells] >= cut["IgD"]["pos"]).mean() > 0.99
+        assert (igd[truth == "T"] < cut["IgD"]["pos"]).mean() > 0.98
+        assert (cd27[b_cells] < cut["CD27"]["pos"]).mean() > 0.98
     few = gates[(gates["sample_id"] == "few") & (gates["level"] == "hi")]
     assert set(few["flag"]) == {"CD24:few_events", "CD38:few_events"}
     cut, rows = gates_for_sample(gates, "few")
     _, counts = annotate_sample(cohort["few"], cut, load_subset_rules(load_config()),
                                 sample_id="few", gate_table=rows)
-    flags = counts.iloc[0]["gate_flags"].split(";")
-    assert set(flags) == {"IgD:negative_reference", "CD27:upper_tail", "CD24:few_events",
-                          "CD38:few_events"}
+    # 60 B cells: too few to register or to be their own reference; the cohort's gates,
+    # flagged.
+    assert set(counts.iloc[0]["gate_flags"].split(";")) == {
+        "IgD:few_events", "CD27:few_events", "CD24:few_events", "CD38:few_events"}
     # A sound gate carries no flag.
     assert (gates[gates["marker"] == "CD19"]["flag"] == "").all()
+    # Without its references, a single population cannot be placed: unreliable, never a
+    # silent upper-tail gate.
+    bare = dataclasses.replace(SETTINGS, references={})
+    gates = _gates({"v0": cohort["v0"]}, settings=bare)
+    row = gates[(gates["marker"] == "IgD")].iloc[0]
+    assert row["method"].startswith("upper_tail") and row["reliability"] == "unreliable"
+    assert "no reference" in row["reliability_detail"]
 
 
 def test_fixed_gates_apply_as_given_to_every_visit():

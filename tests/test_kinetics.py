@@ -381,10 +381,12 @@ def test_unconfirmed_return_is_censored_in_the_kaplan_meier_estimate():
     assert (b.loc["patients_reconstituted", "value"], b.loc["patients_censored", "value"],
             b.loc["patients_unconfirmed", "value"]) == (2, 1, 1)
     # KM by hand: 100: 3 at risk -> 2/3; 120: 2 at risk -> 1/3; 150 censored (no step).
-    # Counting U2 as an event would give 0 at day 180.
+    # Counting U2 as an event would give 0 at day 180. Beyond day 150 nobody is at risk and
+    # the curve has not reached 0: day 180 is not estimable (never 1/3 carried forward).
     assert b.loc["km_median_days_to_reconstitution", "value"] == 120.0
     assert b.loc["km_not_reconstituted_at_day_90", "value"] == pytest.approx(1.0)
-    assert b.loc["km_not_reconstituted_at_day_180", "value"] == pytest.approx(1 / 3)
+    assert np.isnan(b.loc["km_not_reconstituted_at_day_180", "value"])
+    assert "not estimable" in b.loc["km_not_reconstituted_at_day_180", "detail"]
     # Time from infusion 100 and 120 -> 110; aplasia 90 and 110 -> 100.
     assert b.loc["time_to_reconstitution_days_mean", "value"] == pytest.approx(110.0)
     assert b.loc["aplasia_days_mean", "value"] == pytest.approx(100.0)
@@ -448,3 +450,61 @@ def test_memory_dominant_return_needs_quantifiable_b_events():
         assert flag in flags
         other = {"memory_dominant_return", "memory_dominant_return_below_loq"} - {flag}
         assert not other & set(flags)
+
+
+def _unreliable(row: dict, *, columns: tuple[str, ...]) -> dict:
+    """A visit whose ``columns`` rest on an unreliable gate: NA, and said so, as quantify
+    writes it (every value derived from them NA as well)."""
+    row = dict(row)
+    row["not_evaluable"] = ";".join(columns)
+    derived = {"b_cells": ("b_pct_lymphocytes", "b_per_ul", "cd19_pct_lymphocytes",
+                           "cd19_per_ul", "cd20_pct_lymphocytes", "cd20_per_ul"),
+               "lymphocytes": ("lloq_pct_lymphocytes", "lloq_per_ul", "b_pct_lymphocytes",
+                               "cd19_pct_lymphocytes", "cd20_pct_lymphocytes")}
+    for column in columns:
+        row[column] = math.nan
+        for name in derived.get(column, ()):
+            row[name] = math.nan
+    for subset in SUBSETS:
+        row[f"{subset}_pct_b"] = math.nan
+    return row
+
+
+def test_no_depletion_reconstitution_or_kaplan_meier_event_rests_on_an_unreliable_gate():
+    v = _visit
+    rows = [
+        # G1: the day-7 visit would read 0 B cells, but its CD19 gate was nonspecific: the
+        # depletion day is the next evaluable depleted visit, and day 7 is listed.
+        v("G1", -5, 8.0), _unreliable(v("G1", 7, 0.0), columns=("b_cells",)),
+        v("G1", 14, 0.0), v("G1", 100, 2.0), v("G1", 130, 2.5),
+        # G2: the visit that would confirm the return is not evaluable: the next evaluable
+        # visit confirms it instead.
+        v("G2", -5, 8.0), v("G2", 7, 0.0), v("G2", 100, 2.0),
+        _unreliable(v("G2", 130, 2.5), columns=("lymphocytes", "b_cells")),
+        v("G2", 160, 3.0),
+        # G3: every post-infusion visit rests on an unreliable gate: no depletion day, not in
+        # the Kaplan-Meier estimate, never "no depletion".
+        v("G3", -5, 8.0), *(_unreliable(v("G3", day, 0.0), columns=("b_cells",))
+                            for day in (7, 30, 90)),
+    ]
+    table = pd.DataFrame(rows)
+    kinetics = patient_kinetics(table, config=load_config())
+    b = kinetics[kinetics["measure"] == "b"].set_index("patient_id")
+    assert b.loc["G1", "depletion_day"] == 14
+    assert "gate_not_evaluable" in b.loc["G1", "flags"].split(";")
+    assert b.loc["G1", "not_evaluable_days"] == "7"
+    assert b.loc["G1", "reconstitution_day"] == 100
+    assert b.loc["G2", "reconstitution_day"] == 100   # confirmed on day 160, not 130
+    assert "130" in b.loc["G2", "not_evaluable_days"].split(";")
+    assert pd.isna(b.loc["G3", "depletion_day"])
+    flags = b.loc["G3", "flags"].split(";")
+    assert {"not_evaluable", "gate_not_evaluable", "not_in_kaplan_meier"} <= set(flags)
+    assert "no_depletion" not in flags
+    # G2's not-evaluable day 130 left the lymphocytes NA: still a visit, never "no events".
+    assert "no_events" not in b.loc["G2", "flags"].split(";")
+    cohort = cohort_summary(kinetics, config=load_config())
+    row = cohort[(cohort["measure"] == "b")].set_index("statistic")
+    assert row.loc["patients_depleted", "value"] == 2
+    assert row.loc["patients_gate_not_evaluable", "value"] == 3
+    assert "G3" in row.loc["patients_gate_not_evaluable", "detail"]
+    assert row.loc["patients_not_in_kaplan_meier", "value"] == 1

@@ -171,6 +171,7 @@ FREE_FORM = (
     "annotate.thresholds.fixed",
     "annotate.thresholds.fixed_hi",
     "annotate.gating.hi_method",
+    "annotate.gating.references",
     "scrna.protein.thresholds",
     "scrna.annotate.markers",
     "scrna.annotate.subset_markers",

@@ -36,7 +36,8 @@ COUNT_COLUMNS = ("sample_id", "modality", "events_total", "events_qc_pass", "lym
                  "t_cells", "b_cells", "cd19_pos", "cd20_pos", "cd19neg_cd20pos",
                  *(f"{s}_count" for s in SUBSETS), "subsets_not_called",
                  "cluster_discordant_events", "car_t_count", "car_t_pct_t", "nk_cells",
-                 "lymphocyte_purity_pct", "gate_flags", "sample_flags")
+                 "lymphocyte_purity_pct", "gate_flags", "sample_flags", "unreliable_gates",
+                 "not_evaluable", "not_evaluable_reason")
 
 # --- Cohort tables (results/tables/) -------------------------------------------------------
 
@@ -64,7 +65,10 @@ THRESHOLD_COLUMNS = ("group", "marker", "level", "threshold", "method", "n_event
 #: no batches): the ``group`` of thresholds.tsv and gates.tsv.
 ALL_SAMPLES = "all"
 GATE_COLUMNS = ("sample_id", "group", "marker", "level", "threshold", "parent", "method",
-                "n_events", "flag", "negative_landmark", "positive_landmark")
+                "n_events", "flag", "negative_landmark", "positive_landmark", "reference",
+                "negative_above_pct", "positive_below_pct", "reliability", "reliability_detail")
+#: ``reliability`` values of a gate that nothing may rest on (``flow.references.judge``).
+NOT_RELIABLE = ("unreliable", "nonspecific")
 PROTEIN_THRESHOLD_COLUMNS = ("marker", "parent", "threshold", "method", "n_events",
                              "n_samples", "pool", "flag")
 

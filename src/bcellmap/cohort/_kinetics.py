@@ -111,11 +111,13 @@ def _column(table: pd.DataFrame, name: str) -> pd.Series:
 def _measure_kinetics(visits: pd.DataFrame, value: pd.Series, lloq: pd.Series,
                       upper: pd.Series, *, depletion: float, reconstitution: float,
                       low_baseline: float, lymphodepletion_day: float = math.nan,
-                      empty_days: Sequence[int] = ()) -> dict[str, Any]:
+                      empty_days: Sequence[int] = (),
+                      gate_days: Sequence[int] = ()) -> dict[str, Any]:
     """Kinetics of one measure over one patient's evaluable visits (sorted by day).
 
     ``upper`` is each visit's two-sided 95% upper bound of the value; ``empty_days`` are the
-    patient's visits without events (not in ``visits``).
+    patient's visits without events and ``gate_days`` those whose value rests on an
+    unreliable gate (neither is in ``visits``).
     """
     days = visits["day"].to_numpy()
     values = value.to_numpy(dtype=float)
@@ -144,8 +146,10 @@ def _measure_kinetics(visits: pd.DataFrame, value: pd.Series, lloq: pd.Series,
     below = values < depletion
     resolvable = lloqs <= depletion
     unresolved = [i for i in post if below[i] and not resolvable[i]]
-    empty_post = sorted(int(d) for d in empty_days if d > 0)
+    empty_post = sorted(int(d) for d in [*empty_days, *gate_days] if d > 0)
     not_evaluable = sorted({*empty_post, *(int(days[i]) for i in unresolved)})
+    if gate_days:
+        flags.append("gate_not_evaluable")
     out["not_evaluable_days"] = ";".join(str(d) for d in not_evaluable)
     result = {"reconstitution_row": None, "baseline_row": baseline_row}
     if post.size == 0:
@@ -228,10 +232,14 @@ def patient_kinetics(table: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.Da
         visits = visits.assign(day=pd.to_numeric(visits["day"])).sort_values("day")
         if visits["day"].duplicated().any():
             raise InputError(f"patient {patient!r} has two {modality} visits on one day")
-        lymphocytes = _column(visits, "lymphocytes").fillna(0)
-        empty_visits = visits[lymphocytes <= 0]
-        evaluable = visits[lymphocytes > 0].reset_index(drop=True)
-        per_ul = bool(len(evaluable)) and bool(_column(evaluable, "b_per_ul").notna().all())
+        lymphocytes = _column(visits, "lymphocytes")
+        # A visit whose lymphocytes rest on an unreliable gate had events: it is kept, its
+        # values are NA (not evaluable), never "no events".
+        gated_out = lymphocytes.isna() & _rests_on_gate(visits, "lymphocytes")
+        empty_visits = visits[(lymphocytes.fillna(0) <= 0) & ~gated_out]
+        evaluable = visits[(lymphocytes > 0) | gated_out].reset_index(drop=True)
+        per_ul = bool(len(evaluable)) and bool(
+            _column(evaluable, "lymphocytes_per_ul").notna().all())
         unit = "cells_per_ul" if per_ul else "pct_lymphocytes"
         group_flags: list[str] = ["no_events"] if len(empty_visits) else []
         group_flags += _discordant_visits(evaluable, settings)
@@ -248,6 +256,8 @@ def patient_kinetics(table: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.Da
                         * _column(evaluable, "lymphocytes_per_ul"))
             upper = _upper_bound(evaluable, measure, per_ul=per_ul)
             measured = value.notna()
+            gate_days = [int(d) for d in evaluable.loc[
+                ~measured & _rests_on_gate(evaluable, _COUNT_COLUMN[measure]), "day"]]
             result = _measure_kinetics(evaluable[measured].reset_index(drop=True),
                                        value[measured].reset_index(drop=True),
                                        lloq[measured].reset_index(drop=True),
@@ -255,10 +265,13 @@ def patient_kinetics(table: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.Da
                                        depletion=settings["depletion"][unit],
                                        reconstitution=settings["reconstitution"][unit],
                                        low_baseline=settings["low_baseline"][unit],
-                                       lymphodepletion_day=ld_day, empty_days=empty_days)
+                                       lymphodepletion_day=ld_day, empty_days=empty_days,
+                                       gate_days=gate_days)
             if not measured.any():
-                result["flags"] = ["not_evaluable" if evaluable.empty else "not_measured",
-                                   "not_in_kaplan_meier"]
+                result["flags"] = (
+                    ["not_evaluable", "gate_not_evaluable", "not_in_kaplan_meier"] if gate_days
+                    else ["not_evaluable" if evaluable.empty else "not_measured",
+                          "not_in_kaplan_meier"])
             result["visits"] = evaluable[measured].reset_index(drop=True)
             result["lymphodepletion_day"] = ld_day
             per_measure[measure] = result
@@ -284,6 +297,15 @@ def patient_kinetics(table: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.Da
     frame["censored"] = frame["censored"].astype("boolean")
     frame["nadir_below_lloq"] = frame["nadir_below_lloq"].astype("boolean")
     return frame
+
+
+def _rests_on_gate(visits: pd.DataFrame, column: str) -> pd.Series:
+    """Visits whose ``column`` (or their lymphocytes) is not evaluable: it rests on an
+    unreliable gate (``not_evaluable`` of the samples table)."""
+    if "not_evaluable" not in visits.columns:
+        return pd.Series(False, index=visits.index)
+    listed = visits["not_evaluable"].fillna("").astype(str).str.split(";")
+    return listed.apply(lambda names: column in names or "lymphocytes" in names)
 
 
 def _lymphodepletion_days(table: pd.DataFrame) -> dict[Any, float]:
@@ -437,6 +459,11 @@ def cohort_summary(kinetics: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.D
             "depletion could not be assessed (too few lymphocytes or no events)")
         add("patients_not_in_kaplan_meier", len(group) - len(depleted), len(group),
             "never depleted, depletion not evaluable, or no follow-up")
+        gated = flag_sets.apply(lambda f: "gate_not_evaluable" in f)
+        add("patients_gate_not_evaluable", int(gated.sum()), len(group),
+            "visits left out because their values rest on an unreliable or nonspecific gate"
+            + (f": {', '.join(map(str, group.loc[gated, 'patient_id']))}"
+               if gated.any() else ""))
         for stem, values, detail in (
                 ("time_to_reconstitution_days", observed["reconstitution_day"],
                  "primary: days from infusion (day 0) to confirmed reconstitution, "
@@ -464,9 +491,16 @@ def cohort_summary(kinetics: pd.DataFrame, *, config: Mapping[str, Any]) -> pd.D
                 "Kaplan-Meier, days from infusion, censored at the last visit (unconfirmed "
                 "returns censored)" + ("" if np.isfinite(median) else "; median not reached"))
             at = fitter.survival_function_at_times(settings["km_days"]).to_numpy()
+            follow_up = float(np.max(durations))
+            ended = float(fitter.survival_function_at_times([follow_up]).iloc[0]) == 0.0
             for day, still in zip(settings["km_days"], at, strict=True):
-                add(f"km_not_reconstituted_at_day_{day}", float(still), len(depleted),
-                    "Kaplan-Meier probability of remaining B-cell aplastic")
+                # Beyond the last time anyone was at risk the estimate is not defined
+                # (lifelines would carry its last value forward), unless it had reached 0.
+                beyond = day > follow_up and not ended
+                add(f"km_not_reconstituted_at_day_{day}", np.nan if beyond else float(still),
+                    len(depleted), "Kaplan-Meier probability of remaining B-cell aplastic"
+                    + (f"; not estimable: follow-up ends at day {follow_up:g}" if beyond
+                       else ""))
         if measure == "b":
             for subset in SUBSETS:
                 for when in ("baseline", "reconstitution"):

@@ -620,8 +620,14 @@ _LOW_SSC_GRANULOCYTE_SHARE = 0.06
 _LOW_SSC_GRANULOCYTE_SCATTER = (80_000.0, 0.12, 32_000.0, 0.35, 300.0)
 
 
-def _cells(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """True fluorochrome signals, FSC-A, SSC-A and autofluorescence of live cells."""
+def _cells(labels: np.ndarray, rng: np.random.Generator,
+           phenotypes: Mapping[str, _Phenotype] | None = None) -> tuple[np.ndarray, ...]:
+    """True fluorochrome signals, FSC-A, SSC-A and autofluorescence of live cells.
+
+    ``phenotypes`` replaces the demo's phenotype table (``demo.simulate_visit``'s real-blood
+    shapes); None: the demo's.
+    """
+    phenotypes = _PHENOTYPES if phenotypes is None else phenotypes
     n = len(labels)
     signal = np.zeros((n, len(_DETECTORS)))
     fsc = np.empty(n)
@@ -631,7 +637,7 @@ def _cells(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ..
         rows = np.flatnonzero(labels == label)
         correlated = _CORRELATED.get(str(label), ())
         shared = rng.standard_normal(len(rows)) if correlated else None
-        for marker, level in _PHENOTYPES[label].items():
+        for marker, level in phenotypes[label].items():
             column = _MARKER_INDEX[marker]
             if not isinstance(level, tuple):
                 deviate = None
@@ -686,11 +692,13 @@ def _drift(seed: int, number: int, enabled: bool) -> tuple[np.ndarray, np.ndarra
 
 def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator,
                      staining: np.ndarray | None = None,
-                     gain: np.ndarray | None = None) -> _SimulatedFile:
+                     gain: np.ndarray | None = None,
+                     phenotypes: Mapping[str, _Phenotype] | None = None) -> _SimulatedFile:
     """All events of one file, in acquisition order, with their truth codes.
 
     ``staining`` multiplies every event's true fluorochrome signal (per marker) and ``gain``
-    every detected value (per detector); both default to no drift.
+    every detected value (per detector); both default to no drift. ``phenotypes`` replaces
+    the demo's phenotype table.
     """
     staining = np.ones(len(_DETECTORS)) if staining is None else np.asarray(staining, float)
     gain = np.ones(len(_DETECTORS)) if gain is None else np.asarray(gain, float)
@@ -700,22 +708,22 @@ def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator,
     n_doublets, n_dead = counts["doublet"], counts["dead"]
     n_debris, n_margin = counts["debris"], counts["margin"]
 
-    signal, fsc, ssc, autofl = _cells(live_labels, rng)
+    signal, fsc, ssc, autofl = _cells(live_labels, rng, phenotypes)
     fsc_h = fsc * _FSC_H_RATIO * rng.lognormal(0.0, 0.025, len(fsc))
     codes = np.array([CODES[label] for label in live_labels], dtype=np.int8)
     parts = [(signal, fsc, fsc_h, ssc, autofl, codes)]
 
     # Doublets: two cells of this file's live composition in one event.
     pool = live_labels if len(live_labels) else np.array(["t_cell"])
-    first = _cells(rng.choice(pool, n_doublets), rng)
-    second = _cells(rng.choice(pool, n_doublets), rng)
+    first = _cells(rng.choice(pool, n_doublets), rng, phenotypes)
+    second = _cells(rng.choice(pool, n_doublets), rng, phenotypes)
     larger_h = np.maximum(first[1], second[1]) * _FSC_H_RATIO
     parts.append((first[0] + second[0], first[1] + second[1],
                   larger_h * rng.uniform(1.0, 1.25, n_doublets), first[2] + second[2],
                   first[3] + second[3], np.full(n_doublets, CODES["doublet"], np.int8)))
 
     # Dead cells: any live type, dimmer markers, bright viability dye, smaller and grainier.
-    dead_signal = 0.7 * _cells(rng.choice(pool, n_dead), rng)[0]
+    dead_signal = 0.7 * _cells(rng.choice(pool, n_dead), rng, phenotypes)[0]
     dead_signal[:, _MARKER_INDEX["Live/Dead"]] = _draw_level("hi", n_dead, rng)
     dead_fsc, dead_ssc, dead_af = _scatter(_DEAD_SCATTER, n_dead, rng)
     parts.append((dead_signal, dead_fsc,
@@ -732,7 +740,7 @@ def _simulate_events(visit: _Visit, n_events: int, rng: np.random.Generator,
 
     # Margin events: cells with a saturated detector (set after the detector model below).
     margin_labels = rng.choice(pool, n_margin)
-    margin = _cells(margin_labels, rng)
+    margin = _cells(margin_labels, rng, phenotypes)
     parts.append((margin[0], margin[1], margin[1] * _FSC_H_RATIO, margin[2], margin[3],
                   np.full(n_margin, CODES["margin"], np.int8)))
     # What each event is as a cell (a margin event's own cell type), for saturation below.

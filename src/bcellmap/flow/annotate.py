@@ -32,6 +32,7 @@ import pandas as pd
 from ..contracts import ALL_SAMPLES, COUNT_COLUMNS, SUBSETS
 from ..errors import InputError
 from ..io.panel import marker_columns as _marker_columns
+from .evaluability import not_evaluable, reliable_thresholds, unreliable_gates
 from .subsets import SubsetRule, load_subset_rules
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,14 @@ def annotate_sample(
                          sample_id=sample_id)
     calls, not_called = call_events(columns, thresholds, rules, scatter=_scatter(annotated),
                                     max_mahalanobis=max_mahalanobis)
+    unreliable = unreliable_gates(gate_table)
+    rejected = not_evaluable(columns, unreliable, rules, not_called)
+    lymphocyte_calls = calls
+    if unreliable and "lymphocytes" not in rejected:
+        # The denominator from the sound gates only (e.g. B cells by CD20 alone).
+        lymphocyte_calls, _ = call_events(columns, reliable_thresholds(thresholds, unreliable),
+                                          rules, scatter=_scatter(annotated),
+                                          max_mahalanobis=max_mahalanobis)
     lymphocyte_info = calls.attrs.get("lymphocyte_gate", {})
     if not_called:
         log.warning("%s: subsets not called (marker or threshold missing): %s", sample_id,
@@ -274,7 +283,8 @@ def annotate_sample(
              for lv, t in levels.items()],
             columns=["marker", "level", "threshold", "parent", "method", "n_events", "flag"])
     gate_table = gate_table.reset_index(drop=True).copy()
-    for column in ("sample_id", "group", "marker", "level", "parent", "method", "flag"):
+    for column in ("sample_id", "group", "marker", "level", "parent", "method", "flag",
+                   "reference", "reliability", "reliability_detail"):
         if column in gate_table.columns:  # h5ad stores text columns as strings only
             gate_table[column] = gate_table[column].fillna("").astype(str)
     if threshold_table is None:
@@ -288,12 +298,14 @@ def annotate_sample(
         "b_cell_rule": ("CD3- and (CD19+ or CD20+)" if "CD3" in columns
                         else "CD19+ or CD20+ (no CD3 in the panel)"),
         "nk_rule": str(lymphocyte_info.get("nk_rule", "")),
+        "not_evaluable": ";".join(rejected),
+        "not_evaluable_reason": _gate_reasons(unreliable) if rejected else "",
     }
 
     cell_type = calls["cell_type"].to_numpy()
     b_cell = cell_type == "B"
     n_events = annotated.n_obs
-    lymphocytes = int(calls["lymphocyte"].sum())
+    lymphocytes = int(lymphocyte_calls["lymphocyte"].sum())
     measured = {m for m in ("CD19", "CD20") if m in columns
                 and np.isfinite(thresholds.get(m, {}).get("pos", np.nan))}
     flags = gate_flags(gate_table)
@@ -318,7 +330,8 @@ def annotate_sample(
         "cd19neg_cd20pos": int((b_cell & ~calls["cd19_pos"].to_numpy()
                                 & calls["cd20_pos"].to_numpy()).sum())
         if {"CD19", "CD20"} <= measured else None,
-        "nk_cells": int((cell_type == "NK").sum()) if "CD3" in columns else None,
+        "nk_cells": int((lymphocyte_calls["cell_type"] == "NK").sum())
+        if "CD3" in columns else None,
         "lymphocyte_purity_pct": 100.0 * lymphocytes / n_events if n_events else None,
         "gate_flags": flags,
     }
@@ -331,6 +344,19 @@ def annotate_sample(
     record["cluster_discordant_events"] = discordant
     record["car_t_count"] = None
     record["car_t_pct_t"] = None
+    # Values resting on an unreliable or nonspecific gate: NA, with the reason.
+    for column in rejected:
+        record[column] = None
+    if "lymphocytes" in rejected:
+        record["lymphocyte_purity_pct"] = None
+    record["unreliable_gates"] = ";".join(
+        f"{marker}:{text.split(':')[0]}" + ("" if level == "pos" else f"({level})")
+        for (marker, level), text in unreliable.items())
+    record["not_evaluable"] = ";".join(rejected)
+    record["not_evaluable_reason"] = _gate_reasons(unreliable) if rejected else ""
+    if rejected:
+        log.warning("%s: not evaluable (they rest on an unreliable gate): %s; %s", sample_id,
+                    record["not_evaluable"], record["not_evaluable_reason"])
     record["sample_flags"] = ";".join(plausibility_flags(
         columns, record, day=day, groups=set(gate_table.get("group", pd.Series(dtype=str)))))
     if record["sample_flags"]:
@@ -339,6 +365,12 @@ def annotate_sample(
     counts = pd.DataFrame([record], columns=list(COUNT_COLUMNS))
     counts.attrs["lymphocyte_gate"] = lymphocyte_info
     return annotated, counts
+
+
+def _gate_reasons(unreliable: Mapping[tuple[str, str], str]) -> str:
+    """One sentence per unreliable gate: ``CD19 gate nonspecific: ...``."""
+    return "; ".join(f"{marker}{'' if level == 'pos' else ' ' + level} gate {text}"
+                     for (marker, level), text in unreliable.items())
 
 
 #: A baseline with fewer T cells (% of lymphocytes) than this is implausible: CD3 failed.
@@ -377,7 +409,8 @@ def plausibility_flags(columns: Mapping[str, np.ndarray], record: Mapping[str, A
         t_cells = record.get("t_cells")
         if t_cells is not None and 100.0 * t_cells / lymphocytes < _MIN_BASELINE_T_PCT:
             flags.append("few_t_cells_at_baseline")
-        if 100.0 * record["b_cells"] / lymphocytes < _MIN_BASELINE_B_PCT:
+        b_cells = record.get("b_cells")
+        if b_cells is not None and 100.0 * b_cells / lymphocytes < _MIN_BASELINE_B_PCT:
             flags.append("few_b_cells_at_baseline")
     if any(str(g).endswith((":mass_cytometry", ":fluorescence")) for g in groups):
         flags.append("instrument_mix")
@@ -393,6 +426,15 @@ def lineage_qc_row(counts: pd.DataFrame) -> pd.DataFrame:
     """
     row = counts.iloc[0]
     events_in = int(row["events_qc_pass"])
+    if row["lymphocytes"] is None or pd.isna(row["lymphocytes"]):
+        # Not evaluable: the lineage gates it rests on are unreliable.
+        return pd.DataFrame([{
+            "sample_id": row["sample_id"], "step": "lineage_gate", "events_in": events_in,
+            "events_removed": None, "events_out": None,
+            "detail": f"lymphocytes not evaluable: {row.get('not_evaluable_reason', '')}",
+            "t_pct_lymphocytes": float("nan"), "b_pct_lymphocytes": float("nan"),
+            "nk_pct_lymphocytes": float("nan"), "lymphocyte_purity_pct": float("nan"),
+        }])
     lymphocytes = int(row["lymphocytes"])
 
     def share(count: Any) -> float:

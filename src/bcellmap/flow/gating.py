@@ -71,12 +71,24 @@ import pandas as pd
 from ..contracts import (
     ALL_SAMPLES,
     GATE_COLUMNS,
+    NOT_RELIABLE,
     THRESHOLD_COLUMNS,
     sample_rng,
     subsample_indices,
 )
 from ..io.panel import marker_columns
-from ..kernels.density import ThresholdFit, density_mode, find_modes, learn_marker_threshold
+from ..kernels.density import TailBoundary, density_mode, find_modes, learn_marker_threshold
+from .references import (
+    REFERENCE_NAMES,
+    ReferenceSpec,
+    ReliabilitySettings,
+    Separation,
+    background_level,
+    judge,
+    reference_edge,
+    reference_values,
+    separation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +99,8 @@ PARENT_NAMES = {"lymphocyte": "lymphocytes", "cd3neg": "cd3neg_lymphocytes",
 _LYMPHOCYTE_STAGE_MARKERS = ("CD3", "CD45", "CD14")
 _CD3NEG_STAGE_MARKERS = ("CD19", "CD20", "CD56", "CD16")
 #: Methods that are a learned, sample-supported gate (anything else is flagged).
-_UNFLAGGED = ("valley", "fixed", "naive_reference", "positive_mode")
+_UNFLAGGED = ("valley", "fixed", "naive_reference", "positive_mode", "reference_tail",
+              "positive_gate")
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,8 @@ class GatingSettings:
     min_reference_events: int
     flag_min_events: int
     hi_method: Mapping[str, str]
+    references: Mapping[str, ReferenceSpec]
+    reliability: ReliabilitySettings
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GatingSettings:
@@ -135,6 +150,9 @@ class GatingSettings:
             min_reference_events=int(gating["min_reference_events"]),
             flag_min_events=int(gating["flag_min_events"]),
             hi_method=hi_method,
+            references={str(marker): ReferenceSpec.from_config(entry)
+                         for marker, entry in (gating["references"] or {}).items()},
+            reliability=ReliabilitySettings.from_config(gating["reliability"]),
         )
 
     @classmethod
@@ -266,14 +284,27 @@ class _SampleGates:
     learner: bool = True
     rows: list[dict[str, Any]] = field(default_factory=list)
     cut: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Markers whose gate is unreliable or nonspecific: no reference rests on them.
+    unreliable: set[str] = field(default_factory=set)
+    background: float = float("nan")
+    top: float = float("nan")
 
     def add(self, marker: str, level: str, threshold: float, *, parent: str, method: str,
             n_events: int, flag: str = "", low: float = float("nan"),
-            high: float = float("nan")) -> None:
+            high: float = float("nan"), reference: str = "",
+            measured: Separation | None = None, reliability: str = "ok",
+            detail: str = "") -> None:
+        measured = measured or Separation()
         self.cut.setdefault(marker, {})[level] = float(threshold)
+        if reliability in NOT_RELIABLE:
+            self.unreliable.add(marker)
         self.rows.append({"marker": marker, "level": level, "threshold": float(threshold),
                           "parent": parent, "method": method, "n_events": int(n_events),
-                          "flag": flag, "negative_landmark": low, "positive_landmark": high})
+                          "flag": flag, "negative_landmark": low, "positive_landmark": high,
+                          "reference": reference,
+                          "negative_above_pct": measured.negative_above_pct,
+                          "positive_below_pct": measured.positive_below_pct,
+                          "reliability": reliability, "reliability_detail": detail})
 
 
 def parent_mask(stage: str, columns: Mapping[str, np.ndarray],
@@ -372,12 +403,17 @@ def learn_gates(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Learn every sample's gates, stage by stage, on registered pooled parents.
 
+    Within a stage, the markers that other gates take their reference from go first (CD3
+    before CD45 and CD14: T cells; CD19 and CD20 before CD56 and CD16; IgD before CD27:
+    naive B cells), each pass reading every sample once.
+
     Parameters
     ----------
     samples
         ``sample_id -> AnnData`` or a callable returning one (files are read once per
-        stage, one at a time, so memory stays bounded by one sample). Each provides ``X``
-        and ``var["canonical"]``; rows are the sample's QC-passed events.
+        pass, one at a time, so memory stays bounded by one sample and the per-sample
+        subsamples). Each provides ``X`` and ``var["canonical"]`` (``var["kind"]`` where
+        known, for the background level); rows are the sample's QC-passed events.
     pos_markers
         Markers that need a positive gate.
     hi_markers
@@ -399,7 +435,9 @@ def learn_gates(
         One row per group, marker and level on the reference scale (columns of
         ``contracts.THRESHOLD_COLUMNS``).
     gates
-        One row per sample, marker and level on that sample's own scale (``GATE_COLUMNS``).
+        One row per sample, marker and level on that sample's own scale (``GATE_COLUMNS``),
+        with the reference populations, the separation and the reliability of every gate
+        (:mod:`bcellmap.flow.references`).
     """
     ids = sorted(samples)
     groups = {s: (groups or {}).get(s, ALL_SAMPLES) for s in ids}
@@ -418,44 +456,12 @@ def learn_gates(
         item = samples[sample_id]
         return item() if callable(item) else item
 
-    for stage in STAGES[:3]:
-        markers = [m for m in pos_markers if _stage_of(m) == stage]
-        if not markers:
-            continue
-        landmarks: dict[str, dict[str, Landmarks | None]] = {m: {} for m in markers}
-        pooled: dict[str, dict[str, np.ndarray]] = {m: {} for m in markers}
-        present: dict[str, dict[str, int]] = {m: {} for m in markers}
-        t_pool: dict[str, list[np.ndarray]] = {m: [] for m in markers}
-        for sample_id in ids:
-            columns = marker_columns(_load(sample_id), wanted)
-            if not columns:
-                continue
-            parent = np.flatnonzero(parent_mask(stage, columns, state[sample_id].cut))
-            rng = sample_rng(seed, sample_id)
-            keep = parent[subsample_indices(parent.size, settings.events_per_sample, rng)]
-            t_keep = np.empty(0, dtype=np.int64)
-            if stage == "b_cells" and np.isfinite(state[sample_id].cut.get("CD3", {}).get(
-                    "pos", np.nan)) and state[sample_id].learner:
-                t_cells = np.flatnonzero(columns["CD3"] >= state[sample_id].cut["CD3"]["pos"])
-                t_keep = t_cells[subsample_indices(t_cells.size, settings.events_per_sample,
-                                                     rng)]
-            for marker in markers:
-                if marker not in columns:
-                    continue
-                values = columns[marker][parent]
-                present[marker][sample_id] = int(values.size)
-                landmarks[marker][sample_id] = find_landmarks(
-                    values, min_events=settings.min_landmark_events,
-                    min_positive_events=settings.min_positive_events,
-                    min_positive_fraction=settings.min_positive_fraction,
-                    min_peak_fraction=settings.min_peak_fraction)
-                pooled[marker][sample_id] = columns[marker][keep]
-                t_pool[marker].append(columns[marker][t_keep])
+    for stage, markers in _passes(pos_markers):
+        pools = _collect(stage, markers, ids, _load, wanted, state, settings, seed)
         for marker in markers:
-            t_values = np.concatenate(t_pool[marker]) if t_pool[marker] else np.empty(0)
-            _learn_positive(marker, stage, landmarks[marker], pooled[marker], present[marker],
-                            state, settings, cohort_rows, t_cells=t_values)
-        _learn_positive_modes(stage, hi_markers, landmarks, present, state, settings,
+            _learn_positive(marker, stage, pools[marker], state, settings, cohort_rows)
+        _learn_positive_modes(stage, hi_markers, {m: pools[m].landmarks for m in markers},
+                              {m: pools[m].present for m in markers}, state, settings,
                               cohort_rows)
 
     naive_hi = [m for m in hi_markers if settings.hi_method.get(m) == "naive_reference"]
@@ -468,63 +474,220 @@ def learn_gates(
     return cohort, gates
 
 
-def _learn_positive(marker: str, stage: str, landmarks: Mapping[str, Landmarks | None],
-                    pooled: Mapping[str, np.ndarray], present: Mapping[str, int],
-                    state: Mapping[str, _SampleGates], settings: GatingSettings,
-                    cohort_rows: list[tuple], t_cells: np.ndarray | None = None) -> None:
-    """The positive gate of one marker: registered pool per group, mapped back per sample.
+#: Per stage, the markers gated in a first pass: the other markers' references rest on them.
+_FIRST_PASS = {"lymphocyte": ("CD3",), "cd3neg": ("CD19", "CD20"), "b_cells": ("IgD",)}
 
-    Without a valley the pool is one population, and the upper-tail fallback assumes it is
-    the negative one. On B cells it may be the positive one (IgD when nearly every B cell
-    is naive, as on return after CAR-T): when the pool's median sits more than
-    ``fallback_sd`` robust SDs above the T cells' mode, the gate is the T cells' (a
-    population negative for B-cell markers) upper tail instead (``negative_reference``).
+
+def _passes(pos_markers: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``(stage, markers)`` in the order they are learned (see :func:`learn_gates`)."""
+    passes = []
+    for stage in STAGES[:3]:
+        markers = [m for m in pos_markers if _stage_of(m) == stage]
+        first = [m for m in markers if m in _FIRST_PASS[stage]]
+        rest = [m for m in markers if m not in _FIRST_PASS[stage]]
+        passes += [(stage, group) for group in (first, rest) if group]
+    return passes
+
+
+@dataclass
+class _Pool:
+    """What one pass collected for one marker, per sample."""
+
+    landmarks: dict[str, Landmarks | None] = field(default_factory=dict)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)
+    present: dict[str, int] = field(default_factory=dict)
+    negative: dict[str, np.ndarray] = field(default_factory=dict)
+    positive: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _collect(stage: str, markers: Sequence[str], ids: Sequence[str],
+             load: Callable[[str], Any], wanted: Sequence[str],
+             state: Mapping[str, _SampleGates], settings: GatingSettings,
+             seed: int) -> dict[str, _Pool]:
+    """Read every sample once: landmarks, pooled parent values and reference values."""
+    pools = {m: _Pool() for m in markers}
+    for sample_id in ids:
+        data = load(sample_id)
+        columns = marker_columns(data, wanted)
+        if not columns:
+            continue
+        sample = state[sample_id]
+        if not np.isfinite(sample.background) and "kind" in data.var.columns:
+            sample.background, sample.top = background_level(data.X, data.var["kind"],
+                                                             data.var["canonical"])
+        parent = np.flatnonzero(parent_mask(stage, columns, sample.cut))
+        rng = sample_rng(seed, sample_id)
+        keep = parent[subsample_indices(parent.size, settings.events_per_sample, rng)]
+        for marker in markers:
+            if marker not in columns:
+                continue
+            pool = pools[marker]
+            values = columns[marker][parent]
+            pool.present[sample_id] = int(values.size)
+            pool.landmarks[sample_id] = find_landmarks(
+                values, min_events=settings.min_landmark_events,
+                min_positive_events=settings.min_positive_events,
+                min_positive_fraction=settings.min_positive_fraction,
+                min_peak_fraction=settings.min_peak_fraction)
+            pool.pooled[sample_id] = columns[marker][keep]
+            spec = settings.references.get(marker, ReferenceSpec())
+            for name, store in ((spec.negative, pool.negative), (spec.positive, pool.positive)):
+                if name is None:
+                    continue
+                rows = reference_values(name, columns, sample.cut, unreliable=sample.unreliable)
+                if rows is not None:
+                    rows = rows[subsample_indices(rows.size, settings.events_per_sample, rng)]
+                    store[sample_id] = columns[marker][rows]
+    return pools
+
+
+def _learn_positive(marker: str, stage: str, pool: _Pool, state: Mapping[str, _SampleGates],
+                    settings: GatingSettings, cohort_rows: list[tuple]) -> None:
+    """The positive gate of one marker: registered pool per group, then per sample.
+
+    A density valley of the registered pool is mapped back onto every sample and kept where
+    the sample's negative reference agrees with it; otherwise, and where the pool shows one
+    population, each sample's gate is placed where its own reference population ends
+    (``bcellmap.flow.references``; the cohort's pooled reference, registered, when the
+    sample's own is too small). Without a valley and without a reference the gate is the
+    upper-tail fallback, and unreliable.
     """
     parent = PARENT_NAMES[stage]
+    spec = settings.references.get(marker, ReferenceSpec())
+    limits = settings.reliability
+    enough = limits.min_reference_events
+    reference = ";".join(f"{kind}: {REFERENCE_NAMES.get(name, name)}" for kind, name in
+                         (("negative", spec.negative), ("positive", spec.positive)) if name)
     for group in sorted({g.group for g in state.values()}):
-        members = [s for s, g in state.items() if g.group == group and s in present]
+        members = [s for s, g in state.items() if g.group == group and s in pool.present]
         if not members:
             continue
         if marker in settings.fixed:
             value = settings.fixed[marker]
             cohort_rows.append((group, marker, "pos", value, "fixed",
-                                sum(present[s] for s in members), len(members), parent))
+                                sum(pool.present[s] for s in members), len(members), parent))
             for s in members:
-                state[s].add(marker, "pos", value, parent=parent, method="fixed",
-                             n_events=present[s])
+                _add_judged(state[s], marker, value, parent=parent, method="fixed",
+                            pool=pool, sample_id=s, spec=spec, reference=reference,
+                            settings=settings)
             continue
         registrations, ref_low, ref_high = _register(
-            {s: landmarks.get(s) for s in members}, max_stretch=settings.max_stretch)
-        learning = [s for s in members if s in pooled and state[s].learner]
-        values = [np.asarray(registrations[s].forward(pooled[s])) for s in learning]
-        pool = np.concatenate(values) if values else np.empty(0)
-        fit = learn_marker_threshold(pool, fallback_sd=settings.fallback_sd,
+            {s: pool.landmarks.get(s) for s in members}, max_stretch=settings.max_stretch)
+        learning = [s for s in members if s in pool.pooled and state[s].learner]
+        values = [np.asarray(registrations[s].forward(pool.pooled[s])) for s in learning]
+        fit = learn_marker_threshold(np.concatenate(values) if values else np.empty(0),
+                                     fallback_sd=settings.fallback_sd,
                                      min_peak_fraction=settings.min_peak_fraction)
-        if fit.method == "upper_tail" and t_cells is not None and t_cells.size >= 50:
-            t_mode = density_mode(t_cells)
-            t_sd = 1.4826 * float(np.median(np.abs(t_cells - np.median(t_cells))))
-            if t_sd > 0 and np.median(pool) > t_mode + settings.fallback_sd * t_sd:
-                fit = ThresholdFit(t_mode + settings.fallback_sd * t_sd, "negative_reference",
-                                   fit.n_events)
-        cohort_rows.append((group, marker, "pos", fit.threshold, fit.method, fit.n_events,
+        # The cohort's references, registered: for samples whose own is too small.
+        cohort_edge = {}
+        for side, store in (("upper", pool.negative), ("lower", pool.positive)):
+            pooled = [np.asarray(registrations[s].forward(store[s])) for s in learning
+                      if s in store]
+            edge = reference_edge(np.concatenate(pooled), spec, side=side,
+                                  min_events=enough) if pooled else None
+            cohort_edge[side] = edge
+        cohort_method = fit.method
+        cohort_value = fit.threshold
+        if fit.method != "valley" and (cohort_edge["upper"] or cohort_edge["lower"]):
+            cohort_method = "reference_tail"
+            cohort_value = (cohort_edge["upper"] or cohort_edge["lower"]).boundary
+        cohort_rows.append((group, marker, "pos", cohort_value, cohort_method, fit.n_events,
                             len(learning), parent))
         log.info("%s %s pos (%s): %.3f (%s, %d events; reference modes %s / %s)", group,
-                 marker, parent, fit.threshold, fit.method, fit.n_events,
+                 marker, parent, cohort_value, cohort_method, fit.n_events,
                  _fmt(ref_low), _fmt(ref_high))
         for s in members:
             registration = registrations[s]
-            threshold = (registration.inverse(fit.threshold) if np.isfinite(fit.threshold)
-                         else float("nan"))
-            lm = landmarks.get(s)
-            method = f"{fit.method}/{registration.kind}"
-            flag = _flag(fit.method, present[s], marker, settings)
-            if not flag and registration.kind == "unaligned" and np.isfinite(threshold):
-                # Too few parent events to register: the cohort's gate, as is.
-                flag = _flag("few_events", present[s], marker, settings)
-            state[s].add(marker, "pos", threshold, parent=parent, method=method,
-                         n_events=present[s], flag=flag,
-                         low=lm.low if lm else float("nan"),
-                         high=lm.high if lm and lm.high is not None else float("nan"))
+            negative, positive = pool.negative.get(s), pool.positive.get(s)
+            threshold, method = _place(fit.threshold, fit.method, registration, negative,
+                                       positive, cohort_edge, spec, settings,
+                                       pool.pooled.get(s, np.empty(0)), stage)
+            lm = pool.landmarks.get(s)
+            _add_judged(state[s], marker, threshold, parent=parent, method=method, pool=pool,
+                        sample_id=s, spec=spec, reference=reference, settings=settings,
+                        low=lm.low if lm else float("nan"),
+                        high=lm.high if lm and lm.high is not None else float("nan"),
+                        unaligned=registration.kind == "unaligned")
+
+
+#: References drawn from the gate's own parent population, whose negatives they are: naive B
+#: cells among B cells. Events between such a reference's end and a valley, beyond what its
+#: tail puts there, are positives. (T cells are no part of the CD3- parent, whose negatives -
+#: NK cells, and myeloid cells in lysed whole blood - may sit higher: there the rule would
+#: invent B cells.)
+_REFERENCE_WITHIN_PARENT = {("naive_b", "b_cells")}
+
+
+def _place(pooled_threshold: float, pooled_method: str, registration: _Registration,
+           negative: np.ndarray | None, positive: np.ndarray | None,
+           cohort_edge: Mapping[str, TailBoundary | None], spec: ReferenceSpec,
+           settings: GatingSettings, parent: np.ndarray, stage: str) -> tuple[float, str]:
+    """One sample's gate and method from the pooled fit, its references and its parent
+    events (a subsample)."""
+    enough = settings.reliability.min_reference_events
+
+    def edge(values: np.ndarray | None, side: str) -> tuple[float, str] | None:
+        if values is not None and values.size >= enough:
+            found = reference_edge(values, spec, side=side, min_events=enough)
+            if found is not None:
+                return found.boundary, f"reference_tail/{found.kind}"
+        cohort = cohort_edge.get(side)
+        if cohort is not None:
+            return registration.inverse(cohort.boundary), "reference_tail/cohort"
+        return None
+
+    threshold = (registration.inverse(pooled_threshold) if np.isfinite(pooled_threshold)
+                 else float("nan"))
+    if pooled_method == "valley":
+        if negative is not None and negative.size >= enough:
+            limits = settings.reliability
+            placed = edge(negative, "upper")
+            if placed is not None and threshold < placed[0] and 100.0 * float(
+                    np.mean(negative >= threshold)) > (limits.valley_max_negative_above_pct
+                                                       + spec.expected_positive_pct):
+                # The valley lies inside the known negatives (a split negative peak).
+                return placed
+            if placed is not None and threshold > placed[0] and parent.size \
+                    and (spec.negative, stage) in _REFERENCE_WITHIN_PARENT:
+                # Events above where the negatives end but below the valley, beyond what the
+                # negatives' own tail puts there, are positive too: the valley parts two
+                # positive populations (memory B cells' dim CD27 from the plasmablasts'
+                # bright CD27), not the negatives from the positives.
+                inside = (parent >= placed[0]) & (parent < threshold)
+                tail = float(np.mean((negative >= placed[0]) & (negative < threshold)))
+                excess = float(inside.sum()) - tail * float((parent < threshold).sum())
+                above = int((parent >= threshold).sum())
+                if excess >= max(limits.valley_max_between_pct / 100.0 * max(above, 1), 5):
+                    return placed[0], f"{placed[1]}/valley_above_positives"
+        return threshold, f"valley/{registration.kind}"
+    for values, side in ((negative, "upper"), (positive, "lower")):
+        placed = edge(values, side)
+        if placed is not None:
+            return placed
+    return threshold, f"{pooled_method}/{registration.kind}"
+
+
+def _add_judged(sample: _SampleGates, marker: str, threshold: float, *, parent: str,
+                method: str, pool: _Pool, sample_id: str, spec: ReferenceSpec,
+                reference: str, settings: GatingSettings, low: float = float("nan"),
+                high: float = float("nan"), unaligned: bool = False) -> None:
+    """Measure a sample's gate against its references, judge it, and record it."""
+    negative, positive = pool.negative.get(sample_id), pool.positive.get(sample_id)
+    measured = separation(threshold, parent=pool.pooled.get(sample_id, np.empty(0)),
+                          negative=negative, positive=positive)
+    n_parent = pool.present.get(sample_id, 0)
+    reliability, detail = judge(
+        marker, gate=threshold, spec=spec, method=method, measured=measured,
+        negative=negative, positive=positive, background=sample.background,
+        top=sample.top, n_parent=n_parent,
+        min_parent=settings.flag_min_events, settings=settings.reliability)
+    flag = _flag(method.split("/")[0], n_parent, marker, settings)
+    if not flag and unaligned and np.isfinite(threshold):
+        # Too few parent events to register: the cohort's gate, as is.
+        flag = _flag("few_events", n_parent, marker, settings)
+    sample.add(marker, "pos", threshold, parent=parent, method=method, n_events=n_parent,
+               flag=flag, low=low, high=high, reference=reference, measured=measured,
+               reliability=reliability, detail=detail)
 
 
 def _learn_positive_modes(stage: str, hi_markers: Sequence[str],
@@ -567,6 +730,11 @@ def _learn_positive_modes(stage: str, hi_markers: Sequence[str],
                                  parent=parent, method="cohort_positive_mode",
                                  n_events=n, flag=_flag("cohort_positive_mode", n, marker,
                                                         settings))
+                elif np.isfinite(state[s].cut.get(marker, {}).get("pos", np.nan)):
+                    # No positive peak anywhere (memory B cells' CD27 a shoulder, as in real
+                    # blood): "hi" is at least positive.
+                    state[s].add(marker, "hi", state[s].cut[marker]["pos"], parent=parent,
+                                 method="positive_gate", n_events=n)
                 else:
                     state[s].add(marker, "hi", float("nan"), parent=parent,
                                  method="insufficient_events", n_events=n,
@@ -580,6 +748,26 @@ def _learn_naive_referenced(markers: Sequence[str], ids: Sequence[str],
     """Hi gates referenced to each sample's own naive B cells (IgD+ CD27-)."""
     parent = PARENT_NAMES["naive_b"]
     own: dict[str, dict[str, tuple[float, int]]] = {m: {} for m in markers}
+    naive_values: dict[str, dict[str, np.ndarray]] = {m: {} for m in markers}
+    reference = "negative: naive B cells (IgD+ CD27-)"
+
+    def record(s: str, marker: str, value: float, *, method: str, n: int,
+               flag: str = "") -> None:
+        # The naive reference rests on the sample's IgD and CD27 gates.
+        resting = sorted({"IgD", "CD27"} & state[s].unreliable)
+        values = naive_values[marker].get(s, np.empty(0))
+        measured = Separation(100.0 * float(np.mean(values >= value))
+                              if values.size and np.isfinite(value) else float("nan"))
+        if method == "fixed":
+            reliability, detail = "not_assessed", "fixed gate (annotate.thresholds.fixed_hi)"
+        elif resting:
+            reliability, detail = "unreliable", (
+                f"its naive reference rests on the unreliable {' and '.join(resting)} gate")
+        else:
+            reliability, detail = "ok", ""
+        state[s].add(marker, "hi", value, parent=parent, method=method, n_events=n,
+                     flag=flag, reference=reference, measured=measured,
+                     reliability=reliability, detail=detail)
     for sample_id in ids:
         columns = marker_columns(load(sample_id), [*wanted, *markers])
         if not columns:
@@ -594,6 +782,7 @@ def _learn_naive_referenced(markers: Sequence[str], ids: Sequence[str],
             gates = {m: float("nan") for m in present}
         for marker in present:
             own[marker][sample_id] = (gates[marker], n)
+            naive_values[marker][sample_id] = columns[marker][naive]
     for marker in markers:
         for group in sorted({g.group for g in state.values()}):
             members = [s for s in own[marker] if state[s].group == group]
@@ -611,16 +800,13 @@ def _learn_naive_referenced(markers: Sequence[str], ids: Sequence[str],
             for s in members:
                 gate, n = own[marker][s]
                 if marker in settings.fixed_hi:
-                    state[s].add(marker, "hi", settings.fixed_hi[marker], parent=parent,
-                                 method="fixed", n_events=n)
+                    record(s, marker, settings.fixed_hi[marker], method="fixed", n=n)
                 elif np.isfinite(gate):
-                    state[s].add(marker, "hi", gate, parent=parent, method="naive_reference",
-                                 n_events=n)
+                    record(s, marker, gate, method="naive_reference", n=n)
                 else:
                     method = "few_events" if np.isfinite(cohort_value) else "insufficient_events"
-                    state[s].add(marker, "hi", cohort_value, parent=parent,
-                                 method=f"{method}/cohort_median", n_events=n,
-                                 flag=_flag(method, n, marker, settings))
+                    record(s, marker, cohort_value, method=f"{method}/cohort_median", n=n,
+                           flag=_flag(method, n, marker, settings))
 
 
 def _fmt(value: float | None) -> str:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 #: obs columns ``annotate`` writes (events that failed QC get "" or False).
 ANNOTATION_COLUMNS = ("cell_type", "lymphocyte", "b_subset", "cd19_pos", "cd20_pos",
                       "metacluster_cell_type")
-_TEXT_COLUMNS = ("sample_id", "group", "marker", "level", "parent", "method", "flag")
+_TEXT_COLUMNS = ("sample_id", "group", "marker", "level", "parent", "method", "flag",
+                 "reference", "reliability", "reliability_detail")
 
 
 def _text_columns(table: pd.DataFrame) -> pd.DataFrame:
