@@ -245,3 +245,57 @@ def test_ingest_with_nan_and_inf_events_counts_and_removes_them(tmp_path):
     assert not adata.obs["qc_pass"].to_numpy()[[3, 99, 500]].any()
     table = adata.uns["qc"]["table"]
     assert list(table["step"]) == list(STEPS) and table["events_removed"][0] == 3
+
+
+def test_viability_gate_of_a_live_cell_export_stays_above_its_live_peak():
+    # A live-cell export: one live population with a small dim shoulder (compensation spread
+    # below it), the same scatter throughout. The first density valley lies below the live
+    # peak; a gate there would call 90% of the export dead.
+    rng = np.random.default_rng(2)
+    viability = np.concatenate([rng.normal(0.2, 0.25, 1_000), rng.normal(1.5, 0.3, 9_000)])
+    fsc = rng.normal(60_000, 6_000, viability.size)
+    fit = np.ones(viability.size, dtype=bool)
+    flags, info = dead_flags(viability, fit_mask=fit, threshold=None, fallback_mad_cutoff=5.0,
+                             fsc=fsc)
+    assert flags.mean() < 0.02
+    assert info["threshold"] > 1.5 and "dominant (live) peak" in info["method"]
+    # Dead cells are the bright, shrunken ones: a bright majority with a smaller FSC is dead.
+    dead_fsc = np.where(viability > 0.9, rng.normal(35_000, 4_000, viability.size), fsc)
+    flags, info = dead_flags(viability, fit_mask=fit, threshold=None, fallback_mad_cutoff=5.0,
+                             fsc=dead_fsc)
+    assert flags.mean() > 0.85 and info["method"] == "density valley"
+
+
+def test_a_step_that_removes_most_events_is_flagged_by_name():
+    linear, truth = _planted({"lymphocyte": 0.15, "granulocyte": 0.75, "debris": 0.10})
+    flags, steps, learned = run_qc(_transform(linear), linear, canonicals=CANON, kinds=KINDS,
+                                   ranges=RANGES, settings=SETTINGS, seed=0)
+    removed = {s["step"]: s["events_removed"] / s["events_in"] for s in steps}
+    assert removed["debris"] > 0.5
+    assert learned["flags"] == ["debris_removed_most"]
+    debris = next(s for s in steps if s["step"] == "debris")
+    assert "flagged" in debris["detail"]
+    # A PBMC-like file loses no step's majority: nothing flagged.
+    linear, _ = _planted({"lymphocyte": 0.8, "monocyte": 0.1, "debris": 0.1})
+    _, _, learned = run_qc(_transform(linear), linear, canonicals=CANON, kinds=KINDS,
+                           ranges=RANGES, settings=SETTINGS, seed=0)
+    assert learned["flags"] == []
+
+
+def test_lymphocytes_by_their_markers_removed_by_the_scatter_gate_are_measured():
+    from bcellmap.flow._qc import FLAG_COLUMNS, _lineage_cells_removed
+
+    rng = np.random.default_rng(4)
+    n = 10_000
+    b_cell = rng.random(n) < 0.15
+    cd19 = np.where(b_cell, rng.normal(3.5, 0.3, n), rng.normal(0.3, 0.3, n))
+    X = np.column_stack([cd19]).astype(np.float32)
+    flags = {column: np.zeros(n, dtype=bool) for column in FLAG_COLUMNS.values()}
+    # A scatter gate learned for whole blood, cutting 40% of a live-cell export's B cells.
+    flags[FLAG_COLUMNS["debris"]] = b_cell & (rng.random(n) < 0.4)
+    found = _lineage_cells_removed(X, {"CD19": 0}, flags)
+    assert found["markers"] == ["CD19"]
+    assert found["removed_pct"] == pytest.approx(40.0, abs=3.0)
+    # Events removed at random (5% of all): about 5% of the B cells too.
+    flags[FLAG_COLUMNS["debris"]] = rng.random(n) < 0.05
+    assert _lineage_cells_removed(X, {"CD19": 0}, flags)["removed_pct"] < 8.0

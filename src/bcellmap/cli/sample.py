@@ -93,9 +93,8 @@ def cli_map_annotate_flow(args: argparse.Namespace) -> None:
                                                   float_format="%.6g")),
     ]
     write_all(writes)
-    log.info("%s: %d events, %d lymphocytes by markers, %d B cells", args.sample_id,
-             annotated.n_obs, int(counts["lymphocytes"].iloc[0]),
-             int(counts["b_cells"].iloc[0]))
+    log.info("%s: %d events, %s lymphocytes by markers, %s B cells", args.sample_id,
+             annotated.n_obs, counts["lymphocytes"].iloc[0], counts["b_cells"].iloc[0])
 
 
 def cli_map_annotate_scrna(args: argparse.Namespace) -> None:

@@ -60,7 +60,7 @@ from ..contracts import FLOW_QC_STEPS as STEPS
 from ..contracts import QC_TABLE_COLUMNS, subsample_indices
 from ..contracts import qc_reason as _qc_reason
 from ..errors import ConfigError
-from ..kernels.density import learn_marker_threshold
+from ..kernels.density import density_mode, learn_marker_threshold, robust_sd
 from ..kernels.gmm import gaussian_mixture
 
 log = logging.getLogger(__name__)
@@ -144,24 +144,51 @@ def doublet_flags(fsc_area: np.ndarray, fsc_height: np.ndarray, *, fit_mask: np.
 
 
 def dead_flags(viability: np.ndarray, *, fit_mask: np.ndarray, threshold: float | None,
-               fallback_mad_cutoff: float) -> tuple[np.ndarray, dict]:
-    """Flag events with viability signal above the configured or learned threshold."""
+               fallback_mad_cutoff: float, fsc: np.ndarray | None = None
+               ) -> tuple[np.ndarray, dict]:
+    """Flag events with viability signal above the configured or learned threshold.
+
+    The learned threshold is the first density valley above the live (dye-negative) peak,
+    so dim dying cells and debris go too; without a valley, the live peak's upper tail
+    (median + ``fallback_mad_cutoff`` robust SDs). Dead cells are the dye-*bright* ones, so a
+    valley that would call most events dead, the sample's dominant population among them,
+    is checked against the events' scatter: it is believed only when the brighter side looks
+    dead by its scatter too (median FSC-A at most 85% of the dimmer side's: dying cells
+    shrink). Otherwise the valley lies under a live population (a live-cell export whose
+    viability peak has a dim shoulder, compensation spread below it) and the gate moves
+    above the dominant peak: its next valley, or its upper tail (``method`` says which).
+    """
     if threshold is not None:
         return viability > threshold, {"threshold": float(threshold), "method": "config"}
     fit = viability[fit_mask]
     if fit.size < 50:
         return np.zeros(viability.shape, dtype=bool), {
             "skipped": "fewer than 50 events to learn the viability threshold"}
-    # The package's one 1-D learner: the first valley above the live (dye-negative) peak, so
-    # dim dying cells and debris go too; else (no dead population) the live peak's upper
-    # tail, median + fallback_mad_cutoff robust SDs.
     fit_result = learn_marker_threshold(fit, fallback_sd=fallback_mad_cutoff, valley="first",
                                         min_peak_fraction=0.01,
                                         min_log_depth=_DEAD_MIN_LOG_DEPTH)
     method = ("density valley" if fit_result.method == "valley"
               else "single peak: median + MAD")
-    return viability > fit_result.threshold, {"threshold": fit_result.threshold,
-                                              "method": method}
+    cut = fit_result.threshold
+    dominant = density_mode(fit)
+    if fit_result.method == "valley" and cut < dominant and np.mean(fit > cut) > 0.5:
+        fsc_fit = None if fsc is None else fsc[fit_mask]
+        brighter_looks_dead = fsc_fit is not None and (fit > cut).any() and (
+            fit <= cut).any() and float(np.median(fsc_fit[fit > cut])) <= 0.85 * float(
+                np.median(fsc_fit[fit <= cut]))
+        if not brighter_looks_dead:
+            upper = fit[fit >= dominant - robust_sd(fit[fit <= dominant])]
+            above = learn_marker_threshold(upper, fallback_sd=fallback_mad_cutoff,
+                                           valley="first", min_peak_fraction=0.01,
+                                           min_log_depth=_DEAD_MIN_LOG_DEPTH)
+            if above.method == "valley" and above.threshold > dominant:
+                cut, method = above.threshold, "valley above the dominant (live) peak"
+            else:
+                spread = robust_sd(fit[fit <= dominant])
+                cut = dominant + fallback_mad_cutoff * max(spread, 1e-9)
+                method = ("upper tail of the dominant (live) peak: a valley below it would "
+                          "have called it dead")
+    return viability > cut, {"threshold": float(cut), "method": method}
 
 
 def _mahalanobis_sq(points: np.ndarray, mean: np.ndarray, covariance: np.ndarray) -> np.ndarray:
@@ -357,7 +384,8 @@ def run_qc(
                 flag, info = dead_flags(
                     X[:, where["Live"]], fit_mask=passed,
                     threshold=None if threshold is None else float(threshold),
-                    fallback_mad_cutoff=float(step_settings["fallback_mad_cutoff"]))
+                    fallback_mad_cutoff=float(step_settings["fallback_mad_cutoff"]),
+                    fsc=linear[:, where["FSC-A"]] if "FSC-A" in where else None)
             else:
                 skipped = "no viability channel"
         elif step == "debris":
@@ -394,7 +422,73 @@ def run_qc(
                       "events_out": events_in - removed,
                       "detail": f"skipped: {skipped}" if skipped else _detail(step, info)})
         learned[step] = {"settings": step_settings, **info}
+    learned["flags"] = removed_most_flags(steps, max_fraction=float(
+        settings["max_removed_fraction"]))
+    lineage = _lineage_cells_removed(X, where, flags)
+    if lineage is not None:
+        learned["lineage_check"] = lineage
+        if lineage["removed_pct"] > 100.0 * float(settings["max_lineage_removed_fraction"]):
+            learned["flags"].append("qc_removed_lineage_cells")
+    for step in steps:
+        if f"{step['step']}_removed_most" in learned["flags"]:
+            share = 100.0 * step["events_removed"] / step["events_in"]
+            step["detail"] += f"; removed {share:.0f}% of its events (flagged)"
     return flags, steps, learned
+
+
+#: Steps whose removal of lineage-marker-positive cells is checked. Margin and doublet events
+#: are no cells to keep, and dead cells bind antibodies unspecifically (they would look like
+#: lineage cells): these are measured among the events that passed all three.
+_CELL_STEPS = ("debris", "time_anomaly")
+
+
+def _lineage_cells_removed(X: np.ndarray, where: Mapping[str, int],
+                           flags: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+    """The share of lineage-positive events (T cells, B cells: above their own CD3, CD19 or
+    CD20 density valley) that the debris (scatter) and time steps removed.
+
+    These are lymphocytes by their markers, a reference the QC steps never saw: a scatter
+    gate or a time filter that removes many of them (a live-cell export's lymphocytes cut
+    by a scatter gate learned for whole blood) removes real cells. None without a separated
+    lineage marker (a valley whose positive side holds 1-90% of the events).
+    """
+    from ..kernels.density import find_modes
+
+    earlier = np.logical_or.reduce([flags[FLAG_COLUMNS[step]] for step in (
+        "non_finite", "margin", "doublets", "dead")])
+    kept = ~earlier
+    removed = np.logical_or.reduce([flags[FLAG_COLUMNS[step]] for step in _CELL_STEPS])
+    # The valleys are those of the events every step kept: a time anomaly's shifted events
+    # make no lineage population of their own.
+    clean = kept & ~removed
+    positive = np.zeros(X.shape[0], dtype=bool)
+    used = []
+    for marker in ("CD3", "CD19", "CD20"):
+        if marker not in where or clean.sum() < 100:
+            continue
+        values = X[:, where[marker]]
+        modes = find_modes(values[clean])
+        if modes is None:
+            continue
+        share = float(np.mean(values[clean] >= modes[0]))
+        if 0.01 <= share <= 0.9:
+            positive |= kept & (values >= modes[0])
+            used.append(marker)
+    if positive.sum() < 50:
+        return None
+    return {"markers": used, "events": int(positive.sum()),
+            "removed_pct": 100.0 * float((positive & removed).sum()) / float(positive.sum())}
+
+
+def removed_most_flags(steps: Sequence[Mapping[str, Any]], *, max_fraction: float) -> list[str]:
+    """``{step}_removed_most`` for every QC step that removed more than ``max_fraction`` of
+    the events it was given (at least 100): never silently. Whole blood after lymphodepletion
+    loses most of its events to the scatter gate (granulocytes); a live-cell export should
+    lose few to any step, and a viability gate that removes most events of one is suspect.
+    """
+    return [f"{step['step']}_removed_most" for step in steps
+            if step["events_in"] >= 100
+            and step["events_removed"] > max_fraction * step["events_in"]]
 
 
 def _detail(step: str, info: Mapping[str, Any]) -> str:

@@ -357,14 +357,25 @@ def annotate_sample(
     if rejected:
         log.warning("%s: not evaluable (they rest on an unreliable gate): %s; %s", sample_id,
                     record["not_evaluable"], record["not_evaluable_reason"])
-    record["sample_flags"] = ";".join(plausibility_flags(
-        columns, record, day=day, groups=set(gate_table.get("group", pd.Series(dtype=str)))))
+    record["sample_flags"] = ";".join([*plausibility_flags(
+        columns, record, day=day, groups=set(gate_table.get("group", pd.Series(dtype=str)))),
+        *_qc_flags(annotated)])
     if record["sample_flags"]:
         log.warning("%s: implausible or incomplete result, check it: %s", sample_id,
                     record["sample_flags"])
     counts = pd.DataFrame([record], columns=list(COUNT_COLUMNS))
     counts.attrs["lymphocyte_gate"] = lymphocyte_info
     return annotated, counts
+
+
+def _qc_flags(adata: Any) -> list[str]:
+    """The QC flags ingest recorded (``uns["qc"]["flags"]``: a step that removed most of
+    the events, lymphocytes by their markers removed)."""
+    qc = adata.uns.get("qc") or {}
+    flags = qc.get("flags") if isinstance(qc, Mapping) else None
+    if flags is None:
+        return []
+    return [str(flag) for flag in np.atleast_1d(np.asarray(flags, dtype=object)) if str(flag)]
 
 
 def _gate_reasons(unreliable: Mapping[tuple[str, str], str]) -> str:

@@ -673,8 +673,10 @@ def _add_judged(sample: _SampleGates, marker: str, threshold: float, *, parent: 
                 high: float = float("nan"), unaligned: bool = False) -> None:
     """Measure a sample's gate against its references, judge it, and record it."""
     negative, positive = pool.negative.get(sample_id), pool.positive.get(sample_id)
+    # A positive reference measures the gate when it placed it (CD45: no negative one);
+    # otherwise (CD27: 10-30% of T cells are CD27-) it only checks the side.
     measured = separation(threshold, parent=pool.pooled.get(sample_id, np.empty(0)),
-                          negative=negative, positive=positive)
+                          negative=negative, positive=None if spec.negative else positive)
     n_parent = pool.present.get(sample_id, 0)
     reliability, detail = judge(
         marker, gate=threshold, spec=spec, method=method, measured=measured,

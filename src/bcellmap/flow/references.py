@@ -39,8 +39,10 @@ taken for the negative one: which side of the gate it lies on follows from the r
 - ``negative_above_pct``: the share of the negative reference at or above the gate (the
   events known negative that the gate would call positive);
 - ``positive_below_pct``: the share of the gated population below the gate: of the positive
-  reference where there is one, else of the parent's events above the gate modelled by their
-  upper side mirrored about their mode (:func:`bcellmap.kernels.density.mirrored_share`).
+  reference where it placed the gate (CD45), else of the parent's events above the gate
+  modelled by their upper side mirrored about their mode
+  (:func:`bcellmap.kernels.density.mirrored_share`). (CD27's positive reference, the T
+  cells, of which 10-30% are CD27-, only checks the side: their mode must lie above it.)
   Where the gated events form no peak of their own (a shoulder) this is about 50%: the gate
   then rests on its reference, not on a gap in the data.
 
