@@ -1028,3 +1028,38 @@ def test_flags_figure_lists_every_flagged_sample_gate_and_patient():
                        kinetics.assign(flags=""))
     assert any("Nothing flagged" in t.get_text() for t in empty.axes[0].texts)
     matplotlib.pyplot.close(empty)
+
+
+def test_gates_show_separation_and_what_is_not_evaluable():
+    adata = gated_h5ad(None, sample_id="G7_d0", patient_id="G7")
+    gates = adata.uns["gates"]
+    gates["reference"] = "negative: T cells (CD3+)"
+    gates["negative_above_pct"] = 0.8
+    gates["positive_below_pct"] = 2.5
+    gates["reliability"] = "ok"
+    gates["reliability_detail"] = ""
+    cd19 = (gates["marker"] == "CD19") & (gates["level"] == "pos")
+    gates.loc[cd19, "reliability"] = "nonspecific"
+    gates.loc[cd19, "reliability_detail"] = "CD19 stains its negative reference"
+    adata.uns["gates"] = gates
+    visit = figures.read_gate_visit(adata)
+    # The T cells are read as the negative reference and drawn.
+    assert len(visit.t_events) == min(figures._REFERENCE_EVENTS, 3000)
+    fig = figures.plot_gates([visit], "G7")
+    texts = _texts(fig)
+    # Beside every gate, its two numbers.
+    assert texts["separation:gate:G7_d0:igd_cd27:IgD"].strip() == (
+        "neg ref above 0.8% · gated below 2.5%")
+    # The nonspecific CD19 gate: dash-dot dark red, named under the panel, and every panel
+    # that rests on it says "not evaluable" instead of percentages.
+    line = _by_gid(fig, "gate:G7_d0:cd19_cd20:CD19")
+    assert line.get_linestyle() == "-." and line.get_color() == figures._UNRELIABLE_COLOUR
+    assert "nonspecific: not evaluable" in texts["flag:G7_d0:cd19_cd20:CD19"]
+    for panel in ("cd19_cd20", "igd_cd27", "cd24_cd38"):
+        assert f"not_evaluable:G7_d0:{panel}" in texts, panel
+    assert "pct:G7_d0:naive" not in texts and "pct:G7_d0:CD19+CD20+" not in texts
+    assert texts["pct:G7_d0:b_count"].startswith("B cells: not evaluable")
+    assert _by_gid(fig, "reference:G7_d0:cd19_cd20") is not None
+    # A sound gate stays solid black.
+    assert _by_gid(fig, "gate:G7_d0:igd_cd27:IgD").get_linestyle() == "-"
+    matplotlib.pyplot.close(fig)

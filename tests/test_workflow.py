@@ -44,8 +44,10 @@ def _run_demo(workdir: Path, device: str) -> Path:
     (workdir / "my.yaml").write_text(
         f"demo:\n  outdir: {workdir / 'demo'}\n  preset: fixture\ndevice: {device}\n"
     )
-    _snakemake("--cores", "2", "--configfile", "my.yaml", cwd=workdir,
-               env_extra={"BCELLMAP_DEVICE": device})
+    result = _snakemake("--cores", "2", "--configfile", "my.yaml", cwd=workdir,
+                        env_extra={"BCELLMAP_DEVICE": device})
+    # What the user saw on the terminal (the end-of-run summary is in it).
+    (workdir / "terminal.txt").write_text(result.stdout + result.stderr)
     return workdir
 
 
@@ -184,6 +186,83 @@ def test_lymphocytes_are_counted_by_markers_in_lymphopenic_whole_blood(demo_run,
                              / max(np.isin(all_categories, ["t_cells", "nk_cells",
                                                             "b_cells"]).sum(), 1))
     assert min(myeloid_share) > 1.0
+
+
+def test_the_run_says_what_it_could_not_stand_behind(demo_run):
+    terminal = (demo_run / "terminal.txt").read_text()
+    assert "bcellmap run summary" in terminal
+    assert "flags page: results/tables/flags.tsv" in terminal
+    flags = _table(demo_run, "flags.tsv")
+    assert {"level", "id", "flag", "kind"} <= set(flags.columns)
+    # Every gate of the demo can be stood behind: nothing is not evaluable.
+    gates = pd.read_csv(demo_run / "results" / "models" / "gates.tsv", sep="\t")
+    assert set(gates["reliability"]) <= {"ok", "not_assessed"}
+    assert "values not evaluable (NA, resting on an unreliable gate): 0" in terminal
+    # The lymphopenic whole-blood visits lose most events to the scatter gate: said, by name.
+    lymphopenic = set(pd.read_csv(demo_run / "demo" / "truth_samples.tsv", sep="\t").query(
+        "lymphopenic")["sample_id"])
+    removed = set(flags.loc[flags["flag"] == "debris_removed_most", "id"])
+    assert removed == lymphopenic
+    assert "debris_removed_most" in terminal
+
+
+def test_no_flag_is_raised_on_every_sample_of_a_normal_cohort(demo_run):
+    flags = _table(demo_run, "flags.tsv")
+    flow = set(_table(demo_run, "samples.tsv").query("modality == 'flow'")["sample_id"])
+    per_sample = flags[flags["level"].isin(["sample", "gate"])]
+    for flag, rows in per_sample.groupby("flag"):
+        assert set(rows["id"]) < flow, flag
+
+
+def test_fail_on_turns_a_chosen_flag_into_an_error_and_reruns_nothing_else(demo_run):
+    result = _snakemake("--cores", "1", "--configfile", "my.yaml", "--config",
+                        "fail_on=[removed_most]", cwd=demo_run, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "debris_removed_most" in output and "bcellmap run summary" in output
+    assert "check_flags" in output
+    for rule in ("thresholds", "quantify", "kinetics", "map_annotate_flow"):
+        assert f"rule {rule}:" not in output, rule
+    assert not (demo_run / "results" / "tables" / "fail_on.txt").exists()
+    # A flag the run did not raise passes.
+    _snakemake("--cores", "1", "--configfile", "my.yaml", "--config",
+               "fail_on=[nonspecific]", cwd=demo_run)
+    assert (demo_run / "results" / "tables" / "fail_on.txt").exists()
+    (demo_run / "results" / "tables" / "fail_on.txt").unlink()
+
+
+def test_a_real_blood_visit_gets_the_same_calls_alone_and_inside_the_demo(demo_run, tmp_path):
+    """A simulated healthy adult (naive-dominant, IgD and CD27 as real blood shows them),
+    gated as a cohort of one and inside the demo cohort: the same calls within 1 point, and
+    within 2 points of the truth."""
+    import anndata as ad
+
+    import bcellmap as bl
+    from bcellmap.demo.simulate import codes_table
+    from bcellmap.demo.simulate_visit import simulate_visit
+
+    path = tmp_path / "healthy.fcs"
+    simulate_visit(path, profile="healthy_adult", seed=11)
+    visit = bl.flow.ingest(path, sample_id="HC", patient_id="HC", day=-1)
+    visit = visit[visit.obs["qc_pass"].to_numpy()].copy()
+    codes = np.load(path.with_suffix(".truth.npy"))[visit.obs["event_index"].to_numpy()]
+    table = codes_table().set_index("code")
+    true_b = table.loc[codes, "category"].to_numpy() == "b_cells"
+    true_subset = table.loc[codes, "b_subset"].to_numpy()
+    demo = {p.stem: ad.read_h5ad(p) for p in sorted(
+        (demo_run / "results" / "annotated").glob("*_v*.h5ad"))}
+    calls = {}
+    for name, cohort in (("alone", {"HC": visit}), ("demo", {**demo, "HC": visit})):
+        adata = visit.copy()
+        _, gates = bl.tl.gate(cohort)
+        bl.tl.annotate(adata, gates=gates[gates["sample_id"] == "HC"])
+        b = adata.obs["cell_type"].to_numpy() == "B"
+        subset = adata.obs["b_subset"].astype(str).to_numpy()
+        calls[name] = {s: 100.0 * (subset[b] == s).mean() for s in SUBSETS}
+    for s in SUBSETS:
+        truth = 100.0 * (true_subset[true_b] == s).mean()
+        assert calls["alone"][s] == pytest.approx(truth, abs=2.0), s
+        assert calls["demo"][s] == pytest.approx(calls["alone"][s], abs=1.0), s
 
 
 def test_rerun_has_nothing_to_do(demo_run):

@@ -95,3 +95,63 @@ def test_configured_sheet_runs_and_flags_what_is_implausible(tmp_path):
     assert groups["R2_base"] == "ff" and groups["R2_d28"] == "flowai"
     assert groups["R1_base"] == "all"
     assert np.isfinite(gates["threshold"]).any()
+
+
+# The cases as pretend patients: a mass-cytometry CD19 that stains every cell
+# (CytoNorm), a T-cell panel whose CD3 and CD19 are single modes (flowkit_100715), and a
+# CD3-less B-cell panel whose CD19 is one population with a tail (flowAI).
+UNRELIABLE = [
+    ("C_base", "C", -7, "cytonorm_PTLG021_control_1.fcs", "cytof"),
+    ("C_d30", "C", 30, "cytonorm_PTLG028_control_1.fcs", "cytof"),
+    ("C_d90", "C", 90, "cytonorm_PTLG034_control_1.fcs", "cytof"),
+    ("C_d180", "C", 180, "cytonorm_PTLG021_control_2.fcs", "cytof"),
+    ("K_base", "K", -5, "flowkit_100715.fcs", ""),
+    ("A_base", "A", -3, "flowai_bcells_1.fcs", "flowai"),
+    ("A_d28", "A", 28, "flowai_bcells_2.fcs", "flowai"),
+    ("A_d112", "A", 112, "flowai_bcells_3.fcs", "flowai"),
+]
+
+
+def test_values_resting_on_gates_that_cannot_be_stood_behind_are_not_evaluable(tmp_path):
+    frame = pd.DataFrame([{"sample_id": s, "patient_id": p, "day": d, "modality": "flow",
+                           "path": str(REALFCS / f), "lymphocytes_per_ul": 1000, "panel": panel}
+                          for s, p, d, f, panel in UNRELIABLE])
+    frame.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    (tmp_path / "my.yaml").write_text(
+        "samples: samples.tsv\ndevice: cpu\nreport: {enabled: false}\n"
+        "cluster: {markers: [CD3, CD19], som: {xdim: 4, ydim: 4}, n_metaclusters: 4}\n"
+        "ingest: {required_markers: [[CD19, CD20]]}\n"
+        "panels:\n  default: {channels: {}}\n  cytof: {channels: {}}\n"
+        "  flowai: {channels: {}, compensation: {source: none}, required_markers: [CD19]}\n")
+    result = _snakemake("--cores", "2", "--configfile", "my.yaml", cwd=tmp_path)
+    terminal = result.stdout + result.stderr
+    table = pd.read_csv(tmp_path / "results" / "tables" / "samples.tsv", sep="\t",
+                        keep_default_na=False, na_values=[""]).set_index("sample_id")
+    gates = pd.read_csv(tmp_path / "results" / "models" / "gates.tsv", sep="\t")
+    cd19 = gates[gates["marker"] == "CD19"].set_index("sample_id")
+    # The CytoNorm CD19 stains the T cells: nonspecific; no B count comes from it.
+    for sample in ("C_base", "C_d30", "C_d90", "C_d180"):
+        assert cd19.loc[sample, "reliability"] == "nonspecific", sample
+    # The single-mode CD19 of the T-cell panel and of the CD3-less B-cell panel: unreliable.
+    for sample in ("K_base", "A_base", "A_d28", "A_d112"):
+        assert cd19.loc[sample, "reliability"] == "unreliable", sample
+    for sample in table.index:
+        assert pd.isna(table.loc[sample, "b_cells"]), sample
+        assert pd.isna(table.loc[sample, "b_pct_lymphocytes"]), sample
+        assert "b_cells" in table.loc[sample, "not_evaluable"].split(";"), sample
+    kinetics = pd.read_csv(tmp_path / "results" / "tables" / "kinetics.tsv", sep="\t",
+                           keep_default_na=False, na_values=[""])
+    b = kinetics[kinetics["measure"] == "b"].set_index("patient_id")
+    for patient in ("C", "A"):
+        assert pd.isna(b.loc[patient, "depletion_day"]), patient
+        assert pd.isna(b.loc[patient, "reconstitution_day"]), patient
+        assert "gate_not_evaluable" in b.loc[patient, "flags"].split(";"), patient
+    cohort = pd.read_csv(tmp_path / "results" / "tables" / "cohort.tsv", sep="\t")
+    depleted = cohort[(cohort["statistic"] == "patients_depleted")
+                      & (cohort["measure"] == "b")]["value"]
+    assert (depleted == 0).all()
+    assert not cohort["statistic"].str.startswith("km_").any() or cohort.loc[
+        cohort["statistic"].str.startswith("km_") & (cohort["measure"] == "b"), "n"].eq(0).all()
+    # The terminal says so.
+    assert "bcellmap run summary" in terminal
+    assert "CD19:nonspecific" in terminal and "CD19:unreliable" in terminal

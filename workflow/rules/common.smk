@@ -87,6 +87,25 @@ else:
 validate(samples, schema="../schemas/samples.schema.yaml")
 
 
+def flag_gates(wildcards) -> list[str]:
+    """The gates table the flags read: only a cohort with flow samples has one."""
+    return ["results/models/gates.tsv"] if FLOW_SAMPLES else []
+
+
+# What the run could not stand behind, printed when it ends, locally and on a cluster (the
+# handlers run in the main process): flags by reason, values not evaluable, the flags page.
+onsuccess:
+    shell(
+        "bcellmap summary --results results --flags-page results/tables/flags.tsv"
+        + (" results/report/flags.png" if config["report"]["enabled"] else "")
+        + " || true"
+    )
+
+
+onerror:
+    shell("bcellmap summary --results results --flags-page results/tables/flags.tsv || true")
+
+
 onstart:
     if workflow.local_exec and config["device"] != "cpu":
         from bcellmap.preflight import PreflightReport, _check_device
@@ -263,7 +282,10 @@ def all_targets() -> list[str]:
         "results/tables/kinetics.tsv",
         "results/tables/cohort.tsv",
         "results/tables/qc.tsv",
+        "results/tables/flags.tsv",
     ]
+    if config["fail_on"]:
+        targets.append("results/tables/fail_on.txt")
     targets += [f"results/annotated/{sample_id}.h5ad" for sample_id in samples["sample_id"]]
     if FLOW_SAMPLES and SCRNA_SAMPLES:
         targets.append("results/tables/concordance.tsv")

@@ -59,3 +59,47 @@ rule concordance:
         CONDA_ENV
     shell:
         "bcellmap concordance --table {input} --out {output} 2> {log}"
+
+
+rule flags:
+    input:
+        samples="results/tables/samples.tsv",
+        kinetics="results/tables/kinetics.tsv",
+        gates=flag_gates,
+    output:
+        "results/tables/flags.tsv",
+    params:
+        gates=lambda wildcards, input: f"--gates {input.gates}" if input.gates else "",
+    priority: 8
+    log:
+        "logs/flags.log",
+    benchmark:
+        "logs/benchmarks/flags.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "bcellmap flags --samples-table {input.samples} --kinetics {input.kinetics}"
+        " {params.gates} --out {output} 2> {log}"
+
+
+# fail_on (config): the chosen flags end the run as an error, once every table is written.
+rule check_flags:
+    input:
+        samples="results/tables/samples.tsv",
+        kinetics="results/tables/kinetics.tsv",
+        gates=flag_gates,
+        flags="results/tables/flags.tsv",
+    output:
+        "results/tables/fail_on.txt",
+    params:
+        config=config_json,
+        settings=settings("fail_on"),
+        gates=lambda wildcards, input: f"--gates {input.gates}" if input.gates else "",
+    log:
+        "logs/check_flags.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "bcellmap flags --check --config-json {params.config:q} --samples-table {input.samples}"
+        " --kinetics {input.kinetics} {params.gates} 2> {log}"
+        " && echo 'fail_on {params.settings}: no such flag raised' > {output}"

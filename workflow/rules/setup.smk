@@ -5,6 +5,8 @@
 # Writing the config takes no time: on a cluster it runs where snakemake runs.
 localrules:
     write_config,
+    flags,
+    check_flags,
 
 
 # The merged config (package defaults, config files, --config), for the record: commands get

@@ -45,6 +45,11 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                  "per-patient depletion and reconstitution, cohort summary"),
     "concordance": ("bcellmap.cli.cohort", "cli_concordance",
                     "flow vs scRNA B-cell frequencies at visits measured both ways"),
+    "flags": ("bcellmap.cli.cohort", "cli_flags",
+              "every flag of a run in one table -> results/tables/flags.tsv (--check: fail_on)"),
+    "summary": ("bcellmap.cli.cohort", "cli_summary",
+                "print what a run could not stand behind: flags by reason, values not "
+                "evaluable"),
     "report": ("bcellmap.cli.report", "cli_report", "figures for the Snakemake report"),
     "ingest-scrna": ("bcellmap.cli.scrna", "cli_ingest_scrna",
                      "read one scRNA sample (10x .h5, mtx folder, .h5ad): QC, normalise -> h5ad"),
@@ -191,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = p["concordance"]
     s.add_argument("--table", required=True, metavar="TSV", help="results/tables/samples.tsv")
     s.add_argument("--out", required=True, metavar="TSV")
+
+    s = p["flags"]
+    _add_common(s)
+    s.add_argument("--samples-table", required=True, metavar="TSV",
+                   help="results/tables/samples.tsv")
+    s.add_argument("--kinetics", default=None, metavar="TSV", help="results/tables/kinetics.tsv")
+    s.add_argument("--gates", default=None, metavar="TSV", help="results/models/gates.tsv")
+    s.add_argument("--out", default=None, metavar="TSV", help="results/tables/flags.tsv")
+    s.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 when a flag named in the config's fail_on "
+                        "was raised")
+
+    s = p["summary"]
+    s.add_argument("--results", default="results", metavar="DIR",
+                   help="the run's results folder (default: results)")
+    s.add_argument("--flags-page", nargs="*", default=[], metavar="PATH",
+                   help="where the flags table and figure are, printed at the end")
 
     s = p["report"]
     _add_common(s)

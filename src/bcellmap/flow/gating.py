@@ -77,7 +77,13 @@ from ..contracts import (
     subsample_indices,
 )
 from ..io.panel import marker_columns
-from ..kernels.density import TailBoundary, density_mode, find_modes, learn_marker_threshold
+from ..kernels.density import (
+    TailBoundary,
+    density_mode,
+    find_modes,
+    learn_marker_threshold,
+    without_ceiling_ties,
+)
 from .references import (
     REFERENCE_NAMES,
     ReferenceSpec,
@@ -529,7 +535,9 @@ def _collect(stage: str, markers: Sequence[str], ids: Sequence[str],
                 min_positive_events=settings.min_positive_events,
                 min_positive_fraction=settings.min_positive_fraction,
                 min_peak_fraction=settings.min_peak_fraction)
-            pool.pooled[sample_id] = columns[marker][keep]
+            # A saturation spike is no population (kernels.density); registered, each
+            # sample's spike would land elsewhere in the pool, so it leaves here.
+            pool.pooled[sample_id] = without_ceiling_ties(columns[marker][keep])
             spec = settings.references.get(marker, ReferenceSpec())
             for name, store in ((spec.negative, pool.negative), (spec.positive, pool.positive)):
                 if name is None:

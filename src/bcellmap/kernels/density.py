@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 
 __all__ = ["TailBoundary", "ThresholdFit", "density_mode", "find_modes", "learn_marker_threshold",
-           "mirrored_share", "robust_sd", "tail_boundary"]
+           "mirrored_share", "robust_sd", "tail_boundary", "without_ceiling_ties"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def robust_sd(values: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(values - median)))
 
 
-def _without_ceiling_ties(values: np.ndarray) -> np.ndarray:
+def without_ceiling_ties(values: np.ndarray) -> np.ndarray:
     """``values`` without a tie at their maximum held by many events (a saturation spike).
 
     Saturated events (kept on uncompensated fluorescence, or clipped at the top of a
@@ -226,7 +226,7 @@ def learn_marker_threshold(
     n = int(values.size)
     if n < min_events:
         return ThresholdFit(float("nan"), "insufficient_events", n)
-    values = _without_ceiling_ties(values)
+    values = without_ceiling_ties(values)
     estimate = _density(values, bins=bins)
     if estimate is None:
         # Nearly all values tied (e.g. an instrument floor at 0): "pos" is ">=", so the
@@ -252,7 +252,7 @@ def find_modes(values: np.ndarray, *, bins: int = 256, min_peak_fraction: float 
     Returns ``(valley, (lower mode, upper mode))``, or None for a unimodal sample.
     """
     values = np.asarray(values, dtype=np.float64)
-    values = _without_ceiling_ties(values[np.isfinite(values)])
+    values = without_ceiling_ties(values[np.isfinite(values)])
     estimate = _density(values, bins=bins) if values.size else None
     if estimate is None:
         return None
@@ -411,7 +411,7 @@ def tail_boundary(
     values = values[np.isfinite(values)]
     if values.size < min_events:
         return None
-    values = _without_ceiling_ties(values)
+    values = without_ceiling_ties(values)
     flip = -1.0 if side == "lower" else 1.0
     values = flip * values
     estimate = _tail_density(values, bins=bins)

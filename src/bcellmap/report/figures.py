@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -510,12 +510,28 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
                        gid=f"discordance_{modality}")
         _mark_kinetics(ax, kinetic, _patient_flags(kinetics, patient_id, modality_main)
                        if modality_main else set())
+        gated_out = _not_evaluable_days(rows)
+        if gated_out:
+            # Every visit on the axis, those without a value too.
+            days = rows["day"].to_numpy(float)
+            low, high = ax.get_xlim()
+            pad = 0.03 * max(float(np.nanmax(days) - np.nanmin(days)), 10.0)
+            ax.set_xlim(min(low, float(np.nanmin(days)) - pad),
+                        max(high, float(np.nanmax(days)) + pad))
+        for modality, days in gated_out.items():
+            # No value: an X on the top edge, never a point on the curve.
+            ax.scatter(days, np.ones(len(days)), transform=ax.get_xaxis_transform(),
+                       marker="X", s=40, color=_UNRELIABLE_COLOUR, clip_on=False, zorder=5,
+                       gid=f"not_evaluable_{modality}")
         handles, labels = ax.get_legend_handles_labels()
         _limit_legend(handles, labels, traces)
         if floor_points:
             handles.append(Line2D([], [], marker="v", ls="", markerfacecolor="white",
                                   markeredgecolor="#444444"))
             labels.append("0 events, no LLOQ (axis floor)")
+        if gated_out:
+            handles.append(Line2D([], [], marker="X", ls="", color=_UNRELIABLE_COLOUR))
+            labels.append("not evaluable: rests on an\nunreliable gate (no value)")
         if flagged_discordance:
             handles.append(Line2D([], [], marker="*", ls="", color=_DISCORDANCE_COLOUR,
                                   markeredgecolor="#000000", markersize=8))
@@ -529,6 +545,17 @@ def plot_patient(samples: pd.DataFrame, kinetics: pd.DataFrame, patient_id: str)
         ax.set_ylabel(f"B cells (CD3−), {_unit_label(per_ul)}")
         ax.set_title(f"Patient {patient_id}", loc="left")
     return fig
+
+
+def _not_evaluable_days(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per modality, the days whose B-cell values rest on an unreliable gate."""
+    if "not_evaluable" not in rows.columns:
+        return {}
+    listed = rows["not_evaluable"].fillna("").astype(str).str.split(";")
+    hit = listed.apply(lambda names: bool({"b_cells", "cd19_pos", "cd20_pos", "lymphocytes"}
+                                          & set(names)))
+    return {str(modality): part["day"].to_numpy(float)
+            for modality, part in rows[hit.to_numpy()].groupby("modality")}
 
 
 def _mark_kinetics(ax, kinetic: pd.Series | None, flags: set[str] | None = None) -> None:
@@ -1213,7 +1240,12 @@ def plot_embedding(pooled: pd.DataFrame, *, max_events: int = 20_000, seed: int,
 _WARNING_COLOUR = "#D55E00"  # Okabe-Ito vermilion: a gate that needs checking
 _GATE_COLOUR = "#000000"
 _GATE_OBS = ("cell_type", "lymphocyte", "b_subset", "cd19_pos", "cd20_pos")
-_GATE_COLUMNS = ("marker", "level", "threshold", "parent", "method", "n_events", "flag")
+_GATE_COLUMNS = ("marker", "level", "threshold", "parent", "method", "n_events", "flag",
+                 "reference", "negative_above_pct", "positive_below_pct", "reliability",
+                 "reliability_detail")
+_UNRELIABLE_COLOUR = "#B00000"  # a gate nothing may rest on: its values are not evaluable
+_REFERENCE_COLOUR = "#56B4E9"  # Okabe-Ito sky blue: the negative reference (T cells)
+_NOT_RELIABLE = ("unreliable", "nonspecific")
 _CD3NEG_MARKERS = ("CD19", "CD20")
 _B_MARKERS = ("IgD", "CD27", "CD24", "CD38")
 # Parents searched, in order, for the gate of each panel (then any parent).
@@ -1254,6 +1286,9 @@ class GateVisit:
     cd3neg_events, b_events
         Subsamples of CD3- lymphocytes (CD19, CD20 values) and of B cells (IgD, CD27, CD24,
         CD38 values), markers absent from the panel left out.
+    t_events
+        A subsample of T cells (CD19, CD20, IgD, CD27 values): the negative reference of the
+        CD19, CD20 and IgD gates, drawn over the panels (empty without T cells).
     """
 
     sample_id: str
@@ -1267,6 +1302,11 @@ class GateVisit:
     gates: pd.DataFrame
     cd3neg_events: pd.DataFrame
     b_events: pd.DataFrame
+    t_events: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+#: T cells drawn per visit as the negative reference (a cloud, not a density).
+_REFERENCE_EVENTS = 600
 
 
 def _bool_array(values: Any) -> np.ndarray:
@@ -1294,10 +1334,12 @@ def _gate_table(value: Any, *, path: object, sample_id: str) -> pd.DataFrame:
         if column not in table.columns:
             raise InputError(f"uns['gates'] has no column {column!r}", path=path,
                              sample_id=sample_id)
-    for column in ("level", "parent", "method", "flag"):
+    for column in ("level", "parent", "method", "flag", "reference", "reliability",
+                   "reliability_detail"):
         table[column] = _text_array(table[column]) if column in table.columns else ""
-    if "n_events" not in table.columns:
-        table["n_events"] = np.nan
+    for column in ("n_events", "negative_above_pct", "positive_below_pct"):
+        if column not in table.columns:
+            table[column] = np.nan
     table["marker"] = _text_array(table["marker"])
     table["level"] = np.where(table["level"] == "", "pos", table["level"])
     table["threshold"] = pd.to_numeric(table["threshold"], errors="coerce")
@@ -1420,7 +1462,9 @@ def _gate_visit_parts(path: object, sample: dict, gates: Any, var: pd.DataFrame,
     cd3neg_rows = cd3neg_rows[subsample_indices(cd3neg_rows.size, int(max_events), rng)]
     b_rows = np.flatnonzero(is_b)
     b_rows = b_rows[subsample_indices(b_rows.size, int(max_events), rng)]
-    rows = np.union1d(cd3neg_rows, b_rows)
+    t_rows = np.flatnonzero(cell_type == "T")
+    t_rows = t_rows[subsample_indices(t_rows.size, _REFERENCE_EVENTS, rng)]
+    rows = np.union1d(np.union1d(cd3neg_rows, b_rows), t_rows)
     wanted = list(dict.fromkeys(lineage + b_markers))
     columns = [canonical.index(m) for m in wanted]
     table = _gate_table(gates, path=path, sample_id=sample_id)
@@ -1434,6 +1478,8 @@ def _gate_visit_parts(path: object, sample: dict, gates: Any, var: pd.DataFrame,
             cd3neg_events=frame.iloc[np.searchsorted(rows, cd3neg_rows)][lineage]
             .reset_index(drop=True),
             b_events=frame.iloc[np.searchsorted(rows, b_rows)][b_markers]
+            .reset_index(drop=True),
+            t_events=frame.iloc[np.searchsorted(rows, t_rows)][wanted]
             .reset_index(drop=True))
 
     return rows, columns, finish
@@ -1499,19 +1545,39 @@ def _density(ax, x: np.ndarray, y: np.ndarray, extent: tuple[float, float, float
         ax.scatter(x, y, s=4, color="#444444", lw=0, rasterized=True, gid=gid)
 
 
+def _reliable(gate: pd.Series | None) -> bool:
+    return gate is None or str(gate.get("reliability", "")) not in _NOT_RELIABLE
+
+
+def _separation_text(gate: pd.Series) -> str:
+    """The gate's two separation numbers, as written beside it."""
+    parts = []
+    for column, label in (("negative_above_pct", "neg ref above"),
+                          ("positive_below_pct", "gated below")):
+        value = pd.to_numeric(gate.get(column), errors="coerce")
+        if value is not None and np.isfinite(value):
+            parts.append(f"{label} {value:.1f}%")
+    return " · ".join(parts)
+
+
 def _draw_gate_line(ax, gate: pd.Series | None, *, axis: str, gid: str,
                     span: tuple[float, float] | None = None) -> bool:
-    """The gate threshold as a line (``axis`` "x": vertical); dashed vermilion when flagged.
+    """The gate threshold as a line (``axis`` "x": vertical), its separation written beside it.
 
-    ``span`` limits the line to a range of the other axis (data units), for a gate box.
-    Returns True when a line was drawn (the threshold is finite).
+    Solid black: a sound gate; dashed vermilion: a method flag (check it); dash-dot dark red:
+    unreliable or nonspecific (what rests on it is not evaluable). ``span`` limits the line
+    to a range of the other axis (data units), for a gate box. Returns True when a line was
+    drawn (the threshold is finite).
     """
     if gate is None or not math.isfinite(float(gate["threshold"])):
         return False
     threshold = float(gate["threshold"])
     flagged = bool(str(gate["flag"]).strip())
-    style = {"color": _WARNING_COLOUR if flagged else _GATE_COLOUR,
-             "ls": "--" if flagged else "-", "lw": 1.0, "gid": gid, "zorder": 4}
+    reliable = _reliable(gate)
+    colour = (_GATE_COLOUR if reliable and not flagged else
+              _WARNING_COLOUR if reliable else _UNRELIABLE_COLOUR)
+    style = {"color": colour, "ls": "-" if reliable and not flagged else (
+        "--" if reliable else "-."), "lw": 1.0 if reliable else 1.4, "gid": gid, "zorder": 4}
     if span is None:
         if axis == "x":
             ax.axvline(threshold, **style)
@@ -1521,15 +1587,28 @@ def _draw_gate_line(ax, gate: pd.Series | None, *, axis: str, gid: str,
         ax.plot([threshold, threshold], list(span), **style)
     else:
         ax.plot(list(span), [threshold, threshold], **style)
+    text = _separation_text(gate)
+    if text:
+        # Along the line, at the far end of the axis: the numbers that say how well it
+        # separates (negative reference above it, gated population below it).
+        if axis == "x":
+            ax.text(threshold, 0.99, f" {text}", transform=ax.get_xaxis_transform(),
+                    rotation=90, ha="right", va="top", fontsize=5, color=colour,
+                    gid=f"separation:{gid}", zorder=5)
+        else:
+            ax.text(0.99, threshold, f"{text} ", transform=ax.get_yaxis_transform(),
+                    ha="right", va="bottom", fontsize=5, color=colour,
+                    gid=f"separation:{gid}", zorder=5)
     return True
 
 
 def _gate_notes(ax, notes: list[tuple[str, str]], sample_id: str, panel: str) -> None:
     """Under the panel: flagged or missing gates, in the warning colour."""
     for i, (marker, note) in enumerate(notes):
+        colour = _UNRELIABLE_COLOUR if "not evaluable" in note else _WARNING_COLOUR
         ax.annotate(note, xy=(0.5, 0.0), xycoords="axes fraction", xytext=(0, -26 - 8 * i),
                     textcoords="offset points", ha="center", va="top", fontsize=6.5,
-                    color=_WARNING_COLOUR, annotation_clip=False,
+                    color=colour, annotation_clip=False, wrap=True,
                     gid=f"flag:{sample_id}:{panel}:{marker}")
 
 
@@ -1537,6 +1616,10 @@ def _gate_note(marker: str, level: str, gate: pd.Series | None) -> str | None:
     suffix = "hi" if level == "hi" else "+"
     if gate is None:
         return f"no {marker}{suffix} gate stored"
+    if not _reliable(gate):
+        detail = str(gate.get("reliability_detail", "")).strip()
+        detail = detail if len(detail) <= 90 else detail[:87] + "..."
+        return f"{marker}{suffix} gate {gate['reliability']}: not evaluable. {detail}"
     flag = str(gate["flag"]).strip()
     if flag:
         # Flags read "CD19:upper_tail"; the marker is already named.
@@ -1562,8 +1645,10 @@ def _missing_markers(visit: GateVisit, markers: Sequence[str]) -> list[str]:
 
 def _panel_axes(ax, visit: GateVisit, panel: str, xm: str, ym: str,
                 events: pd.DataFrame, gates: list[tuple[str, str, pd.Series | None]],
-                *, box: bool = False) -> bool:
+                *, box: bool = False, reference: pd.DataFrame | None = None) -> bool:
     """Draw events and gate lines of one panel; False (with a message) if a marker is absent.
+
+    ``reference``: the negative reference's events (T cells), drawn in sky blue.
 
     With one of the two markers absent, the other is drawn as a histogram with its gate (a
     CD19-only panel still shows its CD19 gate); the axes then carry the gid ``histogram``.
@@ -1578,16 +1663,22 @@ def _panel_axes(ax, visit: GateVisit, panel: str, xm: str, ym: str,
         values = values[np.isfinite(values)]
         ax.set_gid("histogram")
         if values.size:
-            ax.hist(values, bins=80, range=_panel_limits(values, [thresholds.get(marker,
-                                                                                float("nan"))]),
-                    color="#999999", histtype="stepfilled", gid=f"hist:{visit.sample_id}:{panel}")
+            limits = _panel_limits(values, [thresholds.get(marker, float("nan"))])
+            ax.hist(values, bins=80, range=limits, color="#999999", histtype="stepfilled",
+                    gid=f"hist:{visit.sample_id}:{panel}")
+            if reference is not None and marker in reference.columns and len(reference):
+                ref = reference[marker].to_numpy(float)
+                ax.hist(ref[np.isfinite(ref)], bins=80, range=limits, color=_REFERENCE_COLOUR,
+                        histtype="step", lw=0.8, gid=f"reference:{visit.sample_id}:{panel}",
+                        label="T cells (negative reference)")
+                ax.legend(loc="upper left", fontsize=5.5, frameon=False)
         gate = {m: g for m, _, g in gates}.get(marker)
         _draw_gate_line(ax, gate, axis="x", gid=f"gate:{visit.sample_id}:{panel}:{marker}")
         notes = [(m, note) for m, level, g in gates
                  if m == marker and (note := _gate_note(m, level, g)) is not None]
         _gate_notes(ax, notes, visit.sample_id, panel)
-        ax.text(0.98, 0.95, f"{', '.join(missing)} not in panel", transform=ax.transAxes,
-                ha="right", va="top", fontsize=7, gid=f"message:{visit.sample_id}:{panel}")
+        ax.text(0.99, 1.0, f"{', '.join(missing)} not in panel", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=6, gid=f"message:{visit.sample_id}:{panel}")
         ax.set_xlabel(f"{marker} (transformed)", labelpad=1)
         ax.set_ylabel("events", labelpad=1)
         return False
@@ -1600,6 +1691,11 @@ def _panel_axes(ax, visit: GateVisit, panel: str, xm: str, ym: str,
     xlim = _panel_limits(x, [thresholds.get(xm, float("nan"))])
     ylim = _panel_limits(y, [thresholds.get(ym, float("nan"))])
     _density(ax, x, y, (*xlim, *ylim), gid=f"density:{visit.sample_id}:{panel}")
+    if reference is not None and {xm, ym} <= set(reference.columns) and len(reference):
+        # The negative reference (T cells) where it lies: what the gates are placed from.
+        ax.scatter(reference[xm].to_numpy(float), reference[ym].to_numpy(float), s=1.2, lw=0,
+                   color=_REFERENCE_COLOUR, alpha=0.5, rasterized=True, zorder=3,
+                   gid=f"reference:{visit.sample_id}:{panel}")
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     by_marker = {marker: gate for marker, _, gate in gates}
@@ -1675,22 +1771,51 @@ def plot_gates(visits: Sequence[GateVisit], patient_id: str, *,
                 spans = np.array([getattr(ax, f"get_{limit}")() for ax in scatter])
                 for ax in scatter:
                     getattr(ax, f"set_{limit}")(spans[:, 0].min(), spans[:, 1].max())
-        fig.suptitle(f"Patient {patient_id}: gates per flow visit (lines: stored gates; dashed "
-                     "vermilion: flagged gate, check it)", x=0.01, ha="left", fontsize=8)
+        fig.suptitle(f"Patient {patient_id}: gates per flow visit (solid: sound gate; dashed "
+                     "vermilion: flagged, check it; dash-dot red: unreliable, not evaluable; "
+                     "beside each gate: % of its negative reference above it, % of the gated "
+                     "population below it)", x=0.01, ha="left", fontsize=7, wrap=True)
     return fig
+
+
+def _not_evaluable_panels(gates: pd.DataFrame) -> set[str]:
+    """The gate figure's panels whose percentages rest on an unreliable gate."""
+    bad = gates[gates["reliability"].isin(_NOT_RELIABLE)]
+    positive = set(bad.loc[bad["level"] == "pos", "marker"])
+    hi = set(bad.loc[bad["level"] == "hi", "marker"])
+    panels = set()
+    if positive & {"CD3", "CD19", "CD20"}:
+        panels |= {"cd19_cd20", "igd_cd27", "cd24_cd38"}
+    if positive & {"IgD", "CD27"}:
+        panels.add("igd_cd27")
+    if hi & {"CD24", "CD38", "CD27"}:
+        panels |= {"igd_cd27", "cd24_cd38"}
+    return panels
+
+
+def _not_evaluable_mark(ax, sample_id: str, panel: str) -> None:
+    ax.text(0.5, 0.5, "not evaluable:\na gate it rests on\ncannot be relied on",
+            transform=ax.transAxes, ha="center", va="center", fontsize=7, zorder=6,
+            color=_UNRELIABLE_COLOUR, gid=f"not_evaluable:{sample_id}:{panel}",
+            bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "alpha": 0.85,
+                  "edgecolor": _UNRELIABLE_COLOUR})
 
 
 def _plot_gate_row(row, visit: GateVisit, *, min_b_events: int) -> None:
     sid = visit.sample_id
     gates = visit.gates
     ax1, ax2, ax3 = row
+    unevaluable = _not_evaluable_panels(gates)
     # 1. CD19 x CD20 of CD3- lymphocytes
     ax1.set_title(f"{_day_label(visit.day)} · {sid}\nCD3− lymphocytes (n = {visit.n_cd3neg:,})",
                   loc="left", fontsize=7)
     lineage = [(m, "pos", _find_gate(gates, m, "pos", _LINEAGE_PARENTS))
                for m in ("CD19", "CD20")]
-    if _panel_axes(ax1, visit, "cd19_cd20", "CD19", "CD20", visit.cd3neg_events, lineage):
-        if visit.cd19_cd20:
+    if _panel_axes(ax1, visit, "cd19_cd20", "CD19", "CD20", visit.cd3neg_events, lineage,
+                   reference=visit.t_events):
+        if "cd19_cd20" in unevaluable:
+            _not_evaluable_mark(ax1, sid, "cd19_cd20")
+        elif visit.cd19_cd20:
             for key, corner in (("CD19-CD20+", "upper left"), ("CD19+CD20+", "upper right"),
                                 ("CD19-CD20-", "lower left"), ("CD19+CD20-", "lower right")):
                 label = key.replace("-", "−")
@@ -1699,22 +1824,26 @@ def _plot_gate_row(row, visit: GateVisit, *, min_b_events: int) -> None:
         else:
             ax1.text(0.5, 0.5, "no CD19/CD20 calls stored", transform=ax1.transAxes,
                      ha="center", va="center", fontsize=7, gid=f"message:{sid}:cd19_cd20")
-    ax1.set_title(f"B cells: {visit.n_b:,}\n", loc="right", fontsize=7).set_gid(
+    ax1.set_title("B cells: not evaluable\n" if "cd19_cd20" in unevaluable
+                  else f"B cells: {visit.n_b:,}\n", loc="right", fontsize=7).set_gid(
         f"pct:{sid}:b_count")
     few = visit.n_b < min_b_events
     n_b = visit.n_b
     has_pb_gate = bool(((gates["marker"] == "CD27") & (gates["level"] == "hi")).any())
     # 2. IgD x CD27 of B cells
     extra = ""
-    if not few:
+    if not few and "igd_cd27" not in unevaluable:
         extra = f"; transitional {_pct_text(visit.subsets.get('transitional', 0), n_b)}"
         if has_pb_gate:
             extra += f", PB {_pct_text(visit.subsets.get('plasmablast', 0), n_b)}"
     ax2.set_title(f"IgD × CD27 of B cells (n = {n_b:,})\n% of B cells{extra}", loc="left",
                   fontsize=7)
     igd_cd27 = [(m, "pos", _find_gate(gates, m, "pos", _B_PARENTS)) for m in ("IgD", "CD27")]
-    if _panel_axes(ax2, visit, "igd_cd27", "IgD", "CD27", visit.b_events, igd_cd27):
-        if few:
+    if _panel_axes(ax2, visit, "igd_cd27", "IgD", "CD27", visit.b_events, igd_cd27,
+                   reference=visit.t_events):
+        if "igd_cd27" in unevaluable:
+            _not_evaluable_mark(ax2, sid, "igd_cd27")
+        elif few:
             _few_b_message(ax2, visit, "igd_cd27")
         else:
             corners = {"naive": "lower right", "unswitched_memory": "upper right",
@@ -1728,7 +1857,9 @@ def _plot_gate_row(row, visit: GateVisit, *, min_b_events: int) -> None:
                   loc="left", fontsize=7)
     hi = [(m, "hi", _find_gate(gates, m, "hi", _HI_PARENTS)) for m in ("CD24", "CD38")]
     if _panel_axes(ax3, visit, "cd24_cd38", "CD24", "CD38", visit.b_events, hi, box=True):
-        if few:
+        if "cd24_cd38" in unevaluable:
+            _not_evaluable_mark(ax3, sid, "cd24_cd38")
+        elif few:
             _few_b_message(ax3, visit, "cd24_cd38")
         else:
             _corner(ax3, f"transitional\n{_pct_text(visit.subsets.get('transitional', 0), n_b)}",
@@ -1816,7 +1947,8 @@ def plot_qc_removed(qc: pd.DataFrame) -> Figure:
     return fig
 
 
-_FLAG_COLUMNS = (("sample_flags", "result"), ("gate_flags", "gate"))
+_FLAG_COLUMNS = (("not_evaluable", "not evaluable"), ("unreliable_gates", "unreliable gate"),
+                 ("sample_flags", "result"), ("gate_flags", "gate"))
 #: Kinetics flags that describe the timeline rather than ask the user to check something.
 _INFORMATIONAL_FLAGS = {"below_lloq", "nadir_below_lloq"}
 
@@ -1860,9 +1992,11 @@ def plot_flags(samples: pd.DataFrame, kinetics: pd.DataFrame, *, max_rows: int =
             _message_axes(ax, "Nothing flagged: no implausible result, no fallback gate, "
                               "no kinetics flag")
             return fig
-        ax.set_title("Check these before reading the numbers (samples.tsv: sample_flags, "
-                     "gate_flags; kinetics.tsv: flags)", loc="left", fontsize=8)
-        colours = {"result": "#D55E00", "gate": "#E69F00", "kinetics": "#0072B2"}
+        ax.set_title("Check these before reading the numbers\n(samples.tsv: not_evaluable, "
+                     "unreliable_gates, sample_flags, gate_flags; kinetics.tsv: flags)",
+                     loc="left", fontsize=8)
+        colours = {"not evaluable": _UNRELIABLE_COLOUR, "unreliable gate": _UNRELIABLE_COLOUR,
+                   "result": "#D55E00", "gate": "#E69F00", "kinetics": "#0072B2"}
         step = 1.0 / (len(shown) + 1)
         for i, row in enumerate(shown.itertuples(index=False)):
             y = 1.0 - (i + 1) * step
