@@ -229,6 +229,8 @@ def test_fail_on_turns_a_chosen_flag_into_an_error_and_reruns_nothing_else(demo_
                "fail_on=[nonspecific]", cwd=demo_run)
     assert (demo_run / "results" / "tables" / "fail_on.txt").exists()
     (demo_run / "results" / "tables" / "fail_on.txt").unlink()
+    # Back to the run's own config (results/config.yaml records the config of the last run).
+    _snakemake("--cores", "1", "--configfile", "my.yaml", cwd=demo_run)
 
 
 def test_a_real_blood_visit_gets_the_same_calls_alone_and_inside_the_demo(demo_run, tmp_path):
@@ -423,7 +425,7 @@ def test_editing_a_setting_changes_the_params_of_exactly_the_rules_that_read_it(
 
 def test_kinetics_and_report_settings_rerun_nothing_upstream(demo_run):
     assert _planned(demo_run, RERUN_CASES["kinetics.depletion"][0]) == {
-        "write_config", "kinetics", "report", "all"}
+        "write_config", "kinetics", "flags", "report", "all"}
     assert _planned(demo_run, RERUN_CASES["report.dpi"][0]) == {
         "write_config", "report", "report_clusters", "report_gates", "all"}
 
@@ -446,13 +448,13 @@ def kept_run(demo_run, tmp_path_factory) -> Path:
 
 
 # Counting, the QC table and the cohort tables follow every per-sample job.
-_TABLES = {"collect_qc", "quantify", "kinetics", "concordance"}
+_TABLES = {"collect_qc", "quantify", "kinetics", "concordance", "flags"}
 KEPT_CASES = {
     "annotate.gating": {"thresholds", "map_annotate_flow", *_TABLES},
     "cluster.som": {"train_flow", "map_annotate_flow", *_TABLES},
     "scrna.annotate.car": {"map_annotate_scrna", *_TABLES} - {"collect_qc"},
     "scrna.qc": {"ingest_scrna", "train_scrna", "map_annotate_scrna", *_TABLES},
-    "kinetics.depletion": {"kinetics"},
+    "kinetics.depletion": {"kinetics", "flags"},
 }
 
 

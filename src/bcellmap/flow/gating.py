@@ -31,6 +31,16 @@ differs from the reference by more than ``max_stretch`` is registered by its dom
 peak only. Registration is the gate's ``method`` suffix (``valley/aligned2``,
 ``valley/aligned1``, ``valley/unaligned``).
 
+**Reference populations** (:mod:`bcellmap.flow.references`). Each sample's gate is then
+checked against populations of the same sample whose biology is known (T cells for CD19,
+CD20 and IgD; naive B cells for CD27; ...): a valley inside the negative reference, or far
+above it with positives between, moves to where the reference's density ends; a parent
+without a valley is gated there too (method ``reference_tail/...``), so a single mode is
+never assumed to be the negative one. Every gate records its separation
+(``negative_above_pct``, ``positive_below_pct``) and a ``reliability`` verdict
+(``ok``, ``unreliable``, ``nonspecific``, ``not_assessed``); what rests on an unreliable
+gate is not evaluable (:mod:`bcellmap.flow.evaluability`).
+
 **Hi levels.** ``annotate.gating.hi_method`` chooses per marker:
 
 - ``naive_reference`` (CD24, CD38 by default: continuous on B cells, no valley): the gate
@@ -41,14 +51,16 @@ peak only. Registration is the gate's ``method`` suffix (``valley/aligned2``,
   than ``min_reference_events`` naive B cells gets the cohort median (flagged).
 - ``positive_mode`` (CD27 and any other marker): the mode of the sample's positive
   population (plasmablasts are CD27hi: at least as bright as the typical memory B cell);
-  a sample without its own positive peak uses the cohort's, registered.
+  a sample without its own positive peak uses the cohort's, registered; with none anywhere,
+  the sample's positive gate (``positive_gate``).
 
-**Flags.** A gate carries a ``flag`` when it is not a valley (``upper_tail``), could not
-be learned (``insufficient_events``), had too few parent events in the sample to be
-placed or registered from the sample itself (``few_events``), was placed from the T cells
-(``negative_reference``), or sits at the cohort's positive mode for want of the sample's
-own (``cohort_positive_mode``). Flags of gates whose parent holds at least
-``flag_min_events`` events are reported per sample (``gate_flags``) and in the logs.
+**Method flags** (informative; ``reliability`` decides). A gate carries a ``flag`` when it
+fell back to the pool's upper tail (``upper_tail``), could not be learned
+(``insufficient_events``), had too few parent events in the sample to be placed or
+registered from the sample itself (``few_events``), or sits at the cohort's positive mode
+for want of the sample's own (``cohort_positive_mode``). Flags of gates whose parent holds
+at least ``flag_min_events`` events are reported per sample (``gate_flags``) and in the
+logs.
 
 **Lymphocytes by markers** (``lymphocyte_gate``): T and B cells by their gates, NK cells
 as lineage-negative events inside the T and B cells' own scatter core; see there.
@@ -184,6 +196,7 @@ class Landmarks:
     high: float | None
     n_events: int
     high_share: float = 0.0
+    valley: float | None = None
 
 
 def find_landmarks(values: np.ndarray, *, min_events: int = 100, min_positive_events: int = 20,
@@ -218,7 +231,7 @@ def find_landmarks(values: np.ndarray, *, min_events: int = 100, min_positive_ev
         above = int((values >= valley).sum())
         smaller = min(above, n - above)
         if smaller >= max(min_positive_events, min_positive_fraction * n):
-            return Landmarks(low, high, n, above / n)
+            return Landmarks(low, high, n, above / n, valley)
     return Landmarks(density_mode(values), None, n)
 
 
@@ -607,10 +620,10 @@ def _learn_positive(marker: str, stage: str, pool: _Pool, state: Mapping[str, _S
         for s in members:
             registration = registrations[s]
             negative, positive = pool.negative.get(s), pool.positive.get(s)
+            lm = pool.landmarks.get(s)
             threshold, method = _place(fit.threshold, fit.method, registration, negative,
                                        positive, cohort_edge, spec, settings,
-                                       pool.pooled.get(s, np.empty(0)), stage)
-            lm = pool.landmarks.get(s)
+                                       pool.pooled.get(s, np.empty(0)), stage, lm)
             _add_judged(state[s], marker, threshold, parent=parent, method=method, pool=pool,
                         sample_id=s, spec=spec, reference=reference, settings=settings,
                         low=lm.low if lm else float("nan"),
@@ -629,9 +642,17 @@ _REFERENCE_WITHIN_PARENT = {("naive_b", "b_cells")}
 def _place(pooled_threshold: float, pooled_method: str, registration: _Registration,
            negative: np.ndarray | None, positive: np.ndarray | None,
            cohort_edge: Mapping[str, TailBoundary | None], spec: ReferenceSpec,
-           settings: GatingSettings, parent: np.ndarray, stage: str) -> tuple[float, str]:
-    """One sample's gate and method from the pooled fit, its references and its parent
-    events (a subsample)."""
+           settings: GatingSettings, parent: np.ndarray, stage: str,
+           landmarks: Landmarks | None = None) -> tuple[float, str]:
+    """One sample's gate and method from the pooled fit, its own valley, its references and
+    its parent events (a subsample).
+
+    A sample that shows both populations well (each side of its own valley holds at least
+    ``min_landmark_events`` events and 2% of the parent) is gated at its own valley
+    (``valley/own``): the registered cohort valley is for samples that cannot place one, and a
+    sample shaped unlike the cohort (a real-blood visit among bimodal ones) would otherwise get
+    the cohort's valley at the wrong place in its own distribution.
+    """
     enough = settings.reliability.min_reference_events
 
     def edge(values: np.ndarray | None, side: str) -> tuple[float, str] | None:
@@ -646,6 +667,13 @@ def _place(pooled_threshold: float, pooled_method: str, registration: _Registrat
 
     threshold = (registration.inverse(pooled_threshold) if np.isfinite(pooled_threshold)
                  else float("nan"))
+    own = landmarks is not None and landmarks.valley is not None and min(
+        landmarks.high_share, 1.0 - landmarks.high_share) * landmarks.n_events >= max(
+        settings.min_landmark_events, 0.02 * landmarks.n_events)
+    if own and pooled_method == "valley":
+        threshold, kind = float(landmarks.valley), "own"
+    else:
+        kind = registration.kind
     if pooled_method == "valley":
         if negative is not None and negative.size >= enough:
             limits = settings.reliability
@@ -667,7 +695,7 @@ def _place(pooled_threshold: float, pooled_method: str, registration: _Registrat
                 above = int((parent >= threshold).sum())
                 if excess >= max(limits.valley_max_between_pct / 100.0 * max(above, 1), 5):
                     return placed[0], f"{placed[1]}/valley_above_positives"
-        return threshold, f"valley/{registration.kind}"
+        return threshold, f"valley/{kind}"
     for values, side in ((negative, "upper"), (positive, "lower")):
         placed = edge(values, side)
         if placed is not None:
@@ -684,7 +712,8 @@ def _add_judged(sample: _SampleGates, marker: str, threshold: float, *, parent: 
     # A positive reference measures the gate when it placed it (CD45: no negative one);
     # otherwise (CD27: 10-30% of T cells are CD27-) it only checks the side.
     measured = separation(threshold, parent=pool.pooled.get(sample_id, np.empty(0)),
-                          negative=negative, positive=None if spec.negative else positive)
+                          negative=negative, positive=None if spec.negative else positive,
+                          min_reference=settings.reliability.min_reference_events)
     n_parent = pool.present.get(sample_id, 0)
     reliability, detail = judge(
         marker, gate=threshold, spec=spec, method=method, measured=measured,

@@ -254,13 +254,18 @@ def reference_edge(values: np.ndarray, spec: ReferenceSpec, *, side: str = "uppe
 
 
 def separation(gate: float, *, parent: np.ndarray, negative: np.ndarray | None,
-               positive: np.ndarray | None) -> Separation:
-    """The gate's ``negative_above_pct`` and ``positive_below_pct`` (module docstring)."""
+               positive: np.ndarray | None, min_reference: int = 1) -> Separation:
+    """The gate's ``negative_above_pct`` and ``positive_below_pct`` (module docstring).
+
+    A reference smaller than ``min_reference`` events measures nothing (NaN): its shares are
+    noise.
+    """
     if not np.isfinite(gate):
         return Separation()
     negative_above = (100.0 * float(np.mean(negative >= gate))
-                      if negative is not None and negative.size else float("nan"))
-    if positive is not None and positive.size:
+                      if negative is not None and negative.size >= min_reference
+                      else float("nan"))
+    if positive is not None and positive.size >= min_reference:
         positive_below = 100.0 * float(np.mean(positive < gate))
     else:
         gated = parent[parent >= gate]

@@ -1608,7 +1608,7 @@ def _gate_notes(ax, notes: list[tuple[str, str]], sample_id: str, panel: str) ->
         colour = _UNRELIABLE_COLOUR if "not evaluable" in note else _WARNING_COLOUR
         ax.annotate(note, xy=(0.5, 0.0), xycoords="axes fraction", xytext=(0, -26 - 8 * i),
                     textcoords="offset points", ha="center", va="top", fontsize=6.5,
-                    color=colour, annotation_clip=False, wrap=True,
+                    color=colour, annotation_clip=False,
                     gid=f"flag:{sample_id}:{panel}:{marker}")
 
 
@@ -1617,9 +1617,8 @@ def _gate_note(marker: str, level: str, gate: pd.Series | None) -> str | None:
     if gate is None:
         return f"no {marker}{suffix} gate stored"
     if not _reliable(gate):
-        detail = str(gate.get("reliability_detail", "")).strip()
-        detail = detail if len(detail) <= 90 else detail[:87] + "..."
-        return f"{marker}{suffix} gate {gate['reliability']}: not evaluable. {detail}"
+        # The reason in full is in gates.tsv and on the flags page.
+        return f"{marker}{suffix} gate {gate['reliability']}: not evaluable"
     flag = str(gate["flag"]).strip()
     if flag:
         # Flags read "CD19:upper_tail"; the marker is already named.
@@ -1757,7 +1756,7 @@ def plot_gates(visits: Sequence[GateVisit], patient_id: str, *,
             fig, ax = plt.subplots(figsize=(_MAX_WIDTH_IN, 2.0), layout="constrained")
             _message_axes(ax, f"No annotated flow samples for patient {patient_id}")
             return fig
-        fig, axes = plt.subplots(len(visits), 3, figsize=(_MAX_WIDTH_IN, 0.5 + 2.35 * len(visits)),
+        fig, axes = plt.subplots(len(visits), 3, figsize=(_MAX_WIDTH_IN, 0.9 + 2.35 * len(visits)),
                                  layout="constrained", squeeze=False)
         for row, visit in zip(axes, visits, strict=True):
             _plot_gate_row(row, visit, min_b_events=min_b_events)
@@ -1772,9 +1771,10 @@ def plot_gates(visits: Sequence[GateVisit], patient_id: str, *,
                 for ax in scatter:
                     getattr(ax, f"set_{limit}")(spans[:, 0].min(), spans[:, 1].max())
         fig.suptitle(f"Patient {patient_id}: gates per flow visit (solid: sound gate; dashed "
-                     "vermilion: flagged, check it; dash-dot red: unreliable, not evaluable; "
+                     "vermilion: flagged, check it; dash-dot red: unreliable, not evaluable)\n"
                      "beside each gate: % of its negative reference above it, % of the gated "
-                     "population below it)", x=0.01, ha="left", fontsize=7, wrap=True)
+                     "population below it; sky blue: T cells, the negative reference",
+                     x=0.01, ha="left", fontsize=7)
     return fig
 
 
