@@ -444,8 +444,9 @@ _CELL_STEPS = ("debris", "time_anomaly")
 
 def _lineage_cells_removed(X: np.ndarray, where: Mapping[str, int],
                            flags: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
-    """The share of lineage-positive events (T cells, B cells: above their own CD3, CD19 or
-    CD20 density valley) that the debris (scatter) and time steps removed.
+    """The share of lineage-positive events (T cells above their own CD3 density valley; B
+    cells above their own CD19 and CD20 valleys) that the debris (scatter) and time steps
+    removed.
 
     These are lymphocytes by their markers, a reference the QC steps never saw: a scatter
     gate or a time filter that removes many of them (a live-cell export's lymphocytes cut
@@ -461,19 +462,29 @@ def _lineage_cells_removed(X: np.ndarray, where: Mapping[str, int],
     # The valleys are those of the events every step kept: a time anomaly's shifted events
     # make no lineage population of their own.
     clean = kept & ~removed
-    positive = np.zeros(X.shape[0], dtype=bool)
-    used = []
-    for marker in ("CD3", "CD19", "CD20"):
+    def above_valley(marker: str) -> np.ndarray | None:
         if marker not in where or clean.sum() < 100:
-            continue
+            return None
         values = X[:, where[marker]]
         modes = find_modes(values[clean])
         if modes is None:
-            continue
+            return None
         share = float(np.mean(values[clean] >= modes[0]))
-        if 0.01 <= share <= 0.9:
-            positive |= kept & (values >= modes[0])
-            used.append(marker)
+        return kept & (values >= modes[0]) if 0.01 <= share <= 0.9 else None
+
+    positive = np.zeros(X.shape[0], dtype=bool)
+    used = []
+    t_cells = above_valley("CD3")
+    if t_cells is not None:
+        positive |= t_cells
+        used.append("CD3")
+    # B cells by both B-lineage markers where the panel has both: granulocytes' and
+    # monocytes' autofluorescence can rise above one channel's valley, not above both.
+    lineage = [m for m in ("CD19", "CD20") if m in where]
+    b_calls = [above_valley(m) for m in lineage]
+    if lineage and all(call is not None for call in b_calls):
+        positive |= np.logical_and.reduce(b_calls)
+        used += lineage
     if positive.sum() < 50:
         return None
     return {"markers": used, "events": int(positive.sum()),
