@@ -161,6 +161,23 @@ def test_aplastic_visit_with_a_shifted_negative_peak_gains_no_b_cells():
     assert counts.iloc[0]["b_cells"] <= 3
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_an_aplastic_visit_gated_alone_gains_no_b_cells(seed):
+    # A cohort of one aplastic visit: no B peak anywhere, no valley. The CD19 and CD20 gates
+    # go where the T cells' density has all but ended: phantom B cells (NK cells' tail) stay
+    # below three quarters of the depletion threshold (0.1% of lymphocytes).
+    rng = np.random.default_rng(seed)
+    adata = _blood(rng, n=20_000, b_share=0.0)
+    gates = _gates({"alone": adata})
+    for marker in ("CD19", "CD20"):
+        row = gates[gates["marker"] == marker].iloc[0]
+        assert row["method"].startswith("reference_tail") and row["reliability"] == "ok"
+    _, counts = annotate_sample(adata, _cut(gates, "alone"), load_subset_rules(load_config()),
+                                sample_id="alone")
+    row = counts.iloc[0]
+    assert row["b_cells"] / row["lymphocytes"] < 0.00075
+
+
 def _naive_and_transitional(rng: np.random.Generator, *, n: int, transitional: float,
                             shift: float = 0.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """CD24/CD38 of IgD+ CD27- B cells: a correlated, left-skewed naive peak and

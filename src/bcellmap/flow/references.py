@@ -87,6 +87,8 @@ REFERENCE_NAMES = {"t_cells": "T cells (CD3+)", "naive_b": "naive B cells (IgD-h
 #: Share (%) of a clean reference allowed above a tail gate before it is a long tail of the
 #: same population (see ``kernels.density.tail_boundary``'s ``max_tail_share``).
 _CLEAN_TAIL_PCT = 2.0
+#: ... for a strict reference (a rare-event gate).
+_STRICT_TAIL_PCT = 0.2
 #: The gated population needs this many events for ``positive_below_pct``.
 _MIN_GATED_EVENTS = 20
 
@@ -104,17 +106,26 @@ class ReferenceSpec:
     expected_positive_pct
         The share (%) of the negative reference that carries the marker in normal blood (3-5%
         of T cells are CD20dim): added to every limit on the reference's share above a gate.
+    strict
+        Gate where the reference's density has all but ended, not at its edge: a marker that
+        counts rare events (CD19, CD20 in B-cell aplasia, where every negative event above the
+        gate is a phantom B cell) takes openCyto's ``gate_tail`` tolerance (1% of the
+        steepest slope: 3.6 SD of a normal population, 0.02% of it above) and leaves at most
+        0.2% of a clean reference above; otherwise flowDensity's (10%: 2.75 SD, 0.3% above;
+        the upper edge an expert draws between IgD- and IgD+ cells) and 2%.
     """
 
     negative: str | None = None
     positive: str | None = None
     expected_positive_pct: float = 0.0
+    strict: bool = False
 
     @classmethod
     def from_config(cls, entry: Mapping[str, Any] | None) -> ReferenceSpec:
         entry = dict(entry or {})
         return cls(negative=entry.get("negative"), positive=entry.get("positive"),
-                   expected_positive_pct=float(entry.get("expected_positive_pct") or 0.0))
+                   expected_positive_pct=float(entry.get("expected_positive_pct") or 0.0),
+                   strict=bool(entry.get("strict") or False))
 
 
 @dataclass(frozen=True)
@@ -246,10 +257,11 @@ def background_level(x: np.ndarray, kinds: Any, canonicals: Any) -> tuple[float,
 def reference_edge(values: np.ndarray, spec: ReferenceSpec, *, side: str = "upper",
                    min_events: int = 50) -> TailBoundary | None:
     """Where the reference population's density ends (upper) or begins (lower)."""
-    share = (_CLEAN_TAIL_PCT + spec.expected_positive_pct) / 100.0
+    clean_pct = _STRICT_TAIL_PCT if spec.strict else _CLEAN_TAIL_PCT
+    share = (clean_pct + spec.expected_positive_pct) / 100.0
     return tail_boundary(values, side="upper" if side == "upper" else "lower",
-                         max_tail_share=share, clean=spec.expected_positive_pct <= 0,
-                         min_events=min_events)
+                         alpha=0.01 if spec.strict else 0.1, max_tail_share=share,
+                         clean=spec.expected_positive_pct <= 0, min_events=min_events)
 
 
 
