@@ -331,6 +331,7 @@ def run_qc(
     steps: list[dict[str, Any]] = []
     learned: dict[str, Any] = {}
 
+    not_applied: list[str] = []
     for step in STEPS:
         step_settings = dict(settings.get(_SETTINGS_KEY[step]) or {})
         flag = np.zeros(n_events, dtype=bool)
@@ -396,6 +397,18 @@ def run_qc(
                     max_mahalanobis=float(step_settings["max_mahalanobis"]),
                     min_fsc_fraction=float(step_settings["min_fsc_fraction"]),
                     seed=seed)
+                # Checked against the lymphocytes by their markers: a scatter gate that would
+                # cut many of them (a live-cell export, already gated, whose lymphocytes a
+                # mixture fitted for whole blood splits) is not applied, and said so.
+                cut = _lineage_removed_by(X, where, kept=passed, removed=passed & flag)
+                limit = 100.0 * float(settings["max_lineage_removed_fraction"])
+                if cut is not None and cut["removed_pct"] > limit:
+                    flag = np.zeros(n_events, dtype=bool)
+                    info = {"skipped": (
+                        f"not applied: it would remove {cut['removed_pct']:.0f}% of the "
+                        f"lymphocytes by their markers ({', '.join(cut['markers'])}; limit "
+                        f"{limit:g}%)")}
+                    not_applied.append("scatter_gate_not_applied")
             else:
                 skipped = "no FSC-A and SSC-A channels"
         elif step == "time_anomaly":
@@ -423,7 +436,7 @@ def run_qc(
                       "detail": f"skipped: {skipped}" if skipped else _detail(step, info)})
         learned[step] = {"settings": step_settings, **info}
     learned["flags"] = removed_most_flags(steps, max_fraction=float(
-        settings["max_removed_fraction"]))
+        settings["max_removed_fraction"])) + not_applied
     lineage = _lineage_cells_removed(X, where, flags)
     if lineage is not None:
         learned["lineage_check"] = lineage
@@ -444,9 +457,19 @@ _CELL_STEPS = ("debris", "time_anomaly")
 
 def _lineage_cells_removed(X: np.ndarray, where: Mapping[str, int],
                            flags: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
-    """The share of lineage-positive events (T cells above their own CD3 density valley; B
-    cells above their own CD19 and CD20 valleys) that the debris (scatter) and time steps
-    removed.
+    """The share of lineage-positive events that the debris (scatter) and time steps removed
+    (:func:`_lineage_removed_by`), among the events that passed margin, doublets and dead."""
+    earlier = np.logical_or.reduce([flags[FLAG_COLUMNS[step]] for step in (
+        "non_finite", "margin", "doublets", "dead")])
+    removed = np.logical_or.reduce([flags[FLAG_COLUMNS[step]] for step in _CELL_STEPS])
+    return _lineage_removed_by(X, where, kept=~earlier, removed=removed)
+
+
+def _lineage_removed_by(X: np.ndarray, where: Mapping[str, int], *, kept: np.ndarray,
+                        removed: np.ndarray) -> dict[str, Any] | None:
+    """The share of lineage-positive events among ``kept`` (T cells above their own CD3
+    density valley; B cells above their own CD19 and CD20 valleys, where the panel has both)
+    that ``removed`` holds.
 
     These are lymphocytes by their markers, a reference the QC steps never saw: a scatter
     gate or a time filter that removes many of them (a live-cell export's lymphocytes cut
@@ -455,10 +478,6 @@ def _lineage_cells_removed(X: np.ndarray, where: Mapping[str, int],
     """
     from ..kernels.density import find_modes
 
-    earlier = np.logical_or.reduce([flags[FLAG_COLUMNS[step]] for step in (
-        "non_finite", "margin", "doublets", "dead")])
-    kept = ~earlier
-    removed = np.logical_or.reduce([flags[FLAG_COLUMNS[step]] for step in _CELL_STEPS])
     # The valleys are those of the events every step kept: a time anomaly's shifted events
     # make no lineage population of their own.
     clean = kept & ~removed
@@ -469,8 +488,15 @@ def _lineage_cells_removed(X: np.ndarray, where: Mapping[str, int],
         modes = find_modes(values[clean])
         if modes is None:
             return None
-        share = float(np.mean(values[clean] >= modes[0]))
-        return kept & (values >= modes[0]) if 0.01 <= share <= 0.9 else None
+        valley, (low, high) = modes
+        lower = values[clean][values[clean] < low]
+        spread = 1.4826 * float(np.median(low - lower)) if lower.size else 0.0
+        share = float(np.mean(values[clean] >= valley))
+        # A population of its own: its mode four robust SDs (of the negative peak's lower
+        # side) above the negative mode, not a dip inside one population.
+        if not (0.01 <= share <= 0.9 and spread > 0 and high - low >= 4.0 * spread):
+            return None
+        return kept & (values >= valley)
 
     positive = np.zeros(X.shape[0], dtype=bool)
     used = []
@@ -478,11 +504,12 @@ def _lineage_cells_removed(X: np.ndarray, where: Mapping[str, int],
     if t_cells is not None:
         positive |= t_cells
         used.append("CD3")
-    # B cells by both B-lineage markers where the panel has both: granulocytes' and
-    # monocytes' autofluorescence can rise above one channel's valley, not above both.
+    # B cells only by both B-lineage markers: granulocytes' and monocytes' autofluorescence,
+    # an uncompensated neighbour's spillover or a time anomaly's shift can raise one channel
+    # above its valley, not both.
     lineage = [m for m in ("CD19", "CD20") if m in where]
     b_calls = [above_valley(m) for m in lineage]
-    if lineage and all(call is not None for call in b_calls):
+    if len(lineage) == 2 and all(call is not None for call in b_calls):
         positive |= np.logical_and.reduce(b_calls)
         used += lineage
     if positive.sum() < 50:
