@@ -234,4 +234,13 @@ for table in samples.tsv kinetics.tsv; do
     fi
 done
 log "results/tables/samples.tsv and kinetics.tsv: SLURM run == local run"
+
+# --- what the run could not stand behind, printed by onsuccess/onerror on the cluster too ------
+grep -q 'bcellmap run summary' "$WORK/slurm-resume.log" \
+    || fail "the SLURM run printed no end-of-run summary (onsuccess)"
+grep -q 'bcellmap run summary' "$WORK/slurm-fail.log" \
+    || fail "the failed SLURM run printed no end-of-run summary (onerror)"
+grep -q 'flags page: results/tables/flags.tsv' "$WORK/slurm-resume.log" \
+    || fail "the summary names no flags page"
+log "the end-of-run summary is printed under SLURM (onsuccess and onerror)"
 log "PASSED in $((SECONDS - START)) s"
