@@ -122,7 +122,9 @@ def summary_text(results: str | os.PathLike, *, flags_page: Sequence[str] = ()) 
     elif "samples" in tables:
         table = flag_table(tables["samples"], tables.get("kinetics"), tables.get("gates"))
     else:
-        return "bcellmap: no results tables to summarise yet."
+        return "\n".join(["", "bcellmap run summary " + "-" * 58,
+                          "no results tables yet: the run ended before samples.tsv was "
+                          "written (see the errors above)", "-" * 80])
     samples = tables.get("samples")
     lines = ["", "bcellmap run summary " + "-" * 58]
     n_samples = len(samples) if samples is not None else 0
