@@ -12,7 +12,8 @@ from bcellmap.cohort._flags import failing_flags, flag_table, summary_text
 def _tables(tmp_path):
     samples = pd.DataFrame([
         {"sample_id": "A_d0", "patient_id": "A", "day": 0, "modality": "flow",
-         "sample_flags": "dead_removed_most", "gate_flags": "CD27:cohort_positive_mode",
+         "sample_flags": "dead_removed_most;debris_removed_most",
+         "gate_flags": "CD27:cohort_positive_mode",
          "unreliable_gates": "", "not_evaluable": "", "not_evaluable_reason": ""},
         {"sample_id": "C_d0", "patient_id": "C", "day": 0, "modality": "flow",
          "sample_flags": "", "gate_flags": "", "unreliable_gates": "CD19:nonspecific",
@@ -45,6 +46,8 @@ def test_every_flag_is_one_row_with_what_it_decides(tmp_path):
     table = flag_table(samples, kinetics, gates)
     rows = {(r.level, r.id, r.flag): r.kind for r in table.itertuples()}
     assert rows[("sample", "A_d0", "dead_removed_most")] == "decides"
+    # Whole blood loses most events to the scatter gate: said, but it decides nothing.
+    assert rows[("sample", "A_d0", "debris_removed_most")] == "informative"
     assert rows[("gate", "A_d0", "CD27:cohort_positive_mode")] == "informative"
     assert rows[("gate", "C_d0", "CD19:nonspecific")] == "decides"
     assert rows[("sample", "C_d0", "not_evaluable")] == "decides"
@@ -68,6 +71,7 @@ def test_the_summary_counts_by_reason_and_names_the_flags_page(tmp_path):
 @pytest.mark.parametrize(("fail_on", "expected"), [
     (["nonspecific"], {"CD19:nonspecific"}),
     (["removed_most"], {"dead_removed_most"}),
+    (["debris_removed_most"], {"debris_removed_most"}),
     (["gate_not_evaluable", "dead_removed_most"], {"gate_not_evaluable",
                                                     "dead_removed_most"}),
     (["unreliable"], set()),

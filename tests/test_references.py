@@ -244,3 +244,29 @@ def test_a_rule_the_panel_cannot_call_is_not_called_rather_than_not_evaluable():
              SubsetRule("naive", {"IgD": "pos", "CD27": "neg"})]
     got = not_evaluable(["CD3", "CD19", "IgD", "CD27"], {}, rules, ["transitional"])
     assert got == {}
+
+
+def test_a_hi_gate_taken_from_an_unreliable_positive_gate_is_unreliable_too():
+    # No CD27+ B cell and no reference for CD27: its positive gate is the upper tail of one
+    # population (unreliable); the plasmablasts' CD27hi gate, taken from it for want of a
+    # positive peak, is as unreliable, and the plasmablast count is not evaluable.
+    rng = np.random.default_rng(15)
+    adata = _panel(rng)
+    b_cells = np.isin(adata.obs["truth"], ["naive", "unswitched_memory", "switched_memory"])
+    x = adata.X.copy()
+    x[b_cells, list(adata.var_names).index("CD27")] = rng.normal(0.2, 0.3, b_cells.sum())
+    adata.X = x
+    references = dict(SETTINGS.references)
+    references.pop("CD27")
+    settings = dataclasses.replace(SETTINGS, references=references)
+    _, gates = learn_gates({"x": adata}, pos_markers=["CD3", "CD19", "CD20", "IgD", "CD27"],
+                           hi_markers=["CD27"], settings=settings, seed=0)
+    cd27 = gates[gates["marker"] == "CD27"].set_index("level")
+    assert cd27.loc["pos", "reliability"] == "unreliable"
+    assert cd27.loc["hi", "method"] == "positive_gate"
+    assert cd27.loc["hi", "reliability"] == "unreliable"
+    got = not_evaluable(list(adata.var["canonical"]),
+                        {(m, lv): "unreliable: x" for m, lv in
+                         gates.loc[gates["reliability"] == "unreliable", ["marker", "level"]]
+                         .itertuples(index=False)}, RULES, [])
+    assert "plasmablast_count" in got

@@ -216,7 +216,7 @@ def test_no_flag_is_raised_on_every_sample_of_a_normal_cohort(demo_run):
 
 def test_fail_on_turns_a_chosen_flag_into_an_error_and_reruns_nothing_else(demo_run):
     result = _snakemake("--cores", "1", "--configfile", "my.yaml", "--config",
-                        "fail_on=[removed_most]", cwd=demo_run, check=False)
+                        "fail_on=[debris_removed_most]", cwd=demo_run, check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "debris_removed_most" in output and "bcellmap run summary" in output

@@ -71,6 +71,8 @@ def cli_flags(args: argparse.Namespace) -> None:
     from ..io._atomic import write_tsv
     from ..io.readers import read_table
 
+    if not args.check and not args.out:
+        raise InputError("bcellmap flags: give --out (the flags table) or --check")
     config = load_config(args.config)
     samples = read_table(args.samples_table, what="samples table")
     kinetics = read_table(args.kinetics, what="kinetics table") if args.kinetics else None

@@ -38,12 +38,20 @@ __all__ = ["FLAG_TABLE_COLUMNS", "failing_flags", "flag_table", "read_results", 
 FLAG_TABLE_COLUMNS = ("level", "id", "patient_id", "flag", "kind", "detail")
 #: Kinetics flags that describe a timeline (not asking the user to check anything).
 _DESCRIPTIVE = {"not_in_kaplan_meier", "below_lloq", "nadir_below_lloq"}
+#: Sample flags that describe the specimen: whole blood loses most of its events to the scatter
+#: gate (granulocytes); lymphocytes lost with them raise their own flags
+#: (scatter_gate_not_applied, qc_removed_lineage_cells).
+_DESCRIPTIVE_SAMPLE = {"debris_removed_most", "no_cd3_in_panel"}
+
+
+def _text(value: object) -> str:
+    """A table cell as text: missing (None, NaN, pd.NA) is empty."""
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) \
+        else str(value)
 
 
 def _split(value: object) -> list[str]:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return []
-    return [part for part in str(value).split(";") if part]
+    return [part for part in _text(value).split(";") if part]
 
 
 def flag_table(samples: pd.DataFrame, kinetics: pd.DataFrame | None = None,
@@ -61,12 +69,13 @@ def flag_table(samples: pd.DataFrame, kinetics: pd.DataFrame | None = None,
         sample_id = str(record.sample_id)
         patient = str(getattr(record, "patient_id", ""))
         for flag in _split(getattr(record, "sample_flags", "")):
-            rows.append(("sample", sample_id, patient, flag, "decides", ""))
+            rows.append(("sample", sample_id, patient, flag,
+                         "informative" if flag in _DESCRIPTIVE_SAMPLE else "decides", ""))
         not_evaluable = _split(getattr(record, "not_evaluable", ""))
         if not_evaluable:
             rows.append(("sample", sample_id, patient, "not_evaluable", "decides",
                          f"{', '.join(not_evaluable)}: "
-                         f"{getattr(record, 'not_evaluable_reason', '') or ''}"))
+                         f"{_text(getattr(record, 'not_evaluable_reason', ''))}"))
         for flag in _split(getattr(record, "gate_flags", "")):
             rows.append(("gate", sample_id, patient, flag, "informative", ""))
     if gates is not None and not gates.empty and "reliability" in gates.columns:
@@ -76,7 +85,7 @@ def flag_table(samples: pd.DataFrame, kinetics: pd.DataFrame | None = None,
             rows.append(("gate", str(record.sample_id),
                          str(patients.get(record.sample_id, "")),
                          f"{record.marker}{level}:{record.reliability}", "decides",
-                         str(getattr(record, "reliability_detail", "") or "")))
+                         _text(getattr(record, "reliability_detail", ""))))
     if kinetics is not None and "flags" in kinetics.columns:
         for record in kinetics.itertuples(index=False):
             where = f"{record.patient_id}:{record.modality}:{record.measure}"
@@ -98,13 +107,15 @@ def read_results(results: str | os.PathLike) -> dict[str, pd.DataFrame]:
              "kinetics": results / "tables" / "kinetics.tsv",
              "gates": results / "models" / "gates.tsv",
              "flags": results / "tables" / "flags.tsv"}
+    from ..errors import BcellmapError
+    from ..io.readers import read_table
+
     tables = {}
     for name, path in paths.items():
         if path.is_file():
             try:
-                tables[name] = pd.read_csv(path, sep="\t", keep_default_na=False,
-                                           na_values=[""])
-            except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+                tables[name] = read_table(path, what=f"{name} table", empty_ok=True)
+            except BcellmapError:
                 continue
     return tables
 
@@ -161,16 +172,22 @@ def summary_text(results: str | os.PathLike, *, flags_page: Sequence[str] = ()) 
 def failing_flags(table: pd.DataFrame, fail_on: Iterable[str]) -> pd.DataFrame:
     """The rows of a flag table that ``fail_on`` names.
 
-    An entry matches a flag exactly (``few_b_cells_at_baseline``), its part after the
-    marker (``nonspecific`` matches ``CD19:nonspecific``), or its step pattern
-    (``removed_most`` matches ``dead_removed_most``).
+    An entry matches a flag by its name (``few_b_cells_at_baseline``,
+    ``debris_removed_most``), and a flag that decides (kind ``decides``) also by its part
+    after the marker (``nonspecific`` matches ``CD19:nonspecific``) or its suffix
+    (``removed_most`` matches ``dead_removed_most``, not the informative
+    ``debris_removed_most`` of whole blood).
     """
     wanted = [str(item) for item in fail_on if str(item)]
     if not wanted or table.empty:
         return table.iloc[0:0]
 
-    def matches(flag: str) -> bool:
+    def matches(row: pd.Series) -> bool:
+        flag = str(row["flag"])
+        if flag in wanted:
+            return True
         tail = flag.split(":", 1)[-1]
-        return any(item in (flag, tail) or flag.endswith(f"_{item}") for item in wanted)
+        return row["kind"] == "decides" and any(
+            item == tail or flag.endswith(f"_{item}") for item in wanted)
 
-    return table[table["flag"].astype(str).apply(matches)]
+    return table[table.apply(matches, axis=1)]

@@ -36,7 +36,10 @@ Steps, in order (each flags events in ``obs`` and is counted in the per-sample Q
     ``min_fsc_fraction`` of the largest such FSC mean (debris has low FSC); components whose
     means lie within ``max_mahalanobis`` of it are merged into the gate (the mixture may split
     lymphocytes). Events further than ``max_mahalanobis`` from every gate component are
-    flagged (debris and non-lymphocytes).
+    flagged (debris and non-lymphocytes). Checked against the lymphocytes by their markers
+    (T cells above their own CD3 valley, B cells above both CD19 and CD20 valleys): a gate
+    that would remove more than ``max_lineage_removed_fraction`` of them is not applied
+    (``scatter_gate_not_applied``).
 ``time_anomaly``
     Equal-width time bins; a bin is flagged when its event count, or the mean of any
     transformed fluorescence/viability channel, lies more than ``mad_cutoff`` robust SDs (and,

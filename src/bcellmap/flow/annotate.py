@@ -341,7 +341,8 @@ def annotate_sample(
         record[f"{subset}_count"] = int((subset_values == subset).sum()) if called else None
     record["subsets_not_called"] = ";".join(
         s for s in SUBSETS if record[f"{s}_count"] is None)
-    record["cluster_discordant_events"] = discordant
+    # Cluster phenotypes are called with every gate: not evaluable when one is unreliable.
+    record["cluster_discordant_events"] = None if rejected else discordant
     record["car_t_count"] = None
     record["car_t_pct_t"] = None
     # Values resting on an unreliable or nonspecific gate: NA, with the reason.

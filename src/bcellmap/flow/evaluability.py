@@ -47,11 +47,17 @@ def unreliable_gates(gates: pd.DataFrame | None) -> dict[tuple[str, str], str]:
         return {}
     out = {}
     for row in gates.itertuples(index=False):
-        reliability = str(getattr(row, "reliability", "") or "")
+        reliability = _text(getattr(row, "reliability", ""))
         if reliability in NOT_RELIABLE:
-            detail = str(getattr(row, "reliability_detail", "") or "")
+            detail = _text(getattr(row, "reliability_detail", ""))
             out[(str(row.marker), str(row.level))] = f"{reliability}: {detail}".rstrip(": ")
     return out
+
+
+def _text(value: object) -> str:
+    """A table cell as text: missing (None, NaN, pd.NA) is empty."""
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) \
+        else str(value)
 
 
 def reliable_thresholds(thresholds: Mapping[str, Mapping[str, float]],

@@ -752,7 +752,8 @@ def _learn_positive_modes(stage: str, hi_markers: Sequence[str],
                                     parent))
                 for s in members:
                     state[s].add(marker, "hi", value, parent=parent, method="fixed",
-                                 n_events=present[marker][s])
+                                 n_events=present[marker][s], reliability="not_assessed",
+                                 detail="fixed gate (annotate.thresholds.fixed_hi)")
                 continue
             registrations, _, ref_high = _register(
                 {s: landmarks[marker].get(s) for s in members}, max_stretch=settings.max_stretch)
@@ -773,9 +774,13 @@ def _learn_positive_modes(stage: str, hi_markers: Sequence[str],
                                                         settings))
                 elif np.isfinite(state[s].cut.get(marker, {}).get("pos", np.nan)):
                     # No positive peak anywhere (memory B cells' CD27 a shoulder, as in real
-                    # blood): "hi" is at least positive.
+                    # blood): "hi" is at least positive, and as reliable as that gate.
+                    pos_row = next(r for r in reversed(state[s].rows)
+                                   if r["marker"] == marker and r["level"] == "pos")
                     state[s].add(marker, "hi", state[s].cut[marker]["pos"], parent=parent,
-                                 method="positive_gate", n_events=n)
+                                 method="positive_gate", n_events=n,
+                                 reliability=pos_row["reliability"],
+                                 detail=pos_row["reliability_detail"])
                 else:
                     state[s].add(marker, "hi", float("nan"), parent=parent,
                                  method="insufficient_events", n_events=n,

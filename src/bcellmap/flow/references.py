@@ -100,7 +100,8 @@ class ReferenceSpec:
     Attributes
     ----------
     negative
-        A population known negative for the marker (``t_cells``, ``naive_b``) or None.
+        A population known negative for the marker (``t_cells``, ``naive_b``,
+        ``b_lineage``) or None.
     positive
         A population known positive (``t_cells``) or None.
     expected_positive_pct

@@ -57,15 +57,16 @@ def without_ceiling_ties(values: np.ndarray) -> np.ndarray:
 
     Saturated events (kept on uncompensated fluorescence, or clipped at the top of a
     0-4,096 export) all carry the channel's top value; their spike is no population, yet
-    a density sees a peak there and a valley below it. At least 10 events and 0.1% of them
-    tied at the maximum make a spike. They stay positive for any gate (``>=``), so leaving
-    them out of the density moves no event.
+    a density sees a peak there and a valley below it. At least 10 events and 0.1% of them,
+    and at most 5%, tied at the maximum make a spike. They stay positive for any gate
+    (``>=``), so leaving them out of the density moves no event. More than 5% tied is a
+    population of its own at the top of the scale, and stays.
     """
     if values.size < 10:
         return values
     top = values.max()
     tied = int((values == top).sum())
-    if tied >= max(10, 0.001 * values.size) and tied < values.size:
+    if max(10, 0.001 * values.size) <= tied <= 0.05 * values.size:
         return values[values < top]
     return values
 
@@ -222,11 +223,10 @@ def learn_marker_threshold(
     ThresholdFit
     """
     values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
+    values = without_ceiling_ties(values[np.isfinite(values)])
     n = int(values.size)
     if n < min_events:
         return ThresholdFit(float("nan"), "insufficient_events", n)
-    values = without_ceiling_ties(values)
     estimate = _density(values, bins=bins)
     if estimate is None:
         # Nearly all values tied (e.g. an instrument floor at 0): "pos" is ">=", so the
@@ -393,25 +393,26 @@ def tail_boundary(
         ... and the events beyond it must exceed what the population's clean side, mirrored
         about the mode, accounts for by this share of all values (and by 10 events).
     max_tail_share
-        A ``tail`` boundary with more than this share of the values above it (a long,
-        flat tail, as zero-inflated mass cytometry counts have) moves up to the
-        ``1 - max_tail_share`` quantile (``kind`` ``quantile``): every value of a clean
+        A ``tail`` (or ``range_end``) boundary with more than this share of the values above
+        it, up to the next population's valley if there is one (a long, flat tail, as
+        zero-inflated mass cytometry counts have), moves up to the ``1 - max_tail_share``
+        quantile (``kind`` ``quantile``): every value of a clean
         reference is negative. None for a reference that may hold a positive subset (naive
         B cells among IgD+ B cells, CD20dim T cells), whose tail may be that subset.
     min_events
         Fewer finite values: None.
     bins
-        Histogram bins over the 0.1-99.9 percentile range (full Silverman bandwidth).
+        Histogram bins over the 0.1-99.9 percentile range and three bandwidths beyond
+        (full Silverman bandwidth).
 
     Returns
     -------
     TailBoundary or None
     """
     values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
+    values = without_ceiling_ties(values[np.isfinite(values)])
     if values.size < min_events:
         return None
-    values = without_ceiling_ties(values)
     flip = -1.0 if side == "lower" else 1.0
     values = flip * values
     estimate = _tail_density(values, bins=bins)

@@ -134,11 +134,19 @@ def _lymphocytes_per_ul(samples: pd.DataFrame) -> pd.Series:
 
 
 def _has_absolute_counts(samples: pd.DataFrame) -> bool:
-    """True when every row can be shown per µL (B level and its LLOQ)."""
+    """True when every row can be shown per µL (B level and its LLOQ).
+
+    A row whose B cells are not evaluable (NA, resting on an unreliable gate) keeps the
+    patient in cells/µL when its clinical count is known, as the kinetics table does.
+    """
     if samples.empty or "b_per_ul" not in samples.columns:
         return False
     b_per_ul = pd.to_numeric(samples["b_per_ul"], errors="coerce")
-    return bool(b_per_ul.notna().all() and _lymphocytes_per_ul(samples).notna().all())
+    gated_out = pd.Series(False, index=samples.index)
+    if "not_evaluable" in samples.columns:
+        gated_out = samples["not_evaluable"].fillna("").astype(str) != ""
+    return bool((b_per_ul.notna() | gated_out).all()
+                and _lymphocytes_per_ul(samples).notna().all())
 
 
 def _column_values(samples: pd.DataFrame, column: str) -> np.ndarray:
