@@ -62,6 +62,7 @@ def test_the_summary_counts_by_reason_and_names_the_flags_page(tmp_path):
     _tables(tmp_path)
     text = summary_text(tmp_path, flags_page=["results/tables/flags.tsv"])
     assert "samples: 2; flagged 2" in text
+    assert "sample notes (informative): debris_removed_most 1" in text
     assert "gates not to be relied on: 1 in 1 samples (CD19:nonspecific 1)" in text
     assert "values not evaluable (NA, resting on an unreliable gate): 2 in 1 samples" in text
     assert "C_d0: b_cells;cd19_pos -- CD19 gate nonspecific" in text

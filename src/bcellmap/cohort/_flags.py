@@ -143,6 +143,9 @@ def summary_text(results: str | os.PathLike, *, flags_page: Sequence[str] = ()) 
     flagged = deciding[deciding["level"] == "sample"]
     lines.append(f"samples: {n_samples}; flagged {flagged['id'].nunique()}"
                  + (f" ({_count_by(flagged)})" if not flagged.empty else ""))
+    notes = table[(table["level"] == "sample") & (table["kind"] == "informative")]
+    if not notes.empty:
+        lines.append(f"sample notes (informative): {_count_by(notes)}")
     gates = deciding[deciding["level"] == "gate"]
     informative = table[(table["level"] == "gate") & (table["kind"] == "informative")]
     lines.append(f"gates not to be relied on: {len(gates)}"
