@@ -9,6 +9,7 @@ import pytest
 from bcellmap.kernels.backend import gpu_status
 
 REALFCS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfcs"
+FLOWATLAS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "workspaces" / "flowatlas"
 
 
 @pytest.fixture
@@ -17,6 +18,14 @@ def realfcs_dir() -> Path:
     if not REALFCS_DIR.is_dir():
         pytest.skip(f"real FCS files not present at {REALFCS_DIR}")
     return REALFCS_DIR
+
+
+@pytest.fixture
+def flowatlas_dir() -> Path:
+    """The real FlowJo workspace with its FCS files beside the repository; skips when absent."""
+    if not (FLOWATLAS_DIR / "workspace.wsp").is_file():
+        pytest.skip(f"the FlowJo workspace is not present at {FLOWATLAS_DIR}")
+    return FLOWATLAS_DIR
 
 
 @pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])

@@ -92,6 +92,10 @@ def test_outputs_exist_one_row_per_sample(demo_run):
     assert annotated.n_obs == row["events_qc_pass"]
     # Source order: event indices strictly increase.
     assert np.all(np.diff(annotated.obs["event_index"].to_numpy()) > 0)
+    # Every flow sample's gates as GatingML, for review in the cytometrist's own tools.
+    flow_ids = sheet.loc[sheet["modality"] == "flow", "sample_id"]
+    assert sorted(p.name for p in (demo_run / "results" / "gates").iterdir()) == sorted(
+        f"{s}.gatingml.xml" for s in flow_ids)
 
 
 def test_depletion_and_reconstitution_days_equal_truth(demo_run, truth):
@@ -450,8 +454,8 @@ def kept_run(demo_run, tmp_path_factory) -> Path:
 # Counting, the QC table and the cohort tables follow every per-sample job.
 _TABLES = {"collect_qc", "quantify", "kinetics", "concordance", "flags"}
 KEPT_CASES = {
-    "annotate.gating": {"thresholds", "map_annotate_flow", *_TABLES},
-    "cluster.som": {"train_flow", "map_annotate_flow", *_TABLES},
+    "annotate.gating": {"thresholds", "map_annotate_flow", "export_gates", *_TABLES},
+    "cluster.som": {"train_flow", "map_annotate_flow", "export_gates", *_TABLES},
     "scrna.annotate.car": {"map_annotate_scrna", *_TABLES} - {"collect_qc"},
     "scrna.qc": {"ingest_scrna", "train_scrna", "map_annotate_scrna", *_TABLES},
     "kinetics.depletion": {"kinetics", "flags"},
@@ -466,3 +470,41 @@ def test_with_kept_intermediates_an_edit_reruns_its_readers_and_what_follows(kep
     assert _planned(kept_run, edit) == KEPT_CASES[case] | {"write_config", "all"}
     for folder in ("flow", "mapped", "scrna", "scrna_mapped"):
         assert list((kept_run / "results" / folder).glob("*.h5ad")), folder
+
+
+def test_a_corrected_gate_reruns_what_rests_on_it_and_the_kinetics_follow(kept_run):
+    """A cytometrist's GatingML correction (sheet column gatingml) replaces the learned gates
+    it names; gating and what follows rerun, ingest and clustering do not. Kept last: it
+    leaves the run with the correction."""
+    flowkit = pytest.importorskip("flowkit")
+    results = kept_run / "results"
+    kinetics = _table(kept_run, "kinetics.tsv").set_index(["modality", "measure"])
+    day = kinetics.loc[("flow", "b"), "reconstitution_day"]
+    assert pd.notna(day), "P01 reconstitutes within its first six flow visits"
+    sheet = pd.read_csv(kept_run / "samples.tsv", sep="\t")
+    flow = sheet["modality"] == "flow"
+    sample_id = sheet.loc[flow & (sheet["day"] == int(day)), "sample_id"].item()
+    # The core judges the reconstitution visit's B cells to be nonspecific staining: CD19+
+    # and CD20+ above every event (1.0 is a channel's top on the exported scale).
+    strategy = flowkit.parse_gating_xml(str(results / "gates" / f"{sample_id}.gatingml.xml"))
+    for gate_id in ("CD19_pos", "CD20_pos"):
+        strategy.get_gate(gate_id).dimensions[0].min = 1.5
+    with (kept_run / "corrected.xml").open("wb") as handle:
+        flowkit.export_gatingml(strategy, handle)
+    sheet["gatingml"] = np.where(sheet["sample_id"] == sample_id, "corrected.xml", "")
+    sheet.to_csv(kept_run / "samples.tsv", sep="\t", index=False)
+
+    assert _planned(kept_run, "{}\n") == {
+        "thresholds", "map_annotate_flow", "export_gates", *_TABLES, "write_config", "all"}
+    _snakemake("--cores", "2", "--configfile", "my.yaml", "edit.yaml", cwd=kept_run,
+               env_extra={"BCELLMAP_DEVICE": "cpu"})
+    gates = pd.read_csv(results / "models" / "gates.tsv", sep="\t", keep_default_na=False)
+    user = gates[gates["method"] == "user"]
+    assert set(zip(user["sample_id"], user["marker"], user["level"], strict=True)) == {
+        (sample_id, "CD19", "pos"), (sample_id, "CD20", "pos")}
+    assert (user["flag"] == "").all()
+    samples = _table(kept_run, "samples.tsv").set_index("sample_id")
+    assert samples.loc[sample_id, "b_cells"] == 0
+    after = _table(kept_run, "kinetics.tsv").set_index(["modality", "measure"])
+    assert after.loc[("flow", "b"), "reconstitution_day"] != day
+    assert after.loc[("flow", "b"), "nadir_value"] == 0

@@ -160,3 +160,37 @@ def test_values_resting_on_gates_that_cannot_be_stood_behind_are_not_evaluable(t
     # The terminal says so.
     assert "bcellmap run summary" in terminal
     assert "CD19:nonspecific" in terminal and "CD19:unreliable" in terminal
+
+
+FLOWATLAS = REALFCS.parent / "workspaces" / "flowatlas"
+
+
+@pytest.mark.skipif(not (FLOWATLAS / "workspace.wsp").is_file(), reason="workspace absent")
+def test_the_workflow_holds_its_b_cells_against_a_flowjo_workspace(tmp_path):
+    """compare.workspace: the run's own B cells against the expert's gate, per sample, in
+    results/tables/gate_agreement.tsv and a report figure; the GatingML export and a user's
+    correction work on these files too."""
+    files = {"blood": "412C_Blood_025.fcs", "bm": "412C_BM_032.fcs", "mln": "412C_mLN_026.fcs",
+             "ileum": "412C_Ileum_027.fcs"}
+    pd.DataFrame([{"sample_id": s, "patient_id": "D412C", "day": d, "modality": "flow",
+                   "path": str(FLOWATLAS / f), "panel": "atlas"}
+                  for d, (s, f) in enumerate(files.items())]).to_csv(
+        tmp_path / "samples.tsv", sep="\t", index=False)
+    (tmp_path / "my.yaml").write_text(
+        "samples: samples.tsv\ndevice: cpu\nreport: {enabled: false}\n"
+        "cluster: {markers: [CD19, CD8, CD4], som: {xdim: 4, ydim: 4}, n_metaclusters: 4}\n"
+        "panels:\n  default: {channels: {}}\n"
+        "  atlas: {channels: {CD19: 'FJComp-405 585_15-A', CD8: 'FJComp-355 560_40-A',"
+        " CD4: 'FJComp-355 820_60-A'}, compensation: {source: none},"
+        " required_markers: [CD19]}\n"
+        f"compare: {{workspace: {FLOWATLAS / 'workspace.wsp'}}}\n")
+    _snakemake("--cores", "2", "--configfile", "my.yaml", cwd=tmp_path)
+    table = pd.read_csv(tmp_path / "results" / "tables" / "gate_agreement.tsv", sep="\t",
+                        keep_default_na=False, na_values=[""])
+    b = table[table["population"] == "B"].set_index("sample_id")
+    assert sorted(b.index) == sorted(files)
+    assert b.loc["blood", "workspace_count"] == 4260 and b.loc["mln", "workspace_count"] == 2874
+    assert (b.loc[["blood", "bm", "mln"], "f1"] >= 0.95).all(), b["f1"]
+    assert (tmp_path / "results" / "report" / "gate_agreement.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "results" / "gates").iterdir()) == sorted(
+        f"{s}.gatingml.xml" for s in files)

@@ -170,6 +170,8 @@ FREE_FORM = (
     "ingest.transform.per_channel",
     "annotate.thresholds.fixed",
     "annotate.thresholds.fixed_hi",
+    "annotate.user_gates",
+    "compare.mapping",
     "annotate.gating.hi_method",
     "annotate.gating.references",
     "scrna.protein.thresholds",

@@ -27,7 +27,7 @@ LEVELS = ("neg", "pos", "hi", "lo")
 
 SAMPLE_SHEET_REQUIRED = ("sample_id", "patient_id", "day", "modality", "path")
 SAMPLE_SHEET_OPTIONAL = ("lymphocytes_per_ul", "disease", "batch", "panel", "reference",
-                         "lymphodepletion_day")
+                         "lymphodepletion_day", "gatingml")
 MODALITIES = ("flow", "scrna")
 
 # --- Per-sample counts (results/counts/{sample_id}.tsv) ------------------------------------

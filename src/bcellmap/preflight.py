@@ -503,6 +503,16 @@ def run_preflight(
         elif sample.modality == "scrna":
             check_scrna_path(sample)
 
+    for panel, value in sorted(((config.get("annotate") or {}).get("user_gates") or {}).items()):
+        given = Path(str(value)).expanduser()
+        if not (given if given.is_absolute() else Path.cwd() / given).is_file():
+            report.cohort.append(Finding(ERROR, (
+                f"annotate.user_gates: panel {panel!r}'s GatingML file {given} does not exist "
+                f"(looked for {given if given.is_absolute() else Path.cwd() / given})")))
+        elif panel not in panels and panel != "default":
+            report.cohort.append(Finding(ERROR, (
+                f"annotate.user_gates names panel {panel!r}, which is not defined in the "
+                f"config (defined: {', '.join(panels)})")))
     if deep:
         _check_instruments(report)
     if check_gpu:

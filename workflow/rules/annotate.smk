@@ -8,6 +8,7 @@ rule thresholds:
     input:
         h5ads=flow_h5ads,
         sheet=ancient(SAMPLE_SHEET),
+        user_gates=user_gate_files,
     output:
         cohort="results/models/thresholds.tsv",
         gates="results/models/gates.tsv",
@@ -16,7 +17,7 @@ rule thresholds:
         settings=settings("annotate", "seed"),
         subset_rules=subset_rules_text(),
         # Gating groups (panel, batch) and baseline pools (day) come from the sheet.
-        sheet=sheet_records(["day", "panel", "batch"], modality="flow"),
+        sheet=sheet_records(["day", "panel", "batch", "gatingml"], modality="flow"),
     # A cohort step: every per-sample job after it waits for it, so it goes first.
     priority: 10
     log:
@@ -65,3 +66,59 @@ rule map_annotate_flow:
         " --sample-id {wildcards.sample_id} --input {input.h5ad} --model {input.model}"
         " --thresholds {input.thresholds} --gates {input.gates} --out {output.h5ad}"
         " --counts {output.counts} --lineage-qc {output.lineage_qc} {params.keep} 2> {log}"
+
+
+# Every flow sample's gates as GatingML 2.0, on its own compensation and transforms, for review
+# in FlowJo, FlowKit or Cytobank (bcellmap.flow.gatingml). One job for the cohort: FlowKit's
+# import alone costs seconds. Not with batch normalisation, whose per-cluster quantile maps
+# have no GatingML form.
+rule export_gates:
+    input:
+        annotated=expand("results/annotated/{sample_id}.h5ad", sample_id=FLOW_SAMPLES),
+    output:
+        expand("results/gates/{sample_id}.gatingml.xml", sample_id=FLOW_SAMPLES),
+    params:
+        config=config_json,
+        settings=settings("annotate.subsets"),
+        subset_rules=subset_rules_text(),
+    log:
+        "logs/export_gates.log",
+    benchmark:
+        "logs/benchmarks/export_gates.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "bcellmap export-gates --config-json {params.config:q} --annotated {input.annotated}"
+        " --outdir results/gates 2> {log}"
+
+
+# bcellmap's calls against a FlowJo workspace's manual gates (config compare.workspace): the
+# workspace's samples are matched to the sheet's by their FCS file ($FIL).
+rule compare_gates:
+    input:
+        annotated=expand("results/annotated/{sample_id}.h5ad", sample_id=FLOW_SAMPLES),
+        counts=expand("results/counts/{sample_id}.tsv", sample_id=FLOW_SAMPLES),
+        sheet=ancient(SAMPLE_SHEET),
+        workspace=compare_workspace,
+    output:
+        table="results/tables/gate_agreement.tsv",
+        figure=report(
+            f"{REPORT_DIR}/gate_agreement.png",
+            caption="../report/gate_agreement.rst",
+            category="Gates",
+            labels={"figure": "agreement with the workspace"},
+        ),
+        svg=f"{REPORT_DIR}/gate_agreement.svg",
+    params:
+        config=config_json,
+        settings=settings("compare", "report.dpi"),
+    log:
+        "logs/compare_gates.log",
+    benchmark:
+        "logs/benchmarks/compare_gates.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "bcellmap compare-gates {input.workspace:q} --config-json {params.config:q}"
+        " --annotated {input.annotated} --counts {input.counts} --samples {input.sheet}"
+        f" --out {{output.table}} --figure-dir {REPORT_DIR} 2> {{log}}"

@@ -207,13 +207,29 @@ def sample_path(wildcards) -> str:
 
 
 def _records(sample_ids, columns) -> str:
-    frame = samples.loc[list(sample_ids), list(columns)]
+    frame = samples.loc[list(sample_ids), [c for c in columns if c in samples.columns]]
     return frame.astype(str).to_json(orient="index")
 
 
 def sample_record(wildcards) -> str:
-    """The sample's sheet row: a per-sample rerun trigger (a corrected day, panel, count)."""
-    return _records([wildcards.sample_id], samples.columns)
+    """The sample's sheet row: a per-sample rerun trigger (a corrected day, panel, count).
+
+    Not its corrected gates (gatingml): those reach the sample through the gates table."""
+    return _records([wildcards.sample_id], [c for c in samples.columns if c != "gatingml"])
+
+
+def compare_workspace(wildcards=None) -> list[str]:
+    """The FlowJo workspace of compare.workspace (an input: editing it reruns compare_gates)."""
+    return [config["compare"]["workspace"]] if config["compare"]["workspace"] else []
+
+
+def user_gate_files(wildcards=None) -> list[str]:
+    """The GatingML files of corrected gates (sheet column gatingml, annotate.user_gates by
+    panel) of every flow sample: inputs of the gates step, so that editing one reruns it."""
+    from bcellmap.flow.thresholds import user_gate_file
+
+    found = (user_gate_file(samples.loc[s], config) for s in FLOW_SAMPLES)
+    return sorted({str(path) for path in found if path is not None})
 
 
 def sheet_records(columns=None, modality=None) -> str:
@@ -289,6 +305,10 @@ def all_targets() -> list[str]:
     targets += [f"results/annotated/{sample_id}.h5ad" for sample_id in samples["sample_id"]]
     if FLOW_SAMPLES and SCRNA_SAMPLES:
         targets.append("results/tables/concordance.tsv")
+    if FLOW_SAMPLES and not NORMALISE:
+        targets += [f"results/gates/{sample_id}.gatingml.xml" for sample_id in FLOW_SAMPLES]
+    if FLOW_SAMPLES and config["compare"]["workspace"]:
+        targets.append("results/tables/gate_agreement.tsv")
     if config["report"]["enabled"]:
         targets += report_figures()
     return targets

@@ -37,6 +37,12 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
                    "learn positive/negative marker thresholds on the pooled cohort"),
     "annotate": ("bcellmap.cli.flow", "cli_annotate",
                  "label one sample's events: cell type and B-cell subset"),
+    "export-gates": ("bcellmap.cli.flow", "cli_export_gates",
+                     "write annotated samples' gates as GatingML 2.0 (FlowJo, FlowKit, "
+                     "Cytobank)"),
+    "compare-gates": ("bcellmap.cli.flow", "cli_compare_gates",
+                      "hold bcellmap's calls against a FlowJo workspace's manual gates, per "
+                      "sample: counts, % of parent, per-event F1"),
     "subsets": ("bcellmap.cli.flow", "cli_subsets",
                 "print the built-in B-cell subset rule table (copy it to write your own)"),
     "quantify": ("bcellmap.cli.cohort", "cli_quantify",
@@ -175,6 +181,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--counts", required=True, metavar="TSV", help="per-sample counts table")
     s.add_argument("--lineage-qc", metavar="TSV",
                    help="per-sample lineage-gate QC row (lymphocytes by markers, purity)")
+
+    s = p["export-gates"]
+    _add_common(s)
+    s.add_argument("--annotated", required=True, nargs="+", metavar="H5AD",
+                   help="annotated flow samples, named {sample_id}.h5ad")
+    s.add_argument("--outdir", required=True, metavar="DIR",
+                   help="writes DIR/{sample_id}.gatingml.xml for each")
+
+    s = p["compare-gates"]
+    _add_common(s)
+    s.add_argument("workspace", metavar="WSP", help="the FlowJo workspace (.wsp)")
+    s.add_argument("--fcs-dir", default=None, metavar="DIR",
+                   help="where its FCS files are (default: the workspace's folder); matched "
+                        "by their $FIL keyword")
+    s.add_argument("--mapping", default=None, metavar="YAML",
+                   help="{population: workspace gate name or path}, e.g. {B: 'Lymphocytes/B "
+                        "cells', naive: 'IgD+CD27-'} (default: common gate names)")
+    s.add_argument("--annotated", nargs="*", default=[], metavar="H5AD",
+                   help="bcellmap's annotated samples to compare (the workflow's); without "
+                        "them bcellmap is run here on the workspace's files as one cohort")
+    s.add_argument("--samples", default=None, metavar="TSV",
+                   help="with --annotated: the sample sheet (each sample's FCS file)")
+    s.add_argument("--counts", nargs="*", default=[], metavar="TSV",
+                   help="with --annotated: their counts tables (what is not evaluable)")
+    s.add_argument("--out", required=True, metavar="TSV", help="the agreement table")
+    s.add_argument("--figure-dir", default=None, metavar="DIR",
+                   help="also draw gate_agreement.png/.svg (B cells) there")
 
     s = p["subsets"]
     s.add_argument("--out", default=None, metavar="YAML",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,6 @@ def cli_ingest_flow(args: argparse.Namespace) -> None:
     ``args``: ``config``, ``samples`` with ``sample_id`` (the sheet's row), or ``fcs`` (a
     file; ``sample_id`` defaults to its name), ``out``, ``qc``, ``no_layers``.
     """
-    from typing import Any
-
     from ..config import load_config
     from ..errors import ConfigError, InputError
     from ..flow._ingest import ingest_flow, qc_steps_table
@@ -226,8 +226,15 @@ def cli_thresholds(args: argparse.Namespace) -> None:
     """
     from ..config import load_config
     from ..errors import InputError
-    from ..flow.thresholds import instrument_kind, learn_cohort_gates, read_qc_passed
+    from ..flow.thresholds import (
+        instrument_kind,
+        learn_cohort_gates,
+        read_qc_passed,
+        read_user_gate_files,
+        user_gate_file,
+    )
     from ..io._atomic import write_tsv
+    from ..io.readers import read_h5ad
     from ..io.samplesheet import read_sample_sheet
     from ._outputs import write_all
 
@@ -244,13 +251,171 @@ def cli_thresholds(args: argparse.Namespace) -> None:
     def reader(path: Path, sample_id: str):
         return lambda: read_qc_passed(path, sample_id=sample_id)
 
+    def header(sample_id: str):
+        # var and uns (transforms, compensation) only: the events stay on disk.
+        adata = read_h5ad(paths[sample_id], backed=True, what="flow h5ad",
+                          sample_id=sample_id)
+        adata.file.close()
+        return adata
+
+    files = {s: f for s in paths if (f := user_gate_file(sheet.loc[s], config)) is not None}
     cohort, gates, _ = learn_cohort_gates(
         {s: reader(p, s) for s, p in paths.items()},
         rows={s: sheet.loc[s] for s in paths}, kinds={s: instrument_kind(p)
                                                       for s, p in paths.items()},
-        config=config, sheet_path=args.samples)
+        config=config, sheet_path=args.samples,
+        user_gates=read_user_gate_files(files, header))
     write_all([(args.out, lambda: write_tsv(cohort, args.out)),
                (args.gates, lambda: write_tsv(gates, args.gates))])
+
+
+def cli_export_gates(args: argparse.Namespace) -> None:
+    """``bcellmap export-gates``: annotated flow samples -> ``{outdir}/{sample_id}.gatingml.xml``.
+
+    ``args``: ``config`` (the subset rule table, ``annotate.subsets``), ``annotated`` (the
+    annotated flow h5ad files, named ``{sample_id}.h5ad``; read without their events) and
+    ``outdir``. Each file is written atomically (``flow.gatingml.write_gatingml``).
+    """
+    from ..config import load_config
+    from ..flow.gatingml import write_gatingml
+    from ..flow.subsets import load_subset_rules
+    from ..io.readers import read_h5ad
+
+    rules = load_subset_rules(load_config(args.config))
+    outdir = Path(args.outdir)
+    for path in map(Path, args.annotated):
+        sample_id = path.name.removesuffix(".h5ad")
+        adata = read_h5ad(path, backed=True, what="annotated flow sample", sample_id=sample_id)
+        try:
+            table = write_gatingml(adata, outdir / f"{sample_id}.gatingml.xml", rules=rules,
+                                   sample_id=sample_id)
+        finally:
+            adata.file.close()
+        log.info("%s: %d gates written as GatingML", sample_id, len(table))
+
+
+def _bcellmap_on_workspace(workspace: Any, files: Mapping[str, Path], *,
+                          config: Mapping[str, Any] | None = None,
+                          sample_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run bcellmap (read, compensate, transform, QC, cohort gates, annotate) on a
+    workspace's FCS files, with the marker names and spillover matrix the workspace holds.
+
+    Each sample is read with the panel ``flow.agreement.workspace_panel`` gives (the
+    workspace's labels win over the file's own ``$PnS``), compensated with the workspace's
+    matrix for it (none where the workspace has none: FlowJo exports of ``Comp-`` channels
+    are compensated already), and gated with the rest as one cohort (the workflow's pooled
+    gates).
+
+    Returns
+    -------
+    ``{workspace sample id: annotated AnnData}``.
+    """
+    import bcellmap as bl
+
+    from ..config import merge
+    from ..flow.agreement import safe_id, workspace_labels, workspace_panel
+
+    annotated = {}
+    for sample_id in sample_ids or list(files):
+        channels = workspace_panel(workspace, sample_id)
+        matrix = workspace.get_comp_matrix(sample_id)
+        panel = {"channels": channels, "required_markers": [["CD19", "CD20"]],
+                 "compensation": {"source": "auto" if matrix is not None else "none"}}
+        cfg = merge(dict(config or {}), {"panels": {"workspace": panel}})
+        adata = bl.flow.read_fcs(files[sample_id], sample_id=safe_id(sample_id),
+                                 panel="workspace", config=cfg)
+        # The workspace's labels replace the file's: a detector the file calls CD3 but the
+        # workspace CD3-IgD (both antibodies on one dye) is no CD3 channel.
+        explicit = {channel: marker for marker, channel in channels.items()}
+        for channel, label in workspace_labels(workspace, sample_id).items():
+            if channel in adata.var_names:
+                adata.var.loc[channel, "marker"] = label
+                adata.var.loc[channel, "canonical"] = explicit.get(channel, "")
+        bl.flow.compensate(adata, spillover=None if matrix is None else
+                           matrix.as_dataframe(fluoro_labels=False), config=cfg,
+                           **({} if matrix is not None else {"source": "none"}))
+        bl.flow.transform(adata, config=cfg)
+        bl.flow.qc(adata, config=cfg)
+        annotated[sample_id] = (adata, cfg)
+    cfg = merge(dict(config or {}), {"panels": {"workspace": {"channels": {}}}})
+    bl.tl.gate({safe_id(s): a for s, (a, _) in annotated.items()}, config=cfg)
+    for adata, own in annotated.values():
+        bl.tl.annotate(adata, config=own)
+    return {s: a for s, (a, _) in annotated.items()}
+
+
+def cli_compare_gates(args: argparse.Namespace) -> None:
+    """``bcellmap compare-gates WSP``: bcellmap's calls against a FlowJo workspace's gates.
+
+    Without ``--annotated``, bcellmap reads, gates and annotates the workspace's FCS files
+    itself (one cohort, the workspace's marker labels and spillover matrices); with it, the
+    given annotated samples are matched to the workspace's by their FCS file's ``$FIL``.
+    Writes ``--out`` (``flow.agreement.AGREEMENT_COLUMNS``) and, with ``--figure-dir``, the
+    B-cell agreement figure.
+    """
+    import yaml
+
+    from ..config import load_config
+    from ..errors import InputError
+    from ..flow.agreement import gate_agreement, read_workspace, safe_id, workspace_files
+    from ..io._atomic import write_tsv
+    from ..io.readers import read_h5ad, read_table
+
+    config = load_config(args.config)
+    wsp = Path(args.workspace)
+    given_dir = args.fcs_dir or config["compare"]["fcs_dir"]
+    fcs_dir = Path(given_dir) if given_dir else wsp.parent
+    mapping = dict(config["compare"]["mapping"] or {})
+    if args.mapping:
+        try:
+            mapping = yaml.safe_load(Path(args.mapping).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"cannot read the gate mapping ({exc})", path=args.mapping) from None
+        if not isinstance(mapping, dict):
+            raise InputError("the gate mapping must be {population: gate}", path=args.mapping)
+    workspace = read_workspace(wsp, fcs_dir)
+    files = workspace_files(workspace, fcs_dir)
+    if args.annotated:
+        import flowio
+
+        from ..io.samplesheet import read_sample_sheet
+
+        if not args.samples:
+            raise InputError("compare-gates --annotated needs --samples (the sheet)")
+        sheet = read_sample_sheet(args.samples, check_files=False)
+        by_file = {str(path.resolve()): sample for sample, path in files.items()}
+        by_fil = {workspace.get_sample(s).original_filename: s for s in files}
+        counts = {Path(p).name.removesuffix(".tsv"): read_table(p, what="counts table")
+                  for p in args.counts}
+        samples = {}
+        for path in map(Path, args.annotated):
+            sample_id = path.name.removesuffix(".h5ad")
+            fcs = Path(sheet.loc[sample_id, "path"]).resolve()
+            fil = flowio.FlowData(str(fcs), only_text=True).text.get("fil")
+            match = by_file.get(str(fcs)) or by_fil.get(str(fil or "")) or by_fil.get(fcs.name)
+            if match is None:
+                log.info("%s: not in the workspace", sample_id)
+                continue
+            adata = read_h5ad(path, what="annotated flow sample", sample_id=sample_id)
+            if sample_id in counts and not counts[sample_id].empty:
+                adata.uns["counts"] = counts[sample_id].iloc[0].to_dict()
+            samples[sample_id] = (match, adata)
+    else:
+        annotated = _bcellmap_on_workspace(workspace, files, config=config)
+        samples = {safe_id(s): (s, a) for s, a in annotated.items()}
+    if not samples:
+        raise InputError("no sample is both in the workspace and among bcellmap's", path=wsp)
+    table = gate_agreement(workspace, samples, mapping=mapping)
+    write_tsv(table, args.out)
+    if args.figure_dir and (table["population"] == "B").any():
+        from ..report.agreement import draw_gate_agreement
+
+        draw_gate_agreement(table, args.figure_dir, dpi=int(config["report"]["dpi"]))
+    for row in table[table["population"] == "B"].itertuples():
+        log.info("%s: B cells %d (bcellmap) vs %d (workspace), F1 %.3f%s", row.sample_id,
+                 row.bcellmap_count, row.workspace_count, row.f1,
+                 f"; not evaluable: {row.bcellmap_not_evaluable}"
+                 if row.bcellmap_not_evaluable else "")
 
 
 def cli_annotate(args: argparse.Namespace) -> None:

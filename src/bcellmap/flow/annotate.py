@@ -298,6 +298,11 @@ def annotate_sample(
         "b_cell_rule": ("CD3- and (CD19+ or CD20+)" if "CD3" in columns
                         else "CD19+ or CD20+ (no CD3 in the panel)"),
         "nk_rule": str(lymphocyte_info.get("nk_rule", "")),
+        # The T and B cells' scatter core of the NK call, for the GatingML export.
+        "lymphocyte_core": {"mean": lymphocyte_info["scatter_mean"],
+                            "covariance": lymphocyte_info["scatter_covariance"],
+                            "max_mahalanobis": float(max_mahalanobis)}
+        if "scatter_mean" in lymphocyte_info else {},
         "not_evaluable": ";".join(rejected),
         "not_evaluable_reason": _gate_reasons(unreliable) if rejected else "",
     }

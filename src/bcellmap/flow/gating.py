@@ -307,12 +307,19 @@ class _SampleGates:
     unreliable: set[str] = field(default_factory=set)
     background: float = float("nan")
     top: float = float("nan")
+    #: The user's own gates, ``(marker, level) -> (threshold, source)``: they replace the
+    #: learned ones, are recorded as method ``user`` and flag nothing.
+    user: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
 
     def add(self, marker: str, level: str, threshold: float, *, parent: str, method: str,
             n_events: int, flag: str = "", low: float = float("nan"),
             high: float = float("nan"), reference: str = "",
             measured: Separation | None = None, reliability: str = "ok",
             detail: str = "") -> None:
+        if method != "user" and (marker, level) in self.user:
+            threshold, source = self.user[(marker, level)]
+            method, flag, measured = "user", "", None
+            reliability, detail = "ok", f"set by the user ({source})"
         measured = measured or Separation()
         self.cut.setdefault(marker, {})[level] = float(threshold)
         if reliability in NOT_RELIABLE:
@@ -421,6 +428,7 @@ def learn_gates(
     seed: int,
     groups: Mapping[str, str] | None = None,
     learners: set[str] | None = None,
+    user_gates: Mapping[str, Mapping[tuple[str, str], tuple[float, str]]] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Learn every sample's gates, stage by stage, on registered pooled parents.
 
@@ -449,6 +457,12 @@ def learn_gates(
     learners
         Samples whose events make the pool (all when None; ``baseline`` method: day <= 0).
         Every sample gets gates.
+    user_gates
+        ``sample_id -> {(marker, level): (threshold, source)}``: gates a user set (a
+        corrected GatingML file, :func:`bcellmap.flow.gatingml.read_user_gates`), on the
+        sample's own scale. Each replaces the learned gate (method ``user``, reliability
+        ``ok``, no flag; the separation from its references is still measured for ``pos``
+        gates), and the gates below it are learned within the parent it defines.
 
     Returns
     -------
@@ -463,7 +477,8 @@ def learn_gates(
     ids = sorted(samples)
     groups = {s: (groups or {}).get(s, ALL_SAMPLES) for s in ids}
     learners = set(ids) if learners is None else set(learners)
-    state = {s: _SampleGates(groups[s], s in learners) for s in ids}
+    state = {s: _SampleGates(groups[s], s in learners,
+                             user=dict((user_gates or {}).get(s, {}))) for s in ids}
     hi_markers = list(dict.fromkeys(hi_markers))
     pos_markers = list(dict.fromkeys([*pos_markers,
                                       *(m for m in hi_markers
@@ -711,6 +726,9 @@ def _add_judged(sample: _SampleGates, marker: str, threshold: float, *, parent: 
                 high: float = float("nan"), unaligned: bool = False) -> None:
     """Measure a sample's gate against its references, judge it, and record it."""
     negative, positive = pool.negative.get(sample_id), pool.positive.get(sample_id)
+    user = sample.user.get((marker, "pos"))
+    if user is not None:
+        threshold, method = user[0], "user"
     # A positive reference measures the gate when it placed it (CD45: no negative one);
     # otherwise (CD27: 10-30% of T cells are CD27-) it only checks the side.
     measured = separation(threshold, parent=pool.pooled.get(sample_id, np.empty(0)),
@@ -723,7 +741,10 @@ def _add_judged(sample: _SampleGates, marker: str, threshold: float, *, parent: 
         top=sample.top, n_parent=n_parent,
         min_parent=settings.flag_min_events, settings=settings.reliability)
     flag = _flag(method.split("/")[0], n_parent, marker, settings)
-    if not flag and unaligned and np.isfinite(threshold):
+    if user is not None:
+        # The user stands behind it: measured, not judged.
+        flag, reliability, detail = "", "ok", f"set by the user ({user[1]})"
+    elif not flag and unaligned and np.isfinite(threshold):
         # Too few parent events to register: the cohort's gate, as is.
         flag = _flag("few_events", n_parent, marker, settings)
     sample.add(marker, "pos", threshold, parent=parent, method=method, n_events=n_parent,

@@ -14,7 +14,9 @@ registered onto each other before pooling, and the "hi" levels: ``bcellmap.flow.
 :func:`learn_cohort_gates` (called by ``bcellmap thresholds`` and :func:`bcellmap.tl.gate`)
 gives the cohort's reference gates (``thresholds.tsv``) and every sample's own gates
 (``gates.tsv``). Fixed values from ``annotate.thresholds.fixed`` (positive
-level) and ``annotate.thresholds.fixed_hi`` (hi level) override learning.
+level) and ``annotate.thresholds.fixed_hi`` (hi level) override learning; a sample's
+corrected gates (a GatingML file: the sheet's ``gatingml`` column, or ``annotate.user_gates``
+by panel) override its own (:func:`user_gate_file`, :func:`read_user_gate_files`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -155,6 +158,7 @@ def learn_cohort_gates(
     kinds: Mapping[str, str],
     config: Mapping[str, Any],
     sheet_path: str | os.PathLike | None = None,
+    user_gates: Mapping[str, Mapping[tuple[str, str], tuple[float, str]]] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
     """Learn the cohort's hierarchical gates: the ``thresholds`` step.
 
@@ -178,6 +182,9 @@ def learn_cohort_gates(
         The merged config (``annotate``, ``seed``).
     sheet_path
         The sample sheet, for messages.
+    user_gates
+        Per sample, the gates a user set (:func:`read_user_gate_files`): they replace the learned
+        ones (``learn_gates``).
 
     Returns
     -------
@@ -211,11 +218,59 @@ def learn_cohort_gates(
     cohort, gates = learn_gates(dict(samples), pos_markers=pos_markers, hi_markers=hi_markers,
                                 settings=GatingSettings.from_config(config),
                                 seed=int(config.get("seed", 0)), groups=groups,
-                                learners=learners)
+                                learners=learners, user_gates=user_gates)
     for row in gates[gates["flag"].astype(str) != ""].itertuples(index=False):
         log.warning("%s: gate %s %s (%s) flagged %s: %s on %d parent events", row.sample_id,
                     row.marker, row.level, row.parent, row.flag, row.method, row.n_events)
     return cohort, gates, groups
+
+
+def user_gate_file(row: Mapping[str, Any], config: Mapping[str, Any]) -> Path | None:
+    """The GatingML file of a sample's corrected gates, or None.
+
+    The sheet's ``gatingml`` column wins; otherwise ``annotate.user_gates`` by the sample's
+    panel (``default`` when empty), a relative path taken from the working directory.
+    """
+    own = str(row.get("gatingml") or "")
+    if own:
+        return Path(own)
+    by_panel = (config.get("annotate") or {}).get("user_gates") or {}
+    value = by_panel.get(str(row.get("panel") or "") or "default")
+    if not value:
+        return None
+    given = Path(str(value)).expanduser()
+    return given if given.is_absolute() else Path.cwd() / given
+
+
+def read_user_gate_files(files: Mapping[str, Path], header: Callable[[str], Any]
+                         ) -> dict[str, dict[tuple[str, str], tuple[float, str]]]:
+    """Every sample's corrected gates on its own scale, for :func:`learn_cohort_gates`.
+
+    Parameters
+    ----------
+    files
+        ``sample_id -> GatingML file`` (:func:`user_gate_file`).
+    header
+        ``sample_id -> AnnData-like`` with the sample's ``var`` and ``uns`` (its transforms
+        and compensation).
+
+    Raises
+    ------
+    InputError
+        A file is missing or unreadable, or a gate does not fit the sample
+        (:func:`bcellmap.flow.gatingml.read_user_gates`).
+    """
+    from .gatingml import read_user_gates
+
+    found: dict[str, dict[tuple[str, str], tuple[float, str]]] = {}
+    for sample_id, path in files.items():
+        if not Path(path).is_file():
+            raise InputError("user gates: the GatingML file does not exist", path=path,
+                             sample_id=sample_id)
+        gates = read_user_gates(path, header(sample_id), sample_id=sample_id)
+        found[sample_id] = {key: (value, Path(path).name) for key, value in gates.items()}
+        log.info("%s: %d gate(s) set by the user in %s", sample_id, len(gates), path)
+    return found
 
 
 def read_qc_passed(path: str | os.PathLike, *, sample_id: str | None = None) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -169,6 +170,7 @@ def read_sample_sheet(
     counts = []
     references = []
     depletion_days = []
+    user_gates = []
     for position, row in enumerate(sheet.to_dict("records")):
         line = position + 2  # header is line 1
         record = row
@@ -217,6 +219,9 @@ def read_sample_sheet(
                 problem(f"lymphocytes_per_ul {count!r} is not a non-negative number", line,
                         "lymphocytes_per_ul")
             counts.append(value)
+        user_gates.append(_user_gate_file(record, base=base, check=check_files,
+                                          problem=lambda text, line=line: problem(
+                                              text, line, "gatingml")))
         depletion = record.get("lymphodepletion_day", "")
         if depletion in ("", None):
             depletion_days.append(pd.NA)
@@ -267,6 +272,7 @@ def read_sample_sheet(
     sheet["lymphocytes_per_ul"] = counts
     sheet["reference"] = references
     sheet["lymphodepletion_day"] = pd.array(depletion_days, dtype="Int64")
+    sheet["gatingml"] = user_gates
     for column in ("disease", "batch", "panel"):
         if column not in sheet.columns:
             sheet[column] = ""
@@ -279,6 +285,20 @@ def sample_row(sheet: pd.DataFrame, sample_id: str, *, path: object = "") -> pd.
         raise SampleSheetError(f"sample_id {sample_id!r} is not listed", path=path,
                                column="sample_id")
     return sheet.loc[sample_id]
+
+
+def _user_gate_file(record: dict, *, base: Path, check: bool,
+                    problem: Callable[[str], None]) -> str:
+    """The row's ``gatingml`` file (the user's corrected gates), resolved; "" where none."""
+    value = str(record.get("gatingml", "") or "")
+    if not value:
+        return ""
+    if record.get("modality") != "flow":
+        problem("gatingml (corrected gates) is for flow samples only")
+    resolved = Path(value) if Path(value).is_absolute() else base / value
+    if check and not resolved.is_file():
+        problem(f"gatingml file {value!r} does not exist (looked for {resolved})")
+    return str(resolved)
 
 
 def _reference_flag(record: dict, *, path: Path, line: int) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._apiutils import (
@@ -66,6 +67,7 @@ def gate(
     events_per_sample: int | None = None,
     subsets: str | os.PathLike | None = None,
     sample_sheet: pd.DataFrame | str | os.PathLike | None = None,
+    user_gates: Mapping[str, str | os.PathLike] | None = None,
     seed: int | None = None,
     config: ConfigLike = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -96,6 +98,12 @@ def gate(
     sample_sheet
         Sample sheet (path or DataFrame) giving every sample's panel, batch and day; None:
         ``uns["sample"]`` of each AnnData.
+    user_gates
+        ``{sample_id: GatingML file}`` of corrected gates (e.g. an edited
+        :func:`bcellmap.flow.gatingml.write_gatingml` export): each ``{marker}_{level}`` gate
+        in it replaces the learned one (method ``user``), and the gates below it are learned
+        in the parent it defines. Default: the sheet's ``gatingml`` column, else
+        ``annotate.user_gates`` by panel.
     seed
         Seed of the pooling subsample. Default: the config's ``seed``.
     config
@@ -115,7 +123,12 @@ def gate(
     bcellmap.errors.InputError
         No sample to learn on (``baseline`` without day <= 0 samples), missing markers.
     """
-    from ..flow.thresholds import _settings, learn_cohort_gates
+    from ..flow.thresholds import (
+        _settings,
+        learn_cohort_gates,
+        read_user_gate_files,
+        user_gate_file,
+    )
 
     samples = as_mapping(adatas)
     cfg = resolve_config(config, {
@@ -141,8 +154,16 @@ def gate(
             return adata if bool(mask.all()) else adata[mask]
         return _view
 
-    cohort, gates, groups = learn_cohort_gates({s: _passed(a) for s, a in samples.items()},
-                                               rows=rows, kinds=kinds, config=cfg)
+    files = {str(s): Path(p) for s, p in (user_gates or {}).items()}
+    unknown = sorted(set(files) - set(samples))
+    if unknown:
+        raise InputError(f"user_gates names samples not given: {', '.join(unknown)}")
+    for sample_id in samples:
+        if sample_id not in files and (found := user_gate_file(rows[sample_id], cfg)):
+            files[sample_id] = found
+    cohort, gates, groups = learn_cohort_gates(
+        {s: _passed(a) for s, a in samples.items()}, rows=rows, kinds=kinds, config=cfg,
+        user_gates=read_user_gate_files(files, lambda s: samples[s]))
     params = {"method": settings["method"], "fixed": dict(settings["fixed"]),
               "fixed_hi": dict(settings["fixed_hi"]),
               "events_per_sample": int(settings["events_per_sample"]),
