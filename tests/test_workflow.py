@@ -271,6 +271,36 @@ def test_a_real_blood_visit_gets_the_same_calls_alone_and_inside_the_demo(demo_r
         assert calls["demo"][s] == pytest.approx(calls["alone"][s], abs=1.0), s
 
 
+def test_flowkit_applying_the_exported_gates_counts_what_bcellmap_counted(demo_run):
+    """The GatingML export of demo visits (a baseline, an aplastic and a lymphopenic
+    whole-blood visit among them), applied by FlowKit to the raw FCS file: on the events
+    bcellmap kept, every population is the same event for event; FlowKit's extra events are
+    only ones that a QC step without a gate removed (margin, time, non-finite)."""
+    import anndata as ad
+
+    flowkit = pytest.importorskip("flowkit")
+    sheet = pd.read_csv(demo_run / "demo" / "samples.tsv", sep="\t")
+    flow = sheet[sheet["modality"] == "flow"].reset_index(drop=True)
+    qc = _table(demo_run, "qc.tsv")
+    for row in flow.iloc[[0, 3, 6, len(flow) // 2, len(flow) - 1]].itertuples():
+        annotated = ad.read_h5ad(demo_run / "results" / "annotated" / f"{row.sample_id}.h5ad")
+        strategy = flowkit.parse_gating_xml(
+            str(demo_run / "results" / "gates" / f"{row.sample_id}.gatingml.xml"))
+        result = strategy.gate_sample(flowkit.Sample(str(demo_run / "demo" / row.path)))
+        kept = annotated.obs["event_index"].to_numpy()
+        steps = qc[qc["sample_id"] == row.sample_id].set_index("step")["events_removed"]
+        not_gates = int(steps[["non_finite", "margin", "time_anomaly"]].sum())
+        for gate_id, called in (
+                ("B_cells", annotated.obs["cell_type"] == "B"),
+                ("CD3_pos", annotated.obs["cell_type"] == "T"),
+                ("Lymphocytes", annotated.obs["lymphocyte"].astype(bool)),
+                ("naive", annotated.obs["b_subset"] == "naive")):
+            path = next(p for g, p in strategy.get_gate_ids() if g == gate_id)
+            member = result.get_gate_membership(gate_id, gate_path=path)
+            assert np.array_equal(member[kept], called.to_numpy()), (row.sample_id, gate_id)
+            assert int(member.sum()) - int(called.sum()) <= not_gates, (row.sample_id, gate_id)
+
+
 def test_rerun_has_nothing_to_do(demo_run):
     result = _snakemake("--cores", "2", "--configfile", "my.yaml", "-n", cwd=demo_run)
     assert "Nothing to be done" in result.stdout + result.stderr
@@ -479,16 +509,17 @@ def test_a_corrected_gate_reruns_what_rests_on_it_and_the_kinetics_follow(kept_r
     flowkit = pytest.importorskip("flowkit")
     results = kept_run / "results"
     kinetics = _table(kept_run, "kinetics.tsv").set_index(["modality", "measure"])
-    day = kinetics.loc[("flow", "b"), "reconstitution_day"]
-    assert pd.notna(day), "P01 reconstitutes within its first six flow visits"
+    day = kinetics.loc[("flow", "b"), "depletion_day"]
+    assert pd.notna(day), "P01 depletes within its first six flow visits"
     sheet = pd.read_csv(kept_run / "samples.tsv", sep="\t")
     flow = sheet["modality"] == "flow"
     sample_id = sheet.loc[flow & (sheet["day"] == int(day)), "sample_id"].item()
-    # The core judges the reconstitution visit's B cells to be nonspecific staining: CD19+
-    # and CD20+ above every event (1.0 is a channel's top on the exported scale).
+    before = _table(kept_run, "samples.tsv").set_index("sample_id").loc[sample_id, "b_cells"]
+    # The core moves the first depleted visit's CD19+ and CD20+ gates down to 0 (on the
+    # exported scale: every event with a positive compensated value): it now holds B cells.
     strategy = flowkit.parse_gating_xml(str(results / "gates" / f"{sample_id}.gatingml.xml"))
     for gate_id in ("CD19_pos", "CD20_pos"):
-        strategy.get_gate(gate_id).dimensions[0].min = 1.5
+        strategy.get_gate(gate_id).dimensions[0].min = 0.0
     with (kept_run / "corrected.xml").open("wb") as handle:
         flowkit.export_gatingml(strategy, handle)
     sheet["gatingml"] = np.where(sheet["sample_id"] == sample_id, "corrected.xml", "")
@@ -503,8 +534,8 @@ def test_a_corrected_gate_reruns_what_rests_on_it_and_the_kinetics_follow(kept_r
     assert set(zip(user["sample_id"], user["marker"], user["level"], strict=True)) == {
         (sample_id, "CD19", "pos"), (sample_id, "CD20", "pos")}
     assert (user["flag"] == "").all()
-    samples = _table(kept_run, "samples.tsv").set_index("sample_id")
-    assert samples.loc[sample_id, "b_cells"] == 0
-    after = _table(kept_run, "kinetics.tsv").set_index(["modality", "measure"])
-    assert after.loc[("flow", "b"), "reconstitution_day"] != day
-    assert after.loc[("flow", "b"), "nadir_value"] == 0
+    after = _table(kept_run, "samples.tsv").set_index("sample_id")
+    assert after.loc[sample_id, "b_cells"] > 100 * max(before, 1)
+    # The visit is no longer depleted: the depletion day moves to the next visit.
+    moved = _table(kept_run, "kinetics.tsv").set_index(["modality", "measure"])
+    assert moved.loc[("flow", "b"), "depletion_day"] > day

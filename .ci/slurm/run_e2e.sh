@@ -69,6 +69,7 @@ SLURM_ARGS=(
     --slurm-status-command squeue     # no slurmdbd, so no sacct
     --slurm-no-account                # no accounts without slurmdbd
     --slurm-init-seconds-before-status-checks 3   # short jobs: poll soon (MinJobAge=300)
+    --seconds-between-status-checks 2             # ... and often (the default is 10 s)
     --slurm-keep-successful-logs
 )
 

@@ -104,6 +104,7 @@ def demo_sample_sheet(outdir: str | os.PathLike, *, preset: str, seed: int):
     sheet = pd.DataFrame(rows)
     sheet["reference"] = False
     sheet["lymphodepletion_day"] = pd.array([pd.NA] * len(sheet), dtype="Int64")
+    sheet["gatingml"] = ""
     return sheet.set_index("sample_id", drop=False)
 
 
