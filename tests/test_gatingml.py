@@ -185,12 +185,18 @@ def _edited(source: Path, target: Path, edits: dict[str, float]) -> None:
         flowkit.export_gatingml(strategy, handle)
 
 
-def test_a_corrected_export_fed_back_gives_what_flowkit_gives_on_it(tmp_path):
+def _learned_export(tmp_path: Path, *, seed: int, n_events: int):
+    """A simulated healthy visit, gated alone and annotated, its gates in learned.xml."""
     fcs = tmp_path / "v.fcs"
-    simulate_visit(fcs, profile="healthy_adult", seed=8, n_events=8000)
+    simulate_visit(fcs, profile="healthy_adult", seed=seed, n_events=n_events)
     rules = load_subset_rules(load_config())
     learned = _annotated(fcs)
     write_gatingml(learned, tmp_path / "learned.xml", rules=rules)
+    return fcs, learned, rules
+
+
+def test_a_corrected_export_fed_back_gives_what_flowkit_gives_on_it(tmp_path):
+    fcs, learned, rules = _learned_export(tmp_path, seed=8, n_events=8000)
     strategy = flowkit.parse_gating_xml(str(tmp_path / "learned.xml"))
     igd = strategy.get_gate("IgD_pos").dimensions[0].min
     cd27 = strategy.get_gate("CD27_pos").dimensions[0].min
@@ -219,11 +225,7 @@ def test_a_corrected_export_fed_back_gives_what_flowkit_gives_on_it(tmp_path):
 
 
 def test_a_single_corrected_gate_replaces_only_that_gate_and_its_parent_follows(tmp_path):
-    fcs = tmp_path / "v.fcs"
-    simulate_visit(fcs, profile="healthy_adult", seed=9, n_events=8000)
-    rules = load_subset_rules(load_config())
-    learned = _annotated(fcs)
-    write_gatingml(learned, tmp_path / "learned.xml", rules=rules)
+    fcs, learned, _ = _learned_export(tmp_path, seed=9, n_events=8000)
     # A file holding one gate: CD19+ and CD20+ above every event (a sample the core judged
     # to hold no B cells). FlowKit builds it on the exported transform of each channel.
     full = flowkit.parse_gating_xml(str(tmp_path / "learned.xml"))
@@ -251,11 +253,7 @@ def test_a_single_corrected_gate_replaces_only_that_gate_and_its_parent_follows(
 
 
 def test_user_gates_that_do_not_fit_the_sample_are_named(tmp_path):
-    fcs = tmp_path / "v.fcs"
-    simulate_visit(fcs, profile="healthy_adult", seed=10, n_events=3000)
-    rules = load_subset_rules(load_config())
-    learned = _annotated(fcs)
-    write_gatingml(learned, tmp_path / "learned.xml", rules=rules)
+    fcs, learned, _ = _learned_export(tmp_path, seed=10, n_events=3000)
 
     def broken(change) -> str:
         strategy = flowkit.parse_gating_xml(str(tmp_path / "learned.xml"))
