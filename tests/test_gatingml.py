@@ -120,7 +120,7 @@ def test_export_names_the_sample_when_it_cannot_be_written(tmp_path):
     with pytest.raises(InputError, match="no gates.*'v'|'v'.*no gates"):
         gating_strategy(adata, rules=rules, sample_id="v")
     adata = _annotated(fcs)
-    adata.uns["normalisation"] = {"applied": True}
+    adata.uns["normalisation"] = {"method": "reference", "markers": ["CD19", "CD20"]}
     with pytest.raises(InputError, match="normalised"):
         gating_strategy(adata, rules=rules, sample_id="v")
     assert not list(tmp_path.glob("*.xml"))
@@ -283,3 +283,8 @@ def test_user_gates_that_do_not_fit_the_sample_are_named(tmp_path):
                 "not GatingML": "GatingML"}[problem] in message
     with pytest.raises(InputError, match="does not exist"):
         bl.tl.gate({"v": learned}, user_gates={"v": tmp_path / "missing.xml"})
+    # A batch-normalised marker: a gate drawn on the file's values has no place there.
+    adata = bl.flow.ingest(fcs, sample_id="v", patient_id="H", day=-1)
+    adata.uns["normalisation"] = {"method": "reference", "markers": ["CD19"]}
+    with pytest.raises(InputError, match="CD19_pos: CD19 was batch-normalised"):
+        bl.tl.gate({"v": adata}, user_gates={"v": tmp_path / "learned.xml"})

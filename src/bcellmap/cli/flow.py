@@ -390,6 +390,9 @@ def cli_compare_gates(args: argparse.Namespace) -> None:
         samples = {}
         for path in map(Path, args.annotated):
             sample_id = path.name.removesuffix(".h5ad")
+            if sample_id not in sheet.index:
+                raise InputError("annotated file is not named after a sample of the sheet",
+                                 path=path, sample_id=sample_id)
             fcs = Path(sheet.loc[sample_id, "path"]).resolve()
             fil = flowio.FlowData(str(fcs), only_text=True).text.get("fil")
             match = by_file.get(str(fcs)) or by_fil.get(str(fil or "")) or by_fil.get(fcs.name)

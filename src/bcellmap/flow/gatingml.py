@@ -33,11 +33,13 @@ The hierarchy, under the QC gates that are geometric:
   ``CD3_pos``.
 
 Not gates, so not in the file: the QC steps ``non_finite``, ``margin`` (detector saturation)
-and ``time_anomaly`` (time bins): a tool applying the file keeps those events, and
-:func:`population_table` says which population counts they change. Batch normalisation (a
-per-cluster quantile map) has no GatingML form: a normalised sample's gates are written on its
-unnormalised scale only when it was not normalised (:func:`gating_strategy` refuses
-otherwise).
+and ``time_anomaly`` (time bins). A tool applying the file keeps the events only they
+removed (``obs["qc_margin"]`` etc. of the ingested sample name them), so its populations
+hold those events too. Batch normalisation (a per-cluster quantile map) has no GatingML
+form: :func:`gating_strategy` refuses a normalised sample, and :func:`read_user_gates` a
+corrected gate on a normalised marker.
+
+A user's corrected file comes back through :func:`read_user_gates`.
 """
 
 from __future__ import annotations
@@ -254,7 +256,7 @@ def gating_strategy(adata: Any, *, rules: Sequence[SubsetRule], sample_id: str |
     from flowkit import GatingStrategy, Matrix
 
     sample_id = sample_id or str((adata.uns.get("sample") or {}).get("sample_id", ""))
-    if (adata.uns.get("normalisation") or {}).get("applied"):
+    if adata.uns.get("normalisation"):
         raise InputError("the sample was batch-normalised: its gates are on the normalised "
                          "scale, which has no GatingML transform", sample_id=sample_id)
     cut = _thresholds(adata)
@@ -370,9 +372,9 @@ def _to_sample_scale(values: np.ndarray, used: Mapping[str, Any]) -> np.ndarray:
     if method == "logicle":
         from flowutils.transforms import logicle
 
-        return logicle(np.ascontiguousarray(values, dtype=np.float64).reshape(-1, 1), None,
-                       t=float(used["T"]), w=float(used["W"]), m=float(used["M"]),
-                       a=float(used["A"])).ravel()
+        return np.asarray(logicle(np.ascontiguousarray(values, dtype=np.float64), None,
+                                  t=float(used["T"]), w=float(used["W"]), m=float(used["M"]),
+                                  a=float(used["A"]))).ravel()
     if method == "linear":
         return values * float(used["scale"])
     return values
@@ -425,6 +427,7 @@ def read_user_gates(path: str | os.PathLike, adata: Any, *, sample_id: str | Non
         raise fail(f"not a GatingML 2.0 file FlowKit can read ({exc})") from None
     channel = {str(c): str(ch) for ch, c in zip(adata.var["channel"], adata.var["canonical"],
                                                 strict=True) if str(c)}
+    normalised = set(map(str, (adata.uns.get("normalisation") or {}).get("markers", [])))
     parameters = _parameters(adata)
     compensation = adata.uns.get("compensation") or {}
     compensated = ({str(c) for c in compensation.get("channels", [])}
@@ -441,6 +444,9 @@ def read_user_gates(path: str | os.PathLike, adata: Any, *, sample_id: str | Non
                        f"{marker})")
         if marker not in channel:
             raise fail(f"gate {gate_id}: the sample has no {marker} channel")
+        if marker in normalised:
+            raise fail(f"gate {gate_id}: {marker} was batch-normalised, and a gate drawn on "
+                       "the file's values has no place on the normalised scale")
         dimension = gate.dimensions[0]
         if str(dimension.id) != channel[marker]:
             raise fail(f"gate {gate_id} is on channel {dimension.id}, but the sample's "
