@@ -70,3 +70,31 @@ def test_gates_are_matched_by_name_or_by_a_mapping(flowatlas_dir):
     assert "B" not in matched
     assert any("missing gate" in note for note in notes)
     assert any(note.startswith("memory: not a bcellmap population") for note in notes)
+
+
+def test_a_wrong_file_label_is_put_right_by_mapping_the_marker_to_no_channel(flowatlas_dir):
+    """423_Donor_Ileum labels its CD3+IgD detector "CD3": read as CD3, naive (IgD+) B cells
+    are gated CD3+ and lost. ``channels: {CD3: null}`` says the panel has no CD3 channel."""
+    import numpy as np
+
+    import bcellmap as bl
+
+    workspace = read_workspace(flowatlas_dir / "workspace.wsp")
+    sample = "423_Donor_Ileum_033.fcs"
+    workspace.analyze_samples(sample_id=sample, use_mp=False)
+    expert = np.asarray(workspace.get_gate_membership(sample, "B cells"), dtype=bool)
+
+    def recall(channels: dict) -> float:
+        config = {"panels": {"atlas": {"channels": channels, "compensation": {"source": "none"},
+                                       "required_markers": ["CD19"]}}}
+        adata = bl.flow.ingest(flowatlas_dir / sample, sample_id="ileum", panel="atlas",
+                               config=config)
+        bl.tl.gate({"ileum": adata}, config=config)
+        bl.tl.annotate(adata, config=config)
+        called = np.zeros(expert.size, dtype=bool)
+        called[adata.obs["event_index"].to_numpy()[(adata.obs["cell_type"] == "B").to_numpy()]] \
+            = True
+        return float((called & expert).sum() / expert.sum())
+
+    assert recall({"CD19": "FJComp-405 585_15-A"}) < 0.2
+    assert recall({"CD19": "FJComp-405 585_15-A", "CD3": None}) > 0.95

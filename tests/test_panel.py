@@ -53,6 +53,15 @@ def test_explicit_mapping_overrides_and_unknown_channel_is_an_error():
         resolve_panel(channels, markers, explicit={"CD19": "NOPE-A"}, path="x.fcs")
 
 
+def test_a_marker_mapped_to_no_channel_is_not_taken_from_a_label():
+    # A detector labelled "CD3" that also carries IgD (one dye for both) is no CD3 channel.
+    channels = ["FSC-A", "B1-A", "B2-A"]
+    markers = ["", "CD3", "CD19"]
+    assert resolve_panel(channels, markers) == ["FSC-A", "CD3", "CD19"]
+    assert resolve_panel(channels, markers, explicit={"CD3": None}) == ["FSC-A", "", "CD19"]
+    assert resolve_panel(channels, markers, explicit={"CD3": ""}) == ["FSC-A", "", "CD19"]
+
+
 def test_check_required_lists_what_the_file_has():
     canon = ["FSC-A", "CD3", "CD20"]
     check_required(canon, ["CD3", ["CD19", "CD20"]], channels=["FSC-A", "B-A", "C-A"],

@@ -116,7 +116,9 @@ def resolve_panel(
     markers
         ``$PnS`` per channel ("" when absent).
     explicit
-        ``{canonical: $PnN}`` from the panel config; overrides name matching.
+        ``{canonical: $PnN}`` from the panel config; overrides name matching. A marker
+        mapped to None (or "") is on no channel: a file whose label names it (a detector
+        labelled "CD3" that also carries IgD) does not give it that marker.
     path, sample_id
         Named in error messages.
 
@@ -135,6 +137,9 @@ def resolve_panel(
     result = [""] * len(channels)
     taken: set[str] = set()
     for canonical, channel in explicit.items():
+        if channel is None or str(channel) == "":
+            taken.add(str(canonical))  # explicitly on no channel
+            continue
         if channel not in channels:
             raise InputError(
                 f"panel maps {canonical} to channel {channel!r}, which the file does not have "
