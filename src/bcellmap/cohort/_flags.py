@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..io.readers import cell_text
+
 __all__ = ["FLAG_TABLE_COLUMNS", "failing_flags", "flag_table", "read_results", "summary_text"]
 
 FLAG_TABLE_COLUMNS = ("level", "id", "patient_id", "flag", "kind", "detail")
@@ -44,14 +46,8 @@ _DESCRIPTIVE = {"not_in_kaplan_meier", "below_lloq", "nadir_below_lloq"}
 _DESCRIPTIVE_SAMPLE = {"debris_removed_most", "no_cd3_in_panel"}
 
 
-def _text(value: object) -> str:
-    """A table cell as text: missing (None, NaN, pd.NA) is empty."""
-    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) \
-        else str(value)
-
-
 def _split(value: object) -> list[str]:
-    return [part for part in _text(value).split(";") if part]
+    return [part for part in cell_text(value).split(";") if part]
 
 
 def flag_table(samples: pd.DataFrame, kinetics: pd.DataFrame | None = None,
@@ -75,7 +71,7 @@ def flag_table(samples: pd.DataFrame, kinetics: pd.DataFrame | None = None,
         if not_evaluable:
             rows.append(("sample", sample_id, patient, "not_evaluable", "decides",
                          f"{', '.join(not_evaluable)}: "
-                         f"{_text(getattr(record, 'not_evaluable_reason', ''))}"))
+                         f"{cell_text(getattr(record, 'not_evaluable_reason', ''))}"))
         for flag in _split(getattr(record, "gate_flags", "")):
             rows.append(("gate", sample_id, patient, flag, "informative", ""))
     if gates is not None and not gates.empty and "reliability" in gates.columns:
@@ -85,7 +81,7 @@ def flag_table(samples: pd.DataFrame, kinetics: pd.DataFrame | None = None,
             rows.append(("gate", str(record.sample_id),
                          str(patients.get(record.sample_id, "")),
                          f"{record.marker}{level}:{record.reliability}", "decides",
-                         _text(getattr(record, "reliability_detail", ""))))
+                         cell_text(getattr(record, "reliability_detail", ""))))
     if kinetics is not None and "flags" in kinetics.columns:
         for record in kinetics.itertuples(index=False):
             where = f"{record.patient_id}:{record.modality}:{record.measure}"
@@ -128,16 +124,16 @@ def _count_by(frame: pd.DataFrame, column: str = "flag") -> str:
 def summary_text(results: str | os.PathLike, *, flags_page: Sequence[str] = ()) -> str:
     """The end-of-run summary (module docstring); empty tables give a short note."""
     tables = read_results(results)
+    header, rule = ["", "bcellmap run summary " + "-" * 58], "-" * 80
     if "flags" in tables:
         table = tables["flags"]
     elif "samples" in tables:
         table = flag_table(tables["samples"], tables.get("kinetics"), tables.get("gates"))
     else:
-        return "\n".join(["", "bcellmap run summary " + "-" * 58,
-                          "no results tables yet: the run ended before samples.tsv was "
-                          "written (see the errors above)", "-" * 80])
+        return "\n".join([*header, "no results tables yet: the run ended before samples.tsv "
+                          "was written (see the errors above)", rule])
     samples = tables.get("samples")
-    lines = ["", "bcellmap run summary " + "-" * 58]
+    lines = list(header)
     n_samples = len(samples) if samples is not None else 0
     deciding = table[table["kind"] == "decides"]
     flagged = deciding[deciding["level"] == "sample"]
@@ -168,7 +164,7 @@ def summary_text(results: str | os.PathLike, *, flags_page: Sequence[str] = ()) 
             lines.append("  ... (see the flags page)")
     for page in flags_page:
         lines.append(f"flags page: {page}")
-    lines.append("-" * 80)
+    lines.append(rule)
     return "\n".join(lines)
 
 

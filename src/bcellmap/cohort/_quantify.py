@@ -46,7 +46,7 @@ import pandas as pd
 
 from ..contracts import SAMPLE_COLUMNS, SUBSETS
 from ..errors import InputError
-from ..io.readers import read_table
+from ..io.readers import cell_text, read_table
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def _lymphodepletion_day(sheet: pd.DataFrame) -> pd.Series:
         return pd.Series(pd.NA, index=sheet.index, dtype="Int64")
     days = []
     for sample_id, raw in sheet["lymphodepletion_day"].items():
-        text = "" if raw is None or (not isinstance(raw, str) and pd.isna(raw)) else str(raw)
-        text = text.strip()
+        text = cell_text(raw).strip()
         if text == "":
             days.append(pd.NA)
             continue

@@ -479,27 +479,19 @@ def _lineage_removed_by(X: np.ndarray, where: Mapping[str, int], *, kept: np.nda
     by a scatter gate learned for whole blood) removes real cells. None without a separated
     lineage marker (a valley whose positive side holds 1-90% of the events).
     """
-    from ..kernels.density import find_modes
+    from ..kernels.density import separated_valley
 
     # The valleys are those of the events every step kept: a time anomaly's shifted events
     # make no lineage population of their own.
     clean = kept & ~removed
+    enough = int(clean.sum()) >= 100
+
     def above_valley(marker: str) -> np.ndarray | None:
-        if marker not in where or clean.sum() < 100:
+        if marker not in where or not enough:
             return None
         values = X[:, where[marker]]
-        modes = find_modes(values[clean])
-        if modes is None:
-            return None
-        valley, (low, high) = modes
-        lower = values[clean][values[clean] < low]
-        spread = 1.4826 * float(np.median(low - lower)) if lower.size else 0.0
-        share = float(np.mean(values[clean] >= valley))
-        # A population of its own: its mode four robust SDs (of the negative peak's lower
-        # side) above the negative mode, not a dip inside one population.
-        if not (0.01 <= share <= 0.9 and spread > 0 and high - low >= 4.0 * spread):
-            return None
-        return kept & (values >= valley)
+        valley = separated_valley(values[clean], max_share=0.9)
+        return None if valley is None else kept & (values >= valley)
 
     positive = np.zeros(X.shape[0], dtype=bool)
     used = []

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import pandas as pd
 
 from ..contracts import NOT_RELIABLE, SUBSETS
+from ..io.readers import cell_text
 from .subsets import SubsetRule
 
 __all__ = ["not_evaluable", "reliable_thresholds", "unreliable_gates"]
@@ -47,17 +48,11 @@ def unreliable_gates(gates: pd.DataFrame | None) -> dict[tuple[str, str], str]:
         return {}
     out = {}
     for row in gates.itertuples(index=False):
-        reliability = _text(getattr(row, "reliability", ""))
+        reliability = cell_text(getattr(row, "reliability", ""))
         if reliability in NOT_RELIABLE:
-            detail = _text(getattr(row, "reliability_detail", ""))
+            detail = cell_text(getattr(row, "reliability_detail", ""))
             out[(str(row.marker), str(row.level))] = f"{reliability}: {detail}".rstrip(": ")
     return out
-
-
-def _text(value: object) -> str:
-    """A table cell as text: missing (None, NaN, pd.NA) is empty."""
-    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) \
-        else str(value)
 
 
 def reliable_thresholds(thresholds: Mapping[str, Mapping[str, float]],

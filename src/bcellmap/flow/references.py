@@ -215,24 +215,17 @@ def _b_lineage(columns: Mapping[str, np.ndarray]) -> np.ndarray | None:
     of a B-depleted sample (doublets, spillover) are no B-cell population, nor is a dip inside
     its negative peak.
     """
-    from ..kernels.density import find_modes
+    from ..kernels.density import separated_valley
 
     markers = [m for m in ("CD19", "CD20") if m in columns]
     if not markers:
         return None
     chosen = np.ones(len(columns[markers[0]]), dtype=bool)
     for marker in markers:
-        values = columns[marker]
-        modes = find_modes(values)
-        if modes is None:
+        valley = separated_valley(columns[marker], max_share=0.6)
+        if valley is None:
             return None
-        valley, (low, high) = modes
-        lower = values[values < low]
-        spread = 1.4826 * float(np.median(low - lower)) if lower.size else 0.0
-        above = values >= valley
-        if not (0.01 <= above.mean() <= 0.6 and spread > 0 and high - low >= 4.0 * spread):
-            return None
-        chosen &= above
+        chosen &= columns[marker] >= valley
     rows = np.flatnonzero(chosen)
     return rows if rows.size >= 100 else None
 

@@ -116,6 +116,14 @@ def iter_h5ad_rows(matrix: Any, rows: np.ndarray, *, block: int = 65_536) -> Ite
         yield matrix[start:stop][rows[lo:hi] - start]
 
 
+def cell_text(value: object) -> str:
+    """A table cell as text: missing (None, NaN, pd.NA) is empty."""
+    import pandas as pd
+
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) \
+        else str(value)
+
+
 def read_table(path: str | os.PathLike, *, required: Sequence[str] = (),
                what: str = "table", sample_id: str | None = None, empty_ok: bool = False,
                dtype: Mapping[str, Any] | None = None, one_row: bool = False):

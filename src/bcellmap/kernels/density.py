@@ -267,6 +267,26 @@ def find_modes(values: np.ndarray, *, bins: int = 256, min_peak_fraction: float 
     return float(centres[valley]), (float(centres[low]), float(centres[high]))
 
 
+def separated_valley(values: np.ndarray, *, max_share: float) -> float | None:
+    """The valley of a clearly separate positive population in ``values``, else None.
+
+    The population above the valley must hold 1% to ``max_share`` of the events, and its
+    mode lie at least four robust SDs (of the negative peak's lower side) above the negative
+    mode: a few bright events, or a dip inside one population, are no population of their
+    own.
+    """
+    modes = find_modes(values)
+    if modes is None:
+        return None
+    valley, (low, high) = modes
+    lower = values[values < low]
+    spread = 1.4826 * float(np.median(low - lower)) if lower.size else 0.0
+    share = float(np.mean(values >= valley))
+    if not (0.01 <= share <= max_share and spread > 0 and high - low >= 4.0 * spread):
+        return None
+    return valley
+
+
 def density_mode(values: np.ndarray, *, bins: int = 256) -> float:
     """The highest point of the smoothed density of ``values`` (the median when tied)."""
     values = np.asarray(values, dtype=np.float64)
